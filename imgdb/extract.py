@@ -1,0 +1,120 @@
+"""Batched feature extraction: one forward per batch serves every requested layer and pooling.
+
+Pooling runs on the network's device; only the pooled vectors are copied back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import pooling as pooling_mod
+from .backbones import Backbone, WeightsChoice, load_network, preprocessing
+from .errors import UserError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA when present; `cuda` without a GPU is a user error."""
+    spec = spec.lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
+
+
+@dataclass(frozen=True)
+class ExtractorSettings:
+    """Everything that determines a stored vector (and so must be reused by queries)."""
+
+    backbone: str
+    weights: WeightsChoice
+    size: str  # SizePolicy spec
+    scales: tuple[float, ...]
+    layers: tuple[str, ...]
+    poolings: tuple[str, ...]
+
+
+class FeatureExtractor:
+    """A network cut after its deepest requested layer, with poolings applied on its device."""
+
+    def __init__(self, backbone: Backbone, weights: WeightsChoice, layers: tuple[str, ...],
+                 poolings: tuple[str, ...], device: torch.device, precision: str = "fp32") -> None:
+        self.layers = layers
+        self.poolings = tuple(pooling_mod.canonical_pooling_name(p) for p in poolings)
+        for p in self.poolings:
+            pooling_mod.get_pooling(p)  # validate early
+        self.device = device
+        model = load_network(backbone, weights)
+        stages = backbone.stages(model)
+        names = [name for name, _ in stages]
+        deepest = max(names.index(layer) for layer in layers)
+        self.stages = nn.ModuleList([module for _, module in stages[: deepest + 1]]).to(device).eval()
+        self.stage_names = names[: deepest + 1]
+        for p in self.stages.parameters():
+            p.requires_grad_(False)
+        mean, std = preprocessing(backbone, weights)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
+        if precision != "fp32" and device.type != "cuda":
+            precision = "fp32"  # half precision convolutions are slow or missing on CPU
+        self.precision = precision
+        if device.type == "cuda":
+            self.stages = self.stages.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def feature_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, H, W, 3) uint8 RGB -> {layer: (B, C, h, w) feature map} from one forward."""
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        wanted = set(self.layers)
+        out: dict[str, torch.Tensor] = {}
+        with self._autocast():
+            for name, stage in zip(self.stage_names, self.stages):
+                x = stage(x)
+                if name in wanted:  # no stage modifies its input in place, so no copy
+                    out[name] = x
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> dict[tuple[str, str], np.ndarray]:
+        """(B, H, W, 3) uint8 RGB -> {(layer, pooling): (B, D) float32 array}."""
+        maps = self.feature_maps(pixels)
+        pooled: dict[tuple[str, str], torch.Tensor] = {}
+        for layer, fmap in maps.items():
+            for name, vec in pooling_mod.pool_all(fmap.float(), self.poolings).items():
+                pooled[(layer, name)] = vec
+        # one device->host copy for everything
+        keys = list(pooled)
+        flat = torch.cat([pooled[k] for k in keys], dim=1).cpu().numpy()
+        result: dict[tuple[str, str], np.ndarray] = {}
+        start = 0
+        for k in keys:
+            d = pooled[k].shape[1]
+            result[k] = flat[:, start:start + d]
+            start += d
+        return result
+
+    @torch.inference_mode()
+    def output_dims(self) -> dict[tuple[str, str], int]:
+        """Descriptor dimension of every (layer, pooling), found with a tiny forward."""
+        probe = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
+        return {k: v.shape[1] for k, v in self(probe).items()}

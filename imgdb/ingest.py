@@ -1,0 +1,366 @@
+"""Ingest: files -> decoded images -> batched forward -> pooled vectors -> store commits.
+
+The work list is planned against the store (new, changed, or not yet computed for this extractor),
+images are decoded in worker threads, grouped into batches of equal size, pushed through one
+forward per batch, and committed in discovery order (a reorder buffer), so an interrupted run
+followed by a rerun leaves exactly the rows an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .images import DecodedImage, ImageError, SizePolicy, discover, iter_decoded
+from .store import (STATUS_FAILED, STATUS_MISSING, STATUS_OK, ImageRow, ImageTable, StoreWriter)
+
+
+@dataclass
+class IngestOptions:
+    """Every ingest setting, as given on the command line."""
+
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    layers: str | None = None
+    poolings: str | None = None
+    size: str = "max:1024"
+    scales: tuple[float, ...] = (1.0,)
+    device: str = "auto"
+    batch_size: int = 16
+    workers: int = 4
+    precision: str = "fp32"
+    max_pixels: int = 120_000_000
+    commit_seconds: float = 2.0
+
+
+@dataclass
+class IngestSummary:
+    """What a run did; printed as the closing line and available as JSON."""
+
+    store: str
+    extractor: str
+    discovered: int = 0
+    new: int = 0
+    changed: int = 0
+    recomputed: int = 0
+    unchanged: int = 0
+    ok: int = 0
+    failed: int = 0
+    missing: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def processed(self) -> int:
+        return self.ok + self.failed
+
+    def line(self) -> str:
+        rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"{self.discovered} files found", f"{self.new} new", f"{self.changed} changed"]
+        if self.recomputed:
+            parts.append(f"{self.recomputed} computed for this extractor")
+        parts.append(f"{self.unchanged} unchanged")
+        done = f"{self.ok} ingested, {self.failed} failed"
+        if self.missing:
+            done += f", {self.missing} marked missing"
+        return (f"{', '.join(parts)}; {done} in {self.seconds:.1f}s ({rate:.1f} images/s) "
+                f"-> {self.store} [{self.extractor}]")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One file to (re)process: `row` is its store row, or None for a new image."""
+
+    path: Path
+    row: int | None
+    reason: str  # new | changed | compute
+
+
+def plan(table: ImageTable, computed: np.ndarray, files: Sequence[Path],
+         roots: Sequence[Path]) -> tuple[list[WorkItem], list[int], int]:
+    """Decide what to do: (work in discovery order, rows to mark missing, unchanged count).
+
+    A known file is unchanged when its size and mtime match the store (failed files are not
+    retried until they change); an ok image without vectors of this extractor is computed.
+    """
+    rows = table.row_of()
+    work: list[WorkItem] = []
+    unchanged = 0
+    seen: set[str] = set()
+    for path in files:
+        key = str(path)
+        seen.add(key)
+        r = rows.get(key)
+        if r is None:
+            work.append(WorkItem(path, None, "new"))
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            work.append(WorkItem(path, r, "changed"))  # vanished since discovery: record why
+            continue
+        same = (int(table.size[r]) == st.st_size and float(table.mtime[r]) == st.st_mtime
+                and table.status[r] != STATUS_MISSING)
+        if not same:
+            work.append(WorkItem(path, r, "changed"))
+        elif table.status[r] == STATUS_OK and not computed[r]:
+            work.append(WorkItem(path, r, "compute"))
+        else:
+            unchanged += 1
+    root_dirs = [str(p) + os.sep for p in roots if p.is_dir()]
+    root_files = {str(p) for p in roots}
+    missing = [
+        r for r, p in enumerate(table.path)
+        if p not in seen and table.status[r] != STATUS_MISSING
+        and (p in root_files or any(p.startswith(d) for d in root_dirs)) and not os.path.exists(p)
+    ]
+    return work, missing, unchanged
+
+
+def _failure_row(path: Path, error: str) -> ImageRow:
+    try:
+        st = path.stat()
+        size, mtime = st.st_size, st.st_mtime
+    except OSError:
+        size, mtime = 0, 0.0
+    return ImageRow(str(path), size, mtime, "", 0, 0, STATUS_FAILED, error)
+
+
+class _Batcher:
+    """Groups decoded images by pixel size, so a batch is one tensor without padding."""
+
+    def __init__(self, batch_size: int, window: int) -> None:
+        self.batch_size = batch_size
+        self.window = window
+        self.buckets: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = defaultdict(list)
+        self.pending = 0
+
+    def add(self, seq: int, scale_idx: int, pixels: np.ndarray) -> list[list[tuple[int, int, np.ndarray]]]:
+        """Queue one image; return the batches that are now ready to run."""
+        key = pixels.shape[:2]
+        bucket = self.buckets[key]
+        bucket.append((seq, scale_idx, pixels))
+        self.pending += 1
+        ready = []
+        if len(bucket) >= self.batch_size:
+            ready.append(self.buckets.pop(key))
+            self.pending -= len(ready[0])
+        if self.pending >= self.window:  # bound memory and the reorder buffer
+            ready.extend(self.drain())
+        return ready
+
+    def drain(self) -> list[list[tuple[int, int, np.ndarray]]]:
+        """Every queued image, as batches (used at the end and when the window is full)."""
+        out = [b for b in self.buckets.values() if b]
+        self.buckets.clear()
+        self.pending = 0
+        return out
+
+
+def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptions,
+               progress: Callable[[int, int], None] | None = None,
+               on_start: Callable[[int], None] | None = None) -> IngestSummary:
+    """Ingest image files/folders into the store; returns the run's summary.
+
+    `progress(done, total)` is called as images are committed; `on_start(total)` once planned.
+    """
+    import torch
+
+    from .backbones import get_backbone, parse_layers, parse_weights
+    from .extract import FeatureExtractor, resolve_device
+    from .pooling import DEFAULT_POOLINGS, canonical_pooling_name, get_pooling
+
+    started = time.perf_counter()
+    policy = SizePolicy.parse(options.size)
+    backbone = get_backbone(options.backbone)
+    weights = parse_weights(options.weights)
+    layers = parse_layers(backbone, options.layers)
+    requested = (tuple(canonical_pooling_name(p) for p in options.poolings.split(",") if p.strip())
+                 if options.poolings else DEFAULT_POOLINGS)
+    for p in requested:
+        get_pooling(p)
+    scales = tuple(float(s) for s in options.scales)
+    extractor_name = extractor_id(backbone.name, weights.tag, policy.tag, scales)
+    device = resolve_device(options.device)
+
+    roots = [Path(p).expanduser().absolute() for p in paths]
+    found = discover(roots)
+    files = [Path(os.path.abspath(f)) for f in found.files]
+
+    with StoreWriter(db) as writer:
+        # an extractor keeps every layer/pooling it ever had, so all its datasets stay complete
+        existing = _existing_settings(writer, extractor_name)
+        if existing:
+            layers = tuple(dict.fromkeys(list(existing["layers"]) + list(layers)))
+            names = backbone.layer_names()
+            layers = tuple(sorted(layers, key=names.index))
+            requested = tuple(dict.fromkeys(list(existing["poolings"]) + list(requested)))
+        table = writer.images()
+        computed = writer.computed(extractor_name)
+        work, missing, unchanged = plan(table, computed, files, roots)
+        summary = IngestSummary(str(db), extractor_name, discovered=len(files),
+                                unchanged=unchanged, problems=[(str(p), r) for p, r in found.problems])
+        summary.new = sum(w.reason == "new" for w in work)
+        summary.changed = sum(w.reason == "changed" for w in work)
+        summary.recomputed = sum(w.reason == "compute" for w in work)
+        if missing:
+            writer.set_status(missing, STATUS_MISSING, "file no longer exists")
+            summary.missing = len(missing)
+        if on_start:
+            on_start(len(work))
+        if not work:
+            summary.seconds = time.perf_counter() - started
+            return summary
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        extractor = FeatureExtractor(backbone, weights, layers, requested, device, options.precision)
+        settings = {
+            "backbone": backbone.name, "weights": weights.spec, "weights_tag": weights.tag,
+            "weights_sha": weights.sha, "size": policy.spec, "scales": list(scales),
+            "layers": list(layers), "poolings": list(extractor.poolings),
+            "max_pixels": options.max_pixels, "imgdb": _version(), "torch": torch.__version__,
+        }
+        dims = extractor.output_dims()
+        writer.ensure_extractor(extractor_name, settings, dims)
+        if existing is not None and set(dims) - _existing_keys(existing):
+            # new datasets reset `computed`: every ok row of this extractor needs them
+            table = writer.images()
+            computed = writer.computed(extractor_name)
+            work, _, summary.unchanged = plan(table, computed, files, roots)
+            summary.recomputed = sum(w.reason == "compute" for w in work)
+            if on_start:
+                on_start(len(work))
+
+        _pipeline(work, writer, extractor, extractor_name, policy, scales, options, summary,
+                  progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_name: str,
+              policy: SizePolicy, scales: tuple[float, ...], options: IngestOptions,
+              summary: IngestSummary, progress: Callable[[int, int], None] | None) -> None:
+    """Decode -> batch -> forward -> reorder -> commit, with bounded memory."""
+    import torch
+
+    n_scales = len(scales)
+    keys = list(extractor.output_dims())
+    batcher = _Batcher(options.batch_size, window=max(4 * options.batch_size, 64))
+    # seq -> (row, accumulated vectors, scales done)
+    results: dict[int, tuple[ImageRow, dict | None, int]] = {}
+    meta: dict[int, ImageRow] = {}
+    next_commit = 0
+    buffer_rows: list[tuple[int | None, ImageRow]] = []
+    buffer_vecs: list[dict[tuple[str, str], np.ndarray] | None] = []
+    last_commit = time.monotonic()
+    done = 0
+
+    def run_batch(batch: list[tuple[int, int, np.ndarray]]) -> None:
+        pixels = torch.from_numpy(np.stack([b[2] for b in batch]))
+        if extractor.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        out = extractor(pixels)
+        for i, (seq, _scale_idx, _) in enumerate(batch):
+            row, acc, count = results[seq]
+            vecs = {k: out[k][i] for k in keys}
+            if n_scales > 1:  # multi-scale: mean of L2-normalised per-scale vectors
+                vecs = {k: v / max(float(np.linalg.norm(v)), 1e-12) for k, v in vecs.items()}
+            if acc is None:
+                acc = {k: v.astype(np.float32, copy=True) for k, v in vecs.items()}
+            else:
+                for k in keys:
+                    acc[k] += vecs[k]
+            results[seq] = (row, acc, count + 1)
+
+    def flush(force: bool) -> None:
+        nonlocal next_commit, last_commit, done
+        while next_commit in results:
+            row, acc, count = results[next_commit]
+            if row.status == STATUS_OK and count < n_scales:
+                break
+            del results[next_commit]
+            item = work[next_commit]
+            if acc is not None and n_scales > 1:
+                acc = {k: v / n_scales for k, v in acc.items()}
+            buffer_rows.append((item.row, row))
+            buffer_vecs.append(acc)
+            if row.status == STATUS_OK:
+                summary.ok += 1
+            else:
+                summary.failed += 1
+                summary.failures.append((row.path, row.error))
+            next_commit += 1
+        if buffer_rows and (force or time.monotonic() - last_commit >= options.commit_seconds):
+            vectors = {}
+            for k in keys:
+                dim = extractor_dims[k]
+                vectors[k] = np.stack([v[k] if v is not None else np.full(dim, np.nan, np.float32)
+                                       for v in buffer_vecs])
+            writer.commit(extractor_name, list(buffer_rows), vectors)
+            done += len(buffer_rows)
+            buffer_rows.clear()
+            buffer_vecs.clear()
+            last_commit = time.monotonic()
+            if progress:
+                progress(done, len(work))
+
+    extractor_dims = extractor.output_dims()
+    decoded = iter_decoded([w.path for w in work], policy, scales, workers=options.workers,
+                           max_pixels=options.max_pixels, prefetch=max(64, 2 * options.batch_size))
+    try:
+        for seq, path, item in decoded:
+            if isinstance(item, ImageError):
+                results[seq] = (_failure_row(path, str(item)), None, 0)
+            else:
+                assert isinstance(item, DecodedImage)
+                results[seq] = (ImageRow(str(path), item.file_size, item.mtime, item.sha,
+                                         item.width, item.height, STATUS_OK), None, 0)
+                for s, px in enumerate(item.pixels):
+                    for batch in batcher.add(seq, s, px):
+                        run_batch(batch)
+            flush(force=False)
+        for batch in batcher.drain():
+            run_batch(batch)
+        flush(force=True)
+    finally:
+        decoded.close()
+        # commit what is complete even when interrupted (Ctrl-C): nothing finished is lost
+        if buffer_rows:
+            try:
+                flush(force=True)
+            except Exception:
+                pass
+
+
+def _existing_settings(writer: StoreWriter, extractor: str) -> dict | None:
+    import json
+
+    with writer.file() as fh:
+        g = fh["descriptors"].get(extractor)
+        return json.loads(g.attrs["settings"]) if g is not None else None
+
+
+def _existing_keys(settings: dict) -> set[tuple[str, str]]:
+    return {(layer, p) for layer in settings["layers"] for p in settings["poolings"]}
+
+
+def extractor_id(backbone: str, weights_tag: str, size_tag: str, scales: Iterable[float]) -> str:
+    """`<backbone>-<weights>-<size>[-s<scales>]`, e.g. `vgg16-imagenet-max1024`."""
+    scales = list(scales)
+    name = f"{backbone}-{weights_tag}-{size_tag}"
+    if scales != [1.0]:
+        name += "-s" + "+".join(f"{s:g}" for s in scales)
+    return name
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,129 @@
+"""`imgdb info`: a summary of a store as a dict (for --json) and as text (for people)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .store import (STATUS_FAILED, STATUS_MISSING, STATUS_OK, content_hash, extractor_attrs,
+                    image_count, list_descriptors, list_extractors, open_read, read_images)
+
+
+def _walk_models(fh: h5py.File) -> list[dict]:
+    out: list[dict] = []
+    if "models" not in fh:
+        return out
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Group) and "kind" in obj.attrs:
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
+            out.append({"name": name, **{k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}})
+
+    fh["models"].visititems(visit)
+    return out
+
+
+def _indexes(fh: h5py.File) -> list[dict]:
+    out = []
+    for name, g in (fh["indexes"].items() if "indexes" in fh else []):
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in g.attrs.items()}
+        out.append({"name": name, **{k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}})
+    return out
+
+
+def store_report(db: str | Path) -> dict:
+    """Everything `imgdb info` shows, with stable keys (documented in the README)."""
+    with open_read(db) as fh:
+        table = read_images(fh)
+        n = image_count(fh)
+        status = table.status
+        descriptors = []
+        for d in list_descriptors(fh):
+            ds = fh["descriptors"][d.extractor][d.layer][d.pooling]
+            computed = int(fh["descriptors"][d.extractor]["computed"][:n].sum())
+            descriptors.append({"name": d.name, "rows": d.shape[0], "dim": d.shape[1],
+                                "dtype": d.dtype, "computed": computed,
+                                "bytes": int(ds.id.get_storage_size())})
+        extractors = [{"name": e, "settings": extractor_attrs(fh, e),
+                       "computed": int(fh["descriptors"][e]["computed"][:n].sum())}
+                      for e in list_extractors(fh)]
+        failed = [{"path": table.path[i], "error": table.error[i]}
+                  for i in np.flatnonzero(status == STATUS_FAILED)]
+        return {
+            "store": str(db),
+            "file_bytes": os.path.getsize(db),
+            "created": str(fh.attrs.get("created", "")),
+            "modified": str(fh.attrs.get("modified", "")),
+            "content_hash": content_hash(fh),
+            "images": {"total": n, "ok": int((status == STATUS_OK).sum()),
+                       "failed": int((status == STATUS_FAILED).sum()),
+                       "missing": int((status == STATUS_MISSING).sum())},
+            "extractors": extractors,
+            "descriptors": descriptors,
+            "models": _walk_models(fh),
+            "indexes": _indexes(fh),
+            "failed": failed,
+        }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_report(report: dict, max_failures: int = 20) -> str:
+    """Plain text for a terminal or a pipe (no colours, no box drawing)."""
+    im = report["images"]
+    lines = [
+        f"store       {report['store']}  ({_size(report['file_bytes'])})",
+        f"images      {im['total']} total: {im['ok']} ok, {im['failed']} failed, {im['missing']} missing",
+    ]
+    lines.append("")
+    lines.append("extractors")
+    if not report["extractors"]:
+        lines.append("  (none yet: run imgdb ingest)")
+    for e in report["extractors"]:
+        s = e["settings"]
+        lines.append(f"  {e['name']}  backbone={s['backbone']} weights={s['weights']} "
+                     f"size={s['size']} scales={','.join(f'{x:g}' for x in s['scales'])} "
+                     f"images={e['computed']}")
+    lines.append("")
+    lines.append("descriptors")
+    if report["descriptors"]:
+        width = max(len(d["name"]) for d in report["descriptors"])
+        for d in report["descriptors"]:
+            lines.append(f"  {d['name']:<{width}}  {d['rows']} x {d['dim']} {d['dtype']}  "
+                         f"{_size(d['bytes'])}")
+    else:
+        lines.append("  (none)")
+    lines.append("")
+    lines.append("models")
+    for m in report["models"]:
+        lines.append(f"  {m['name']}  " + " ".join(f"{k}={v}" for k, v in m.items()
+                                                   if k in ("kind", "dims", "whiten", "created")))
+    if not report["models"]:
+        lines.append("  (none)")
+    lines.append("")
+    lines.append("indexes")
+    for i in report["indexes"]:
+        lines.append(f"  {i['name']}  " + " ".join(f"{k}={v}" for k, v in i.items()
+                                                   if k in ("descriptor", "model", "items", "file")))
+    if not report["indexes"]:
+        lines.append("  (none)")
+    failed = report["failed"]
+    if failed:
+        lines.append("")
+        shown = failed if max_failures < 0 else failed[:max_failures]
+        lines.append(f"failed files ({len(failed)})")
+        for f in shown:
+            lines.append(f"  {f['path']}: {f['error']}")
+        if len(shown) < len(failed):
+            lines.append(f"  ... {len(failed) - len(shown)} more (imgdb info --failures -1)")
+    return "\n".join(lines)
