@@ -146,6 +146,226 @@ def info(
 
 
 # --------------------------------------------------------------------------------------------
+# fit / models
+
+fit_app = typer.Typer(help="Fit post-processing models (kept, versioned, inside the store).",
+                      no_args_is_help=True)
+app.add_typer(fit_app, name="fit")
+
+DescriptorOption = typer.Option(..., "--descriptor", "-d",
+                                help="EXTRACTOR/LAYER/POOLING as printed by imgdb info "
+                                     "(a unique suffix such as pool5/crow is enough).")
+
+
+@fit_app.command("pca")
+def fit_pca(
+    db: Path = DbOption,
+    descriptor: str = DescriptorOption,
+    dims: Optional[int] = typer.Option(None, "--dims", min=1,
+                                       help="Output dimensions (default: all the data allows)."),
+    no_whiten: bool = typer.Option(False, "--no-whiten",
+                                   help="PCA rotation only (better for max pooling: Babenko sec.4)."),
+    power: Optional[float] = typer.Option(None, "--power", help="Power-normalise first: sign(x)|x|^a."),
+    source: Optional[Path] = typer.Option(None, "--from",
+                                          help="Fit on another store (held-out protocol, e.g. Paris "
+                                               "for Oxford); it needs the same descriptor."),
+    as_json: bool = JsonOption,
+) -> None:
+    """L2 -> PCA (+whitening) -> L2, fitted on this store or another; saved as a new version.
+
+    Example: imgdb fit pca --db photos.h5 --descriptor pool5/crow --dims 256
+    """
+    from .models import fit_pca_model
+
+    model = fit_pca_model(db, descriptor, dims, not no_whiten, power, source)
+    if as_json:
+        typer.echo(json.dumps({"model": model.id, "version": model.version, **model.attrs}, indent=2))
+    else:
+        a = model.attrs
+        typer.echo(f"{model.id}: {a['input_dim']} -> {a['dims']} dims, "
+                   f"{'whitened' if a['whiten'] else 'no whitening'}"
+                   f"{', power ' + format(a['power'], 'g') if a['power'] else ''}, fitted on "
+                   f"{a['image_count']} images of {a['fitted_on']}")
+
+
+@app.command()
+def models(
+    db: Path = DbOption,
+    remove: Optional[str] = typer.Option(None, "--remove",
+                                         help="Delete one model by id (KIND/DESCRIPTOR/vN, as listed)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """List the fitted models with their provenance, or remove one explicitly.
+
+    Example: imgdb models --db photos.h5
+    """
+    from .models import list_models, remove_model
+    from .store import StoreWriter, open_read
+
+    if remove:
+        kind, _, rest = remove.partition("/")
+        descriptor, _, version = rest.rpartition("/")
+        if not (kind and descriptor and version):
+            raise typer.BadParameter("--remove takes a model id KIND/EXTRACTOR/LAYER/POOLING/vN")
+        with StoreWriter(db, create=False) as writer:
+            remove_model(writer, kind, descriptor, version)
+        typer.echo(f"removed {remove}")
+        return
+    with open_read(db) as fh:
+        found = list_models(fh)
+    if as_json:
+        typer.echo(json.dumps([{"id": m.id, "kind": m.kind, "descriptor": m.descriptor,
+                                "version": m.version, **m.attrs} for m in found], indent=2))
+        return
+    if not found:
+        typer.echo("no models (fit one with: imgdb fit pca --db STORE --descriptor DESCRIPTOR)")
+    for m in found:
+        a = m.attrs
+        typer.echo(f"{m.id}  dims={a.get('dims')} whiten={bool(a.get('whiten'))} "
+                   f"power={a.get('power') or '-'} images={a.get('image_count')} "
+                   f"from={a.get('fitted_on')} created={a.get('created')}")
+
+
+# --------------------------------------------------------------------------------------------
+# index
+
+index_app = typer.Typer(help="Annoy indexes registered in the store.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    db: Path = DbOption,
+    descriptor: str = DescriptorOption,
+    pca: str = typer.Option("none", "--pca", help="Model version (v1, v2, latest) or none."),
+    name: Optional[str] = typer.Option(None, "--name", help="Index name (default from descriptor "
+                                                              "and model)."),
+    trees: int = typer.Option(50, "--trees", min=1, help="Annoy trees (more: better recall)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (builds are reproducible)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Build an Annoy index of a descriptor under a model; written atomically and registered.
+
+    Example: imgdb index build --db photos.h5 --descriptor pool5/crow --pca v1
+    """
+    from .index import build_index
+
+    info = build_index(db, descriptor, pca, name, trees, seed)
+    if as_json:
+        typer.echo(json.dumps({"name": info.name, **info.attrs}, indent=2))
+    else:
+        a = info.attrs
+        typer.echo(f"index {info.name}: {a['items']} items x {a['dims']} dims, {a['trees']} trees, "
+                   f"model {a['model']}, built in {a['build_seconds']:.2f}s -> {a['file']}")
+
+
+@index_app.command("ls")
+def index_ls(db: Path = DbOption, as_json: bool = JsonOption) -> None:
+    """List indexes and whether each is current or stale (and why).
+
+    Example: imgdb index ls --db photos.h5
+    """
+    from .index import list_indexes
+    from .store import open_read
+
+    with open_read(db) as fh:
+        found = list_indexes(fh, db)
+    if as_json:
+        typer.echo(json.dumps([{"name": i.name, "current": i.stale is None, "stale_reason": i.stale,
+                                **i.attrs} for i in found], indent=2))
+        return
+    if not found:
+        typer.echo("no indexes (build one with: imgdb index build --db STORE --descriptor D)")
+    for i in found:
+        a = i.attrs
+        state = "current" if i.stale is None else f"STALE: {i.stale}"
+        typer.echo(f"{i.name}  {a['descriptor']} model={a['model']} items={a['items']} "
+                   f"dims={a['dims']} trees={a['trees']}  {state}")
+
+
+@index_app.command("rm")
+def index_rm(name: str = typer.Argument(..., help="Index name as listed by index ls."),
+             db: Path = DbOption) -> None:
+    """Remove an index (registry entry and file).
+
+    Example: imgdb index rm NAME --db photos.h5
+    """
+    from .index import remove_index
+
+    remove_index(db, name)
+    typer.echo(f"removed index {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# query
+
+
+def _parse_bbox(text: Optional[str]) -> Optional[tuple[float, float, float, float]]:
+    if not text:
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter("--bbox takes x1,y1,x2,y2 in pixels") from None
+    if x2 <= x1 or y2 <= y1:
+        raise typer.BadParameter("--bbox needs x2 > x1 and y2 > y1")
+    return x1, y1, x2, y2
+
+
+@app.command()
+def query(
+    images: Optional[List[Path]] = typer.Argument(None, metavar="IMAGE...",
+                                                  help="Query image files."),
+    db: Path = DbOption,
+    index: Optional[str] = typer.Option(None, "--index", help="Index name (see imgdb index ls)."),
+    descriptor: Optional[str] = typer.Option(None, "--descriptor", "-d",
+                                             help="Descriptor to search (uses its index, or "
+                                                  "brute force with --exact)."),
+    pca: Optional[str] = typer.Option(None, "--pca", help="Model version for --exact (default none)."),
+    k: int = typer.Option(10, "-k", "--top", min=1, help="Results per query."),
+    exact: bool = typer.Option(False, "--exact", help="Brute-force search over stored vectors."),
+    ids: Optional[List[int]] = typer.Option(None, "--id", help="Query by stored image id (repeatable)."),
+    bbox: Optional[str] = typer.Option(None, "--bbox", help="Crop the query: x1,y1,x2,y2 pixels."),
+    qe: int = typer.Option(0, "--qe", min=0, help="Average query expansion with the top M results."),
+    device: str = typer.Option("auto", "--device", help="For extracting query descriptors."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a gallery page here."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Find the images most similar to each query image.
+
+    Example: imgdb query ~/Desktop/that.jpg --db photos.h5 -k 20
+    """
+    from .search import plan_query, run_queries
+    from .store import open_read
+
+    if not images and not ids:
+        raise typer.BadParameter("give at least one IMAGE or --id")
+    with open_read(db) as fh:
+        plan = plan_query(fh, db, index, descriptor, pca, exact)
+    results = run_queries(db, images or [], ids or [], plan, k, _parse_bbox(bbox), qe, device)
+    if html_out:
+        from .gallery import write_gallery
+
+        write_gallery(results, html_out, f"imgdb query: {plan.descriptor} "
+                                         f"({plan.index or 'exact'})")
+    if as_json:
+        typer.echo(json.dumps({
+            "descriptor": plan.descriptor, "model": plan.model or "none",
+            "index": plan.index, "exact": plan.index is None,
+            "queries": [{"query": r.query, "source": r.source,
+                         "results": [{"rank": h.rank, "score": round(h.score, 6), "id": h.id,
+                                      "path": h.path} for h in r.hits]} for r in results],
+        }, indent=2))
+        return
+    for r in results:
+        typer.echo(f"query {r.query}  [{plan.descriptor}, {plan.index or 'exact search'}]")
+        for h in r.hits:
+            typer.echo(f"{h.rank:>4}  {h.score:8.4f}  {h.id:>7}  {h.path}")
+    if html_out and not as_json:
+        _err(f"gallery written to {html_out}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:

@@ -30,6 +30,15 @@ def resolve_device(spec: str) -> torch.device:
         raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
 
 
+def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
+    """One scale: the raw vector. Several: the mean of the L2-normalised per-scale vectors."""
+    if len(per_scale) == 1:
+        return per_scale[0]
+    stacked = np.stack(per_scale).astype(np.float32)
+    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)
+    return stacked.mean(axis=0)
+
+
 @dataclass(frozen=True)
 class ExtractorSettings:
     """Everything that determines a stored vector (and so must be reused by queries)."""
@@ -112,6 +121,11 @@ class FeatureExtractor:
             result[k] = flat[:, start:start + d]
             start += d
         return result
+
+    def describe(self, scaled_pixels: list[np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+        """One image given at each scale -> {(layer, pooling): vector}, exactly as ingest stores it."""
+        outs = [self(torch.from_numpy(np.ascontiguousarray(px))[None]) for px in scaled_pixels]
+        return {k: merge_scales([o[k][0] for o in outs]) for k in outs[0]}
 
     @torch.inference_mode()
     def output_dims(self) -> dict[tuple[str, str], int]:

@@ -380,8 +380,13 @@ def load_image(
     scales: Sequence[float] = (1.0,),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
+    crop: tuple[float, float, float, float] | None = None,
 ) -> DecodedImage:
-    """Decode one file to RGB uint8 at each scale of the policy; any failure is an ImageError."""
+    """Decode one file to RGB uint8 at each scale of the policy; any failure is an ImageError.
+
+    `crop` = (x1, y1, x2, y2) in pixels of the upright original keeps only that box (a query
+    region, as in the Oxford/Paris protocol); the size policy then applies to the box.
+    """
     path = Path(path)
     scales = _check_scales(scales)
 
@@ -416,7 +421,17 @@ def load_image(
                 raise ImageError(
                     f"image too small: {w}x{h}, needs at least {min_side} px per side"
                 )
-            targets = [policy.target(w, h, s) for s in scales]
+            box = None
+            if crop is not None:
+                x1, y1, x2, y2 = (max(0, min(int(round(c)), lim)) for c, lim in
+                                  zip(crop, (w, h, w, h)))
+                if x2 - x1 < min_side or y2 - y1 < min_side:
+                    raise ImageError(f"crop box {tuple(crop)} leaves {max(0, x2 - x1)}x"
+                                     f"{max(0, y2 - y1)} px of a {w}x{h} image, needs at least "
+                                     f"{min_side} px per side")
+                box = (x1, y1, x2, y2)
+            tw0, th0 = (box[2] - box[0], box[3] - box[1]) if box else (w, h)
+            targets = [policy.target(tw0, th0, s) for s in scales]
             for tw, th in targets:
                 if min(tw, th) < min_side:
                     how = "" if (tw, th) == (w, h) else " after resizing"
@@ -427,7 +442,7 @@ def load_image(
                     raise ImageError(
                         f"image too large: {tw}x{th} pixels after resizing exceeds the limit of {max_pixels:,}"
                     )
-            if isinstance(im, JpegImagePlugin.JpegImageFile):
+            if isinstance(im, JpegImagePlugin.JpegImageFile) and box is None:
                 # Decode at 1/2, 1/4 or 1/8 size in the DCT when every target is that much smaller
                 # (draft never goes below the requested size, so the exact resize below is a downscale).
                 need_w = max(t[0] for t in targets)
@@ -438,6 +453,8 @@ def load_image(
             if orientation != 1:
                 img = img.transpose(_TRANSPOSE[orientation])
             img = _to_rgb(img)
+            if box is not None:
+                img = img.crop(box)
             pixels: list[np.ndarray] = []
             for tw, th in targets:
                 out = img if img.size == (tw, th) else img.resize(

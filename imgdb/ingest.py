@@ -250,6 +250,8 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
     """Decode -> batch -> forward -> reorder -> commit, with bounded memory."""
     import torch
 
+    from .extract import merge_scales
+
     n_scales = len(scales)
     keys = list(extractor.output_dims())
     batcher = _Batcher(options.batch_size, window=max(4 * options.batch_size, 64))
@@ -267,16 +269,12 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
         if extractor.device.type == "cuda":
             pixels = pixels.pin_memory()
         out = extractor(pixels)
-        for i, (seq, _scale_idx, _) in enumerate(batch):
+        for i, (seq, scale_idx, _) in enumerate(batch):
             row, acc, count = results[seq]
-            vecs = {k: out[k][i] for k in keys}
-            if n_scales > 1:  # multi-scale: mean of L2-normalised per-scale vectors
-                vecs = {k: v / max(float(np.linalg.norm(v)), 1e-12) for k, v in vecs.items()}
             if acc is None:
-                acc = {k: v.astype(np.float32, copy=True) for k, v in vecs.items()}
-            else:
-                for k in keys:
-                    acc[k] += vecs[k]
+                acc = {k: [None] * n_scales for k in keys}
+            for k in keys:
+                acc[k][scale_idx] = out[k][i]
             results[seq] = (row, acc, count + 1)
 
     def flush(force: bool) -> None:
@@ -287,8 +285,8 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
                 break
             del results[next_commit]
             item = work[next_commit]
-            if acc is not None and n_scales > 1:
-                acc = {k: v / n_scales for k, v in acc.items()}
+            if acc is not None:
+                acc = {k: merge_scales(v) for k, v in acc.items()}
             buffer_rows.append((item.row, row))
             buffer_vecs.append(acc)
             if row.status == STATUS_OK:

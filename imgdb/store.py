@@ -197,25 +197,33 @@ def resolve_descriptor(fh: h5py.File, name: str) -> DescriptorInfo:
                      + ", ".join(d.name for d in matches))
 
 
-def read_descriptor(fh: h5py.File, info: DescriptorInfo) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors (n, D) float32, valid mask (n,)): rows that are ok images with computed vectors."""
+def valid_mask(fh: h5py.File, extractor: str) -> np.ndarray:
+    """Rows that are ok images with this extractor's vectors computed."""
     n = image_count(fh)
-    g = fh["descriptors"][info.extractor]
-    vectors = g[info.layer][info.pooling][:n].astype(np.float32, copy=False)
-    computed = g["computed"][:n].astype(bool)
-    status = fh["images/status"][:n]
-    return vectors, computed & (status == STATUS_OK)
+    computed = fh["descriptors"][extractor]["computed"][:n].astype(bool)
+    return computed & (fh["images/status"][:n] == STATUS_OK)
 
 
-def content_hash(fh: h5py.File) -> str:
-    """Digest of the image table (paths, file digests, statuses): changes when the data changes."""
+def read_descriptor(fh: h5py.File, info: DescriptorInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, D) float32, valid mask (n,)) of a whole descriptor."""
+    n = image_count(fh)
+    vectors = fh["descriptors"][info.extractor][info.layer][info.pooling][:n]
+    return vectors.astype(np.float32, copy=False), valid_mask(fh, info.extractor)
+
+
+def content_hash(fh: h5py.File, extractor: str | None = None) -> str:
+    """Digest of the image table (paths, file digests, statuses) and of which rows have vectors.
+
+    With `extractor`, only that extractor's vectors count: what models and indexes built on its
+    descriptors depend on (ingesting another extractor does not make them stale).
+    """
     h = hashlib.blake2b(digest_size=16)
     n = image_count(fh)
     for name in ("path", "sha", "status"):
         col = fh["images"][name][:n]
         h.update(b"\0".join(v if isinstance(v, bytes) else str(v).encode() for v in col)
                  if col.dtype.kind == "O" else np.ascontiguousarray(col).tobytes())
-    for ext in list_extractors(fh):
+    for ext in ([extractor] if extractor else list_extractors(fh)):
         h.update(ext.encode())
         h.update(np.ascontiguousarray(fh["descriptors"][ext]["computed"][:n]).tobytes())
     return h.hexdigest()

@@ -1,0 +1,186 @@
+"""Query pipeline: query descriptor (stored or extracted as ingest did) -> model -> index -> hits.
+
+Optional average query expansion (Kalantidis et al. sec.5.1): the query plus its top-M results,
+L2-normalised, searched again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+from .index import (check_index, index_path, list_indexes, post_processor, rebuild_command,
+                    topk_exact)
+from .store import (STATUS_OK, extractor_attrs, open_read, read_images, resolve_descriptor,
+                    valid_mask)
+from .whitening import l2_normalize
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    score: float
+    path: str
+
+
+@dataclass
+class QueryResult:
+    query: str
+    source: str  # "store" (vector looked up) or "extracted"
+    hits: list[Hit] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Which descriptor, model and index (or exact search) answers the queries."""
+
+    descriptor: str
+    model: str | None  # model version or None
+    index: str | None  # registry name, None for exact search
+
+
+def plan_query(fh: h5py.File, db: Path, index: str | None, descriptor: str | None,
+               pca: str | None, exact: bool) -> QueryPlan:
+    """Choose the index/descriptor from the options; refuse stale indexes with the fix."""
+    if index:
+        info = check_index(fh, db, index, full_hash=False)
+        if info.stale and not exact:
+            raise UserError(f"index {index} is stale ({info.stale}); rebuild it with: "
+                            f"{rebuild_command(db, info)}")
+        model = info.attrs["model"].rsplit("/", 1)[-1] if info.attrs["model"] != "none" else None
+        return QueryPlan(info.attrs["descriptor"], model, None if exact else index)
+    if descriptor:
+        name = resolve_descriptor(fh, descriptor).name
+        if exact:
+            return QueryPlan(name, pca, None)
+        candidates = [i for i in list_indexes(fh, db) if i.attrs["descriptor"] == name
+                      and (pca is None or i.attrs["model"].endswith("/" + pca)
+                           or (pca == "none" and i.attrs["model"] == "none"))]
+        current = [i for i in candidates if not i.stale]
+        if current:
+            chosen = current[-1]
+            model = chosen.attrs["model"].rsplit("/", 1)[-1] if chosen.attrs["model"] != "none" else None
+            return QueryPlan(name, model, chosen.name)
+        if candidates:
+            raise UserError(f"index {candidates[0].name} is stale ({candidates[0].stale}); rebuild "
+                            f"it with: {rebuild_command(db, candidates[0])}")
+        raise UserError(f"no index for {name}; build one with: imgdb index build --db {db} "
+                        f"--descriptor {name}, or search without one with --exact")
+    indexes = list_indexes(fh, db)
+    if len(indexes) == 1:
+        return plan_query(fh, db, indexes[0].name, None, None, exact)
+    if not indexes:
+        raise UserError(f"the store has no index; build one with: imgdb index build --db {db} "
+                        f"--descriptor DESCRIPTOR (see imgdb info), or pass --descriptor and --exact")
+    raise UserError("the store has several indexes; choose one with --index: "
+                    + ", ".join(i.name for i in indexes))
+
+
+def _stored_row(table, path: Path) -> int | None:
+    """Row of an unchanged, ok image at `path`, if the store has one."""
+    try:
+        row = table.path.index(str(path))
+    except ValueError:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if table.status[row] != STATUS_OK or int(table.size[row]) != st.st_size \
+            or float(table.mtime[row]) != st.st_mtime:
+        return None
+    return row
+
+
+class _Extractor:
+    """Rebuilds the store's extractor for one (layer, pooling), lazily (torch only if needed)."""
+
+    def __init__(self, settings: dict, layer: str, pooling: str, device: str) -> None:
+        self.settings, self.layer, self.pooling, self.device = settings, layer, pooling, device
+        self._ext = None
+
+    def __call__(self, path: Path, bbox: tuple[float, float, float, float] | None) -> np.ndarray:
+        from .backbones import WeightsError, get_backbone, parse_weights
+        from .extract import FeatureExtractor, resolve_device
+        from .images import ImageError, SizePolicy, load_image
+
+        s = self.settings
+        if self._ext is None:
+            weights = parse_weights(s["weights"])
+            if weights.kind == "file" and weights.sha != s.get("weights_sha"):
+                raise WeightsError(f"weights file {s['weights']} changed since the store was "
+                                   f"ingested; queries would not match the stored vectors")
+            self._ext = FeatureExtractor(get_backbone(s["backbone"]), weights, (self.layer,),
+                                         (self.pooling,), resolve_device(self.device))
+        try:
+            img = load_image(path, SizePolicy.parse(s["size"]), tuple(s["scales"]),
+                             max_pixels=int(s.get("max_pixels", 120_000_000)), crop=bbox)
+        except ImageError as exc:
+            raise UserError(f"cannot use query image {path}: {exc}") from None
+        return self._ext.describe(img.pixels)[(self.layer, self.pooling)]
+
+
+def run_queries(db: Path, images: Sequence[Path], ids: Sequence[int], plan: QueryPlan, k: int,
+                bbox: tuple[float, float, float, float] | None = None, qe: int = 0,
+                device: str = "auto") -> list[QueryResult]:
+    """Answer each query image (or stored id) with its top-k hits."""
+    with open_read(db) as fh:
+        info = resolve_descriptor(fh, plan.descriptor)
+        transform, _ = post_processor(fh, info.name, plan.model)
+        table = read_images(fh)
+        ds = fh["descriptors"][info.extractor][info.layer][info.pooling]
+        valid = valid_mask(fh, info.extractor)
+        extractor = _Extractor(extractor_attrs(fh, info.extractor), info.layer, info.pooling, device)
+
+        queries: list[tuple[str, str, np.ndarray]] = []
+        for row in ids:
+            if not 0 <= row < len(table) or not valid[row]:
+                raise UserError(f"image id {row} is not an ingested image of this store "
+                                f"(ids 0..{len(table) - 1}; see imgdb info)")
+            queries.append((table.path[row], "store", ds[row]))
+        for path in images:
+            path = Path(os.path.abspath(path))
+            if not path.is_file():
+                raise UserError(f"query image {path} does not exist")
+            row = _stored_row(table, path) if bbox is None else None
+            if row is not None and valid[row]:
+                queries.append((str(path), "store", ds[row]))
+            else:
+                queries.append((str(path), "extracted", extractor(path, bbox)))
+
+        search = _searcher(fh, db, plan, info.name, transform)
+        results = []
+        for name, source, raw in queries:
+            q = transform.transform(raw[None].astype(np.float32))
+            hits = search(q, k)
+            if qe > 0:
+                top = sorted(r for r, _ in hits[:qe])
+                expanded = q[0] + transform.transform(ds[top]).sum(axis=0) if top else q[0]
+                hits = search(l2_normalize(expanded[None]), k)
+            results.append(QueryResult(name, source, [
+                Hit(rank + 1, int(r), float(s), table.path[r]) for rank, (r, s) in enumerate(hits)]))
+        return results
+
+
+def _searcher(fh: h5py.File, db: Path, plan: QueryPlan, descriptor: str, transform):
+    if plan.index is None:
+        return lambda q, k: topk_exact(q, fh, descriptor, transform, k)[0]
+    from annoy import AnnoyIndex
+
+    reg = fh["indexes"][plan.index]
+    rows = reg["rows"][()]
+    ann = AnnoyIndex(int(reg.attrs["dims"]), str(reg.attrs["metric"]))
+    ann.load(str(index_path(db, plan.index)))
+
+    def search(q: np.ndarray, k: int) -> list[tuple[int, float]]:
+        items, dist = ann.get_nns_by_vector(q[0].tolist(), k, include_distances=True)
+        return [(int(rows[i]), 1.0 - d * d / 2.0) for i, d in zip(items, dist)]
+
+    return search
