@@ -2,8 +2,9 @@
 
 Run: python -m imgdb.demo [OUTDIR]   (needs the `demo` and `weights` extras; no network)
 It writes the photos plus edited copies (crop, mirror, recompressed thumbnail), ingests them with
-the packaged EfficientNet-Lite0 ImageNet weights, shows the store, and checks that every edited
-copy finds its original as the nearest neighbour.
+the packaged EfficientNet-Lite0 ImageNet weights, shows the store, checks that every edited copy
+finds its original as the nearest neighbour, fits PCA-whitening, builds an Annoy index and
+queries it with a new photo (table + HTML gallery).
 """
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ def main(argv: list[str] | None = None) -> None:
     hits = nearest_original_check(db, pairs)
     if hits < len(pairs) * 0.8:
         raise SystemExit("demo retrieval check failed: fewer than 80% of copies found their original")
+    run("fit", "pca", "--db", str(db), "--descriptor", DESCRIPTOR, "--dims", "16")  # 44 images: keep it small
+    run("models", "--db", str(db))
+    run("index", "build", "--db", str(db), "--descriptor", DESCRIPTOR, "--pca", "v1")
+    run("index", "ls", "--db", str(db))
+    # a query photo that is not in the store: extracted exactly as ingest did, then searched
+    query = out / "query" / "chelsea close-up.jpg"
+    query.parent.mkdir(exist_ok=True)
+    from PIL import Image
+
+    with Image.open(out / "photos" / "chelsea.png") as im:
+        im.convert("RGB").crop((120, 20, 400, 280)).save(query, quality=80)
+    run("query", str(query), "--db", str(db), "-k", "5", "--html", str(out / "gallery.html"))
+    print(f"\ngallery page: {out / 'gallery.html'}")
 
 
 if __name__ == "__main__":

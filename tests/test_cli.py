@@ -17,14 +17,16 @@ def test_light_commands_do_not_import_torch(tmp_path: Path) -> None:
     code = ("import sys\nfrom imgdb.cli import main\nsys.argv = ['imgdb'] + sys.argv[1:]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
-    for args in (["--help"], ["ingest", "--help"], ["info", "--db", str(tmp_path / "none.h5")]):
+    for args in (["--help"], ["ingest", "--help"], ["info", "--db", str(tmp_path / "none.h5")],
+                 ["index", "ls", "--db", str(tmp_path / "none.h5")],
+                 ["models", "--db", str(tmp_path / "none.h5")], ["query", "--help"]):
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert proc.stdout.strip().endswith("ok"), (args, proc.stdout, proc.stderr)
 
 
 def test_help_lists_commands() -> None:
     out = run_cli("--help").stdout
-    for command in ("ingest", "info"):
+    for command in ("ingest", "info", "fit", "models", "index", "query"):
         assert command in out
 
 

@@ -179,3 +179,17 @@ def test_killed_index_build_leaves_nothing_registered(tmp_path: Path) -> None:
     run_cli("index", "build", "--db", str(db), "--descriptor", "l/p", "--trees", "2")
     assert not list(tmp_path.glob("*.tmp*"))  # the rebuild cleaned the leftovers
     assert "current" in run_cli("index", "ls", "--db", str(db)).stdout
+
+
+def test_store_commands_do_not_import_torch(coil_store, tmp_path: Path) -> None:
+    src_db, _ = coil_store
+    db = tmp_path / "s.h5"
+    shutil.copy2(src_db, db)
+    run_cli("index", "build", "--db", str(db), "--descriptor", DESC)
+    code = ("import sys\nfrom imgdb.cli import main\nsys.argv = ['imgdb'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('TORCHFREE')")
+    for args in (["index", "ls"], ["models"], ["info"], ["query", "--id", "7", "-k", "3"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args, "--db", str(db)],
+                              capture_output=True, text=True)
+        assert proc.stdout.strip().endswith("TORCHFREE"), (args, proc.stdout, proc.stderr)
