@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="imgdb precision (CUDA only; the naive baseline is always fp32)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each method R times (alternating order), report the best")
+    p.add_argument("--naive-limit", type=int, default=None, metavar="M",
+                   help="run the (slow) naive baseline on only M of the images, evenly spaced "
+                        "over the list, and compare images/s; imgdb still does all of them")
     p.add_argument("--skip-naive", action="store_true",
                    help="time imgdb only (no speed-up, no vector check)")
     p.add_argument("--gpu-forward", choices=["auto", "on", "off"], default="auto",
@@ -202,6 +205,7 @@ def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
     vectors: dict[tuple[str, str], list[np.ndarray]] = {(l, p): [] for l in cfg["layers"]
                                                          for p in cfg["poolings"]}
     t_decode = t_forward = 0.0
+    pixels = 0
     for f in files:
         t = time.perf_counter()
         im = Image.open(f).convert("RGB")
@@ -209,6 +213,7 @@ def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
         if im.size != size:
             im = im.resize(size, Image.Resampling.BICUBIC)
         x = to_tensor(im).unsqueeze(0).to(device)
+        pixels += size[0] * size[1]
         t2 = time.perf_counter()
         t_decode += t2 - t
         with torch.no_grad():
@@ -228,6 +233,8 @@ def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
     t_write = time.perf_counter() - t
     total = time.perf_counter() - t0
     return {"seconds": total, "images": len(files), "ok": len(files),
+            "forwards": len(files) * len(cfg["layers"]) * len(cfg["poolings"]),
+            "pixels_per_image": pixels / len(files),
             "breakdown": {"setup (build net)": t_setup, "decode+resize+tensor": t_decode,
                           "forward+pool (per pooling)": t_forward, "h5 write": t_write}}
 
@@ -308,6 +315,9 @@ def run_imgdb(files: list[Path], args: argparse.Namespace, db: Path) -> dict:
                            if n_batches else 0.0),
             "batch_histogram": dict(sorted(rec["batches"].items())),
             "distinct_sizes": len(rec["shapes"]),
+            "forwards": n_batches,
+            "pixels_per_image": (sum((h * w) * c for (h, w), c in rec["shapes"].items())
+                                 / max(1, sum(rec["shapes"].values()))),
             "commits": rec["commits"],
             "breakdown": {"setup (build net + probe + store)": rec["init"] + rec["probe"],
                           "forward+pool (batched)": rec["forward"],
@@ -514,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"naive runs the network {len(cfg['layers']) * len(cfg['poolings'])}x per image; "
               f"imgdb once per batch", flush=True)
 
+        naive_files = files
+        if args.naive_limit is not None and 0 < args.naive_limit < len(files):
+            pick = np.unique(np.linspace(0, len(files) - 1, args.naive_limit).round().astype(int))
+            naive_files = [files[i] for i in pick]
+            print(f"naive baseline on {len(naive_files)} of the {len(files)} images "
+                  f"(evenly spaced), imgdb on all {len(files)}", flush=True)
         methods = ["imgdb"] if args.skip_naive else ["naive", "imgdb"]
         best: dict[str, dict] = {}
         runs: dict[str, list[float]] = {m: [] for m in methods}
@@ -522,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             order = methods if r % 2 == 0 else methods[::-1]
             for m in order:
                 out = tmpdir / f"{m}-{r}.h5"
-                res = run_naive(files, cfg, out, device) if m == "naive" else run_imgdb(files, args, out)
+                res = run_naive(naive_files, cfg, out, device) if m == "naive" else run_imgdb(files, args, out)
                 runs[m].append(res["seconds"])
                 print(f"  run {r + 1}/{args.repeat} {m}: {res['seconds']:.2f} s "
                       f"({res['images'] / res['seconds']:.2f} images/s)", flush=True)
@@ -534,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             res = best[m]
             ips = res["images"] / res["seconds"]
-            speed = f"{base['seconds'] / res['seconds']:.2f}x" if base else "-"
+            speed = f"{ips / (base['images'] / base['seconds']):.2f}x" if base else "-"
             res["images_per_s"] = ips
             rows.append([m, res["images"], f"{res['seconds']:.2f}", f"{ips:.2f}", speed])
         print()
@@ -542,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for m in methods:
             bd = best[m]["breakdown"]
-            print(f"{m} time: " + "; ".join(f"{k} {v:.2f}s" for k, v in bd.items()))
+            res = best[m]
+            fwd = [v for k, v in bd.items() if k.startswith("forward")][0]
+            print(f"{m} time: " + "; ".join(f"{k} {v:.2f}s" for k, v in bd.items())
+                  + f" | {res['forwards']} network passes, {fwd / res['forwards']:.3f} s each, "
+                  f"{fwd / res['images']:.3f} s of forward per image; "
+                  f"{res['pixels_per_image'] / 1e3:.0f} kpixel per image")
         im = best["imgdb"]
         print(f"imgdb batches: {im['batches']} forwards for {im['ok']} images "
               f"(mean batch {im['mean_batch']:.2f}, histogram {im['batch_histogram']}); "
@@ -550,12 +571,12 @@ def main(argv: list[str] | None = None) -> int:
 
         check = None
         if base:
-            check = compare(files, last_paths["naive"], last_paths["imgdb"], im["extractor"], cfg)
+            check = compare(naive_files, last_paths["naive"], last_paths["imgdb"], im["extractor"], cfg)
             worst_key = max(check["per_descriptor"], key=check["per_descriptor"].get)
             print(f"vectors: max abs relative difference naive vs imgdb = "
                   f"{check['max_rel_diff']:.2e} (worst {worst_key}; max|a-b|/max|b| per vector); "
                   f"non-finite values: {check['nonfinite']}; images whose decoded pixels differ: "
-                  f"{check['images_with_different_pixels']}/{len(files)}")
+                  f"{check['images_with_different_pixels']}/{len(naive_files)}")
 
         gpu = None
         want_gpu = args.gpu_forward == "on" or (args.gpu_forward == "auto" and device.type == "cuda")
@@ -585,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
                            "workers": args.workers, "precision": args.precision,
                            "repeat": args.repeat},
                 "runs_seconds": runs, "best": best,
-                "speedup": base["seconds"] / im["seconds"] if base else None,
+                "naive_images": len(naive_files) if base else 0,
+                "speedup": (im["images_per_s"] / (base["images"] / base["seconds"])
+                            if base else None),
                 "check": check, "gpu_forward": gpu,
             }
             Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -327,6 +327,9 @@ def query(
     ids: Optional[List[int]] = typer.Option(None, "--id", help="Query by stored image id (repeatable)."),
     bbox: Optional[str] = typer.Option(None, "--bbox", help="Crop the query: x1,y1,x2,y2 pixels."),
     qe: int = typer.Option(0, "--qe", min=0, help="Average query expansion with the top M results."),
+    search_k: Optional[int] = typer.Option(None, "--search-k", min=1,
+                                           help="Annoy candidates to inspect (default max(10000, "
+                                                "k x trees)); more: better recall, slower."),
     device: str = typer.Option("auto", "--device", help="For extracting query descriptors."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a gallery page here."),
     as_json: bool = JsonOption,
@@ -342,7 +345,8 @@ def query(
         raise typer.BadParameter("give at least one IMAGE or --id")
     with open_read(db) as fh:
         plan = plan_query(fh, db, index, descriptor, pca, exact)
-    results = run_queries(db, images or [], ids or [], plan, k, _parse_bbox(bbox), qe, device)
+    results = run_queries(db, images or [], ids or [], plan, k, _parse_bbox(bbox), qe, device,
+                          search_k)
     if html_out:
         from .gallery import write_gallery
 
@@ -363,6 +367,80 @@ def query(
             typer.echo(f"{h.rank:>4}  {h.score:8.4f}  {h.id:>7}  {h.path}")
     if html_out and not as_json:
         _err(f"gallery written to {html_out}")
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def _int_list(text: Optional[str]) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} must be comma-separated integers") from None
+
+
+@app.command("eval")
+def eval_(
+    db: Path = DbOption,
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Ground truth: Oxford/Paris gt folder, "
+                                                          "revisitop .pkl, .csv, or a folder of groups."),
+    protocol: str = typer.Option("auto", "--protocol",
+                                 help="auto, oxford, roxford, holidays, ukbench, csv, groups."),
+    descriptor: List[str] = typer.Option(["all"], "--descriptor", "-d",
+                                         help="Descriptor(s) to evaluate, or all (repeatable)."),
+    dims: Optional[str] = typer.Option(None, "--dims", help="PCA dimensions, e.g. 512,256,128."),
+    pca_from: Optional[List[Path]] = typer.Option(None, "--pca-from",
+                                                  help="Learn PCA-whitening on another store "
+                                                       "(held-out protocol; repeatable)."),
+    pca_on_test: bool = typer.Option(False, "--pca-on-test",
+                                     help="Learn PCA-whitening on this store (Babenko's 'PCA on test')."),
+    no_whiten: bool = typer.Option(False, "--no-whiten", help="PCA rotation without whitening."),
+    power: Optional[float] = typer.Option(None, "--power", help="Power-normalise first."),
+    query_mode: str = typer.Option("full", "--query",
+                                   help="full, crop-image or crop-features (query bounding boxes)."),
+    qe: int = typer.Option(0, "--qe", min=0, help="Average query expansion with the top M."),
+    queries: Optional[Path] = typer.Option(None, "--queries",
+                                           help="Folder of query images (never added to the store)."),
+    queries_db: Optional[Path] = typer.Option(None, "--queries-db",
+                                              help="A second store holding the query images."),
+    group_regex: Optional[str] = typer.Option(None, "--group-regex",
+                                              help="Groups from file names, e.g. 'obj(\\d+)__' "
+                                                   "(every image queries its group)."),
+    device: str = typer.Option("auto", "--device", help="For extracting query images."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write per-query AP, PR plots, "
+                                                                  "worst queries here."),
+    as_json: bool = JsonOption,
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV on stdout."),
+) -> None:
+    """Evaluate descriptors on a benchmark's ground truth and print the papers' table.
+
+    Example: imgdb eval --db oxford5k.h5 --gt gt_files_170407/ --pca-from paris6k.h5 --dims 512,256
+    """
+    from .evaluate import EvalOptions, render_table, result_csv, result_json, run_eval
+
+    if query_mode not in ("full", "crop-image", "crop-features"):
+        raise typer.BadParameter("--query must be full, crop-image or crop-features")
+    if gt is None and not group_regex and protocol not in ("holidays", "ukbench"):
+        raise typer.BadParameter("give --gt PATH (or --group-regex, or --protocol holidays|ukbench)")
+    opts = EvalOptions(descriptors=descriptor, dims=_int_list(dims), pca_on_test=pca_on_test,
+                       pca_from=pca_from or [], whiten=not no_whiten, power=power,
+                       query_mode=query_mode, qe=qe, queries_dir=queries, queries_db=queries_db,
+                       protocol=protocol, group_regex=group_regex, device=device)
+    result = run_eval(db, gt, opts)
+    if report:
+        from .eval_report import write_report
+
+        write_report(result, report, db)
+        _err(f"report written to {report}")
+    if as_json:
+        typer.echo(json.dumps(result_json(result), indent=2))
+    elif as_csv:
+        typer.echo(result_csv(result), nl=False)
+    else:
+        typer.echo(render_table(result, f"{result.protocol} ({result.gt_source})"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,20 @@ def resolve_device(spec: str) -> torch.device:
         raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
 
 
+def crop_feature_map(fmap: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
+    """Keep the cells of a (B, C, h, w) map whose centres ((j + 0.5) / w, (i + 0.5) / h) lie in
+    the fractional box (x1, y1, x2, y2); at least the one cell nearest to the box centre."""
+    h, w = fmap.shape[-2:]
+    x1, y1, x2, y2 = region
+    cols = [j for j in range(w) if x1 <= (j + 0.5) / w <= x2]
+    rows = [i for i in range(h) if y1 <= (i + 0.5) / h <= y2]
+    if not cols:
+        cols = [min(w - 1, max(0, int((x1 + x2) / 2 * w)))]
+    if not rows:
+        rows = [min(h - 1, max(0, int((y1 + y2) / 2 * h)))]
+    return fmap[..., rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
 def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
     """One scale: the raw vector. Several: the mean of the L2-normalised per-scale vectors."""
     if len(per_scale) == 1:
@@ -122,10 +136,29 @@ class FeatureExtractor:
             start += d
         return result
 
-    def describe(self, scaled_pixels: list[np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-        """One image given at each scale -> {(layer, pooling): vector}, exactly as ingest stores it."""
-        outs = [self(torch.from_numpy(np.ascontiguousarray(px))[None]) for px in scaled_pixels]
+    def describe(self, scaled_pixels: list[np.ndarray],
+                 region: tuple[float, float, float, float] | None = None
+                 ) -> dict[tuple[str, str], np.ndarray]:
+        """One image given at each scale -> {(layer, pooling): vector}, exactly as ingest stores it.
+
+        `region` = (x1, y1, x2, y2) as fractions of the image keeps only the feature-map cells
+        whose receptive-field centres fall inside it (Babenko sec.4's query-region protocol).
+        """
+        outs = []
+        for px in scaled_pixels:
+            pixels = torch.from_numpy(np.ascontiguousarray(px))[None]
+            outs.append(self(pixels) if region is None else self._pool_region(pixels, region))
         return {k: merge_scales([o[k][0] for o in outs]) for k in outs[0]}
+
+    @torch.inference_mode()
+    def _pool_region(self, pixels: torch.Tensor, region: tuple[float, float, float, float]
+                     ) -> dict[tuple[str, str], np.ndarray]:
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for layer, fmap in self.feature_maps(pixels).items():
+            sub = crop_feature_map(fmap, region)
+            for name, vec in pooling_mod.pool_all(sub.float(), self.poolings).items():
+                out[(layer, name)] = vec.cpu().numpy()
+        return out
 
     @torch.inference_mode()
     def output_dims(self) -> dict[tuple[str, str], int]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 from .models import load_pca, resolve_model
-from .store import (StoreWriter, content_hash, image_count, now_iso, resolve_descriptor,
+from .store import (StoreWriter, extractor_revision, image_count, now_iso, resolve_descriptor,
                     valid_mask)
 from .whitening import Identity
 
@@ -102,13 +102,13 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
                 if index is None:
                     index = AnnoyIndex(vecs.shape[1], METRIC)
                     index.set_seed(seed)
-                for j, v in enumerate(vecs, start=sum(len(r) for r in rows_all)):
+                for j, v in enumerate(vecs.tolist(), start=sum(len(r) for r in rows_all)):
                     index.add_item(j, v)
                 rows_all.append(rows)
             if index is None:
                 raise UserError(f"descriptor {info.name} has no vectors to index; run imgdb ingest")
             dims = index.f
-            store_hash = content_hash(fh, info.extractor)
+            revision = extractor_revision(fh, info.extractor)
         index.build(trees, n_jobs=1)  # one thread: the same trees for the same seed
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         index.save(str(tmp))
@@ -118,7 +118,7 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
         attrs = {
             "file": path.name, "descriptor": info.name, "model": model_id, "dims": int(dims),
             "metric": METRIC, "trees": int(trees), "seed": int(seed),
-            "items": int(sum(len(r) for r in rows_all)), "store_hash": store_hash,
+            "items": int(sum(len(r) for r in rows_all)), "extractor_revision": revision,
             "file_bytes": int(st.st_size), "file_mtime": float(st.st_mtime),
             "file_hash": file_digest(path), "build_seconds": round(time.perf_counter() - started, 3),
             "created": now_iso(),
@@ -139,7 +139,10 @@ def _plain(v):
 
 
 def check_index(fh: h5py.File, db: Path, name: str, full_hash: bool = False) -> IndexInfo:
-    """Registry entry with its staleness: store changed, model removed, file missing/changed."""
+    """Registry entry with its staleness: store changed, model removed, file missing/changed.
+
+    Cheap (no pass over the data) unless `full_hash` asks to re-digest the index file.
+    """
     reg = fh.get("indexes")
     if reg is None or name not in reg:
         known = ", ".join(reg.keys()) if reg is not None and len(reg) else "none"
@@ -153,7 +156,7 @@ def check_index(fh: h5py.File, db: Path, name: str, full_hash: bool = False) -> 
         stale = f"index file {path.name} is missing"
     elif attrs["model"] != "none" and not _model_exists(fh, attrs["model"]):
         stale = f"its model {attrs['model']} was removed"
-    elif content_hash(fh, extractor) != attrs["store_hash"]:
+    elif extractor_revision(fh, extractor) != attrs["extractor_revision"]:
         stale = "the store changed since it was built (images added, changed or removed)"
     else:
         st = path.stat()
@@ -187,14 +190,20 @@ def remove_index(db: Path, name: str) -> None:
 
 def topk_exact(queries: np.ndarray, fh: h5py.File, descriptor: str, transform, k: int
                ) -> list[list[tuple[int, float]]]:
-    """Brute-force cosine top-k over every valid stored vector, streamed in chunks."""
-    best_rows = [np.zeros(0, np.int64) for _ in range(len(queries))]
-    best_sims = [np.zeros(0, np.float32) for _ in range(len(queries))]
+    """Brute-force cosine top-k of every query over all valid stored vectors, in one streamed pass."""
+    nq = len(queries)
+    best_rows = np.zeros((nq, 0), np.int64)
+    best_sims = np.zeros((nq, 0), np.float32)
     for rows, raw in iter_valid(fh, descriptor):
-        sims = queries @ transform.transform(raw).T
-        for q in range(len(queries)):
-            r = np.concatenate([best_rows[q], rows])
-            s = np.concatenate([best_sims[q], sims[q]])
-            keep = np.lexsort((r, -s))[:k]  # by similarity, ties by id: deterministic
-            best_rows[q], best_sims[q] = r[keep], s[keep]
-    return [list(zip(best_rows[q].tolist(), best_sims[q].tolist())) for q in range(len(queries))]
+        sims = np.concatenate([best_sims, queries @ transform.transform(raw).T], axis=1)
+        cand = np.concatenate([best_rows, np.broadcast_to(rows, (nq, len(rows)))], axis=1)
+        keep = min(k, sims.shape[1])
+        part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep] if keep < sims.shape[1] \
+            else np.broadcast_to(np.arange(sims.shape[1]), (nq, sims.shape[1]))
+        best_sims = np.take_along_axis(sims, part, axis=1)
+        best_rows = np.take_along_axis(cand, part, axis=1)
+    out = []
+    for q in range(nq):
+        order = np.lexsort((best_rows[q], -best_sims[q]))  # by similarity, ties by id
+        out.append([(int(best_rows[q, i]), float(best_sims[q, i])) for i in order])
+    return out

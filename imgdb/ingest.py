@@ -261,6 +261,7 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
     next_commit = 0
     buffer_rows: list[tuple[int | None, ImageRow]] = []
     buffer_vecs: list[dict[tuple[str, str], np.ndarray] | None] = []
+    buffer_seqs: list[int] = []  # positions in `work` of the buffered rows
     last_commit = time.monotonic()
     done = 0
 
@@ -289,6 +290,7 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
                 acc = {k: merge_scales(v) for k, v in acc.items()}
             buffer_rows.append((item.row, row))
             buffer_vecs.append(acc)
+            buffer_seqs.append(next_commit)
             if row.status == STATUS_OK:
                 summary.ok += 1
             else:
@@ -301,10 +303,12 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
                 dim = extractor_dims[k]
                 vectors[k] = np.stack([v[k] if v is not None else np.full(dim, np.nan, np.float32)
                                        for v in buffer_vecs])
-            writer.commit(extractor_name, list(buffer_rows), vectors)
+            changed = [work[seq].row for seq in buffer_seqs if work[seq].reason == "changed"]
+            writer.commit(extractor_name, list(buffer_rows), vectors, file_changed=changed)
             done += len(buffer_rows)
             buffer_rows.clear()
             buffer_vecs.clear()
+            buffer_seqs.clear()
             last_commit = time.monotonic()
             if progress:
                 progress(done, len(work))

@@ -19,7 +19,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -211,6 +211,29 @@ def read_descriptor(fh: h5py.File, info: DescriptorInfo) -> tuple[np.ndarray, np
     return vectors.astype(np.float32, copy=False), valid_mask(fh, info.extractor)
 
 
+def extractor_revision(fh: h5py.File, extractor: str) -> int:
+    """Counter bumped whenever this extractor's set of valid rows or their vectors may change.
+
+    Indexes record it at build time: comparing it is O(1) however big the store is.
+    """
+    return int(fh["descriptors"][extractor].attrs.get("revision", 0))
+
+
+def _bump(group: h5py.Group) -> None:
+    group.attrs["revision"] = int(group.attrs.get("revision", 0)) + 1
+
+
+def read_column(fh: h5py.File, name: str, rows: np.ndarray | None = None) -> list | np.ndarray:
+    """One `/images` column, whole or at some rows (strings decoded)."""
+    ds = fh["images"][name]
+    if rows is None:
+        values = ds[:image_count(fh)]
+    else:
+        uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        values = ds[uniq][inverse] if len(uniq) else ds[:0]
+    return _decode(values) if ds.dtype.kind == "O" else np.asarray(values)
+
+
 def content_hash(fh: h5py.File, extractor: str | None = None) -> str:
     """Digest of the image table (paths, file digests, statuses) and of which rows have vectors.
 
@@ -388,14 +411,18 @@ class StoreWriter:
             if added and n:
                 # `computed` covers every dataset of the extractor: new ones need all rows again
                 g["computed"][:] = 0
+                _bump(g)
 
     # -- data ---------------------------------------------------------------------------------
     def commit(self, extractor: str | None, rows: list[tuple[int | None, ImageRow]],
-               vectors: dict[tuple[str, str], np.ndarray] | None) -> list[int]:
+               vectors: dict[tuple[str, str], np.ndarray] | None,
+               file_changed: Sequence[int] = ()) -> list[int]:
         """Write a batch: rows with id None are appended, others overwritten in place.
 
         `vectors[(layer, pooling)]` has one row per entry of `rows` (NaN rows for failed images).
-        Returns the row ids used. Order of writes: descriptors, then image columns, `path` last.
+        `file_changed` lists existing rows whose file changed on disk: other extractors' vectors
+        of those rows are outdated and marked not computed. Returns the row ids used. Order of
+        writes: descriptors, then image columns, `path` last.
         """
         if not rows:
             return []
@@ -433,6 +460,15 @@ class StoreWriter:
                     vec[~ok] = np.nan
                     put(g[layer][pooling], vec)
                 put(g["computed"], ok.astype(np.uint8))
+                _bump(g)
+            changed = np.array(sorted(set(file_changed)), dtype=np.int64)
+            if len(changed):  # files changed on disk: other extractors' vectors are outdated
+                for other in list_extractors(fh):
+                    if other != extractor:
+                        og = fh["descriptors"][other]
+                        if og["computed"][changed].any():
+                            og["computed"][changed] = 0
+                            _bump(og)
             cols = {
                 "size": np.array([r.size for _, r in rows], np.int64),
                 "mtime": np.array([r.mtime for _, r in rows], np.float64),
@@ -460,6 +496,8 @@ class StoreWriter:
             fh["images/status"][idx] = status
             fh["images/error"][idx] = np.array([error] * len(idx), dtype=object)
             fh.attrs["modified"] = now_iso()
+            for ext in list_extractors(fh):
+                _bump(fh["descriptors"][ext])
 
     @contextmanager
     def file(self) -> Iterator[h5py.File]:

@@ -129,3 +129,13 @@ def test_packaged_weights_classify_real_photos() -> None:
         with torch.no_grad():
             top1 = int(model(x).argmax())
         assert top1 in expected[name], (name, top1)
+
+
+def test_crop_feature_map_by_receptive_field_centres() -> None:
+    from imgdb.extract import crop_feature_map
+
+    fmap = torch.arange(16.0).view(1, 1, 4, 4)  # cell centres at 0.125, 0.375, 0.625, 0.875
+    assert crop_feature_map(fmap, (0.0, 0.0, 0.5, 0.5)).flatten().tolist() == [0, 1, 4, 5]
+    assert crop_feature_map(fmap, (0.6, 0.1, 1.0, 0.4)).flatten().tolist() == [2, 3, 6, 7]
+    # no centre inside a tiny box: the cell under the box centre (0.325 * 4 -> 1)
+    assert crop_feature_map(fmap, (0.3, 0.3, 0.35, 0.35)).flatten().tolist() == [5]

@@ -73,6 +73,16 @@ def test_incremental_reruns(tmp_path: Path) -> None:
     assert len(table) == 7  # rows are never removed: ids stay dense and stable
     assert table.status[table.path.index(str(gone))] == STATUS_MISSING
 
+    # a second extractor: computes every ok image once; a file changed later is redone by each
+    other = [a if a != "original" else "min:64" for a in FAST]
+    second = ingest_json(str(photos), "--db", str(db), *other)
+    assert (second["computed"], second["ok"]) == (6, 6)
+    shutil.copy2(sorted(COIL.glob("*.png"))[30], changed)
+    os.utime(changed, (time.time() + 9, time.time() + 9))
+    assert ingest_json(str(photos), "--db", str(db), *FAST)["changed"] == 1
+    redo = ingest_json(str(photos), "--db", str(db), *other)
+    assert (redo["computed"], redo["ok"], redo["unchanged"]) == (1, 1, 5)
+
 
 def test_vgg16_dims_and_info(tmp_path: Path) -> None:
     photos = coil_subset(tmp_path, 2)
