@@ -1,0 +1,420 @@
+"""`imgdb eval`: benchmark protocols on a store, swept over descriptors x whitening x dims.
+
+Exact search only. Query vectors come from the store (query photos that are database images),
+from `--queries DIR` (extracted with the store's own extractor settings, never added), or from a
+second store. Ground-truth entries missing from the store are counted and reported; metrics are
+computed over what exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+from .groundtruth import GroundTruth, Query, image_key, load_ground_truth
+from .metrics import QueryScores, Summary, average_precision, ns_score, precision_at_k, summarize
+from .store import (DescriptorInfo, extractor_attrs, list_descriptors, open_read, read_descriptor,
+                    read_images, resolve_descriptor)
+from .whitening import Identity, PCAWhitening, l2_normalize
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class EvalOptions:
+    """What to sweep and how to query."""
+
+    descriptors: Sequence[str] = ("all",)
+    dims: Sequence[int] = ()
+    pca_on_test: bool = False
+    pca_from: Sequence[Path] = ()
+    whiten: bool = True
+    power: float | None = None
+    query_mode: str = "full"  # full | crop-image | crop-features
+    qe: int = 0
+    queries_dir: Path | None = None
+    queries_db: Path | None = None
+    protocol: str = "auto"
+    group_regex: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class Cell:
+    """One (descriptor, whitening, dims, setup) result."""
+
+    descriptor: str
+    whitening: str
+    dims: int
+    setup: str
+    summary: Summary
+    per_query: list[QueryScores]
+    ns: float | None = None  # UKBench N-S score
+    positions: dict[str, np.ndarray] = field(default_factory=dict)  # query -> 0-based ranks of
+    # its positives in the ranking with junk removed (for precision-recall curves)
+
+
+@dataclass
+class EvalResult:
+    protocol: str
+    gt_source: str
+    n_database: int
+    n_queries: int
+    skipped_queries: list[tuple[str, str]] = field(default_factory=list)
+    missing_positives: int = 0
+    cells: list[Cell] = field(default_factory=list)
+    rankings: dict = field(default_factory=dict)  # (descriptor, whitening, dims) -> (queries, top ids)
+
+
+# --------------------------------------------------------------------------------------------
+# queries
+
+
+@dataclass
+class _QuerySet:
+    """Queries that can be evaluated, with where their vectors come from."""
+
+    queries: list[Query]
+    gt_index: list[int]  # position of each query in the ground truth
+    rows: list[int | None]  # store row of the query photo (None when it comes from elsewhere)
+    files: list[Path | None]  # file to extract from (crop modes or --queries)
+
+
+def _key_rows(paths: Sequence[str], valid: np.ndarray) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        if valid[i]:
+            rows.setdefault(image_key(p), i)
+    return rows
+
+
+def _query_files(folder: Path) -> dict[str, Path]:
+    from .images import discover
+
+    return {image_key(str(p)): p for p in discover([folder]).files}
+
+
+def _select_queries(gt: GroundTruth, key_rows: dict[str, int], paths: list[str],
+                    opts: EvalOptions) -> tuple[_QuerySet, list[tuple[str, str]]]:
+    files = _query_files(opts.queries_dir) if opts.queries_dir else {}
+    qs = _QuerySet([], [], [], [])
+    skipped = []
+
+    def take(i: int, q: Query, row: int | None, f: Path | None) -> None:
+        qs.queries.append(q), qs.gt_index.append(i), qs.rows.append(row), qs.files.append(f)
+
+    for i, q in enumerate(gt.queries):
+        row = key_rows.get(q.image)
+        if opts.queries_dir is not None:
+            f = files.get(q.image)
+            if f is None:
+                skipped.append((q.name, f"query image {q.image} not found in {opts.queries_dir}"))
+            else:
+                take(i, q, row if gt.queries_in_database else None, f)
+        elif opts.queries_db is not None:
+            take(i, q, row, None)
+        elif row is None:
+            why = ("not in the store" if gt.queries_in_database else
+                   "queries of this protocol are not database images: pass --queries DIR "
+                   "or --queries-db STORE")
+            skipped.append((q.name, f"query image {q.image} {why}"))
+        else:
+            take(i, q, row, Path(paths[row]) if opts.query_mode != "full" else None)
+    return qs, skipped
+
+
+class _QueryVectors:
+    """Raw query vectors per descriptor: stored, from a second store, or extracted."""
+
+    def __init__(self, fh: h5py.File, qs: _QuerySet, opts: EvalOptions) -> None:
+        self.fh, self.qs, self.opts = fh, qs, opts
+        self._extracted: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+
+    def get(self, info: DescriptorInfo) -> np.ndarray:
+        out = []
+        ds = self.fh["descriptors"][info.extractor][info.layer][info.pooling]
+        other = self._other_store(info) if self.opts.queries_db else None
+        for q, row, f in zip(self.qs.queries, self.qs.rows, self.qs.files):
+            if other is not None:
+                if q.image not in other:
+                    raise UserError(f"query image {q.image} is not in {self.opts.queries_db}")
+                out.append(other[q.image])
+            elif f is None:
+                out.append(ds[row])
+            else:
+                out.append(self._extract(info, q, f))
+        return np.asarray(out, dtype=np.float32)
+
+    def _other_store(self, info: DescriptorInfo) -> dict[str, np.ndarray]:
+        with open_read(self.opts.queries_db) as fh:
+            try:
+                other = resolve_descriptor(fh, info.name)
+            except UserError:
+                raise UserError(f"{self.opts.queries_db} has no descriptor {info.name}; ingest the "
+                                f"queries with the same settings") from None
+            x, valid = read_descriptor(fh, other)
+            paths = read_images(fh).path
+        return {image_key(p): x[i] for i, p in enumerate(paths) if valid[i]}
+
+    def _extract(self, info: DescriptorInfo, q: Query, path: Path) -> np.ndarray:
+        from .backbones import get_backbone, parse_weights
+        from .extract import FeatureExtractor, resolve_device
+        from .images import ImageError, SizePolicy, load_image
+
+        cache = self._extracted.setdefault(info.extractor, {})
+        key = (str(path), q.name)
+        if key not in cache:
+            s = extractor_attrs(self.fh, info.extractor)
+            if not hasattr(self, "_ext") or self._ext_name != info.extractor:
+                self._ext = FeatureExtractor(get_backbone(s["backbone"]), parse_weights(s["weights"]),
+                                             tuple(s["layers"]), tuple(s["poolings"]),
+                                             resolve_device(self.opts.device))
+                self._ext_name = info.extractor
+            mode = self.opts.query_mode
+            crop = q.bbox if mode == "crop-image" else None
+            try:
+                img = load_image(path, SizePolicy.parse(s["size"]), tuple(s["scales"]),
+                                 max_pixels=int(s.get("max_pixels", 120_000_000)), crop=crop)
+            except ImageError as exc:
+                raise UserError(f"cannot use query image {path}: {exc}") from None
+            region = None
+            if mode == "crop-features" and q.bbox is not None:
+                x1, y1, x2, y2 = q.bbox
+                region = (x1 / img.width, y1 / img.height, x2 / img.width, y2 / img.height)
+            cache[key] = self._ext.describe(img.pixels, region)
+        return cache[key][(info.layer, info.pooling)]
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _rank(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """Database positions best first (ties by lower position: deterministic)."""
+    sims = db @ q
+    return np.lexsort((np.arange(len(sims)), -sims))
+
+
+def _scores_for(gt: GroundTruth, qs: _QuerySet, qvec: np.ndarray, db: np.ndarray,
+                db_keys: np.ndarray, db_rows: np.ndarray, qe: int
+                ) -> tuple[dict[str, list[QueryScores]], dict, list[float], list[np.ndarray], int]:
+    """Rank the database for every query and score each setup (ids, not names, in the loop)."""
+    setups = gt.setups()
+    per_setup: dict[str, list[QueryScores]] = {s: [] for s in setups}
+    positions: dict[str, dict[str, np.ndarray]] = {s: {} for s in setups}
+    ns_values: list[float] = []
+    top: list[np.ndarray] = []  # per query: store rows of its top 10
+    key_pos: dict[str, int] = {}
+    for i, k in enumerate(db_keys.tolist()):
+        key_pos.setdefault(k, i)
+    missing_total = 0
+    row_pos = {int(r): i for i, r in enumerate(db_rows)}
+    first_setup = next(iter(setups))
+    for qi, (q, row, gi) in enumerate(zip(qs.queries, qs.rows, qs.gt_index)):
+        v = qvec[qi]
+        order = _rank(v, db)
+        if qe > 0:
+            expanded = v + db[order[:qe]].sum(axis=0)
+            order = _rank(l2_normalize(expanded[None])[0], db)
+        if gt.exclude_query_from_ranking and row is not None and row in row_pos:
+            order = order[order != row_pos[row]]
+        top.append(db_rows[order[:10]])
+        for setup, pairs in setups.items():
+            positives, junk = pairs[gi]
+            if gt.exclude_query_from_ranking:
+                positives = positives - {q.image}
+            found = {key_pos[k] for k in positives if k in key_pos}
+            junk_ids = {key_pos[k] for k in junk if k in key_pos}
+            missing = len(positives) - len(found)
+            if setup == first_setup:
+                missing_total += missing
+            ap = average_precision(order, found, junk_ids)
+            pk = precision_at_k(order, found, junk_ids, KS)
+            per_setup[setup].append(QueryScores(q.name, ap, dict(zip(KS, pk.tolist())),
+                                                len(found), len(junk), missing))
+            kept = order[~np.isin(order, list(junk_ids))] if junk_ids else order
+            positions[setup][q.name] = np.flatnonzero(np.isin(kept, list(found)))
+        if gt.protocol == "ukbench":
+            group = {key_pos[k] for k in setups[first_setup][gi][0] if k in key_pos}
+            ns_values.append(ns_score(order, group))
+    return per_setup, positions, ns_values, top, missing_total
+
+
+def _whitening_sources(opts: EvalOptions) -> list[tuple[str, Path | None]]:
+    sources: list[tuple[str, Path | None]] = []
+    if opts.pca_on_test:
+        sources.append(("pca on test", None))
+    for p in opts.pca_from:
+        sources.append((f"pca from {Path(p).name}", Path(p)))
+    return sources or [("none", None)]
+
+
+def _fit(x_fit: np.ndarray, dims: int, opts: EvalOptions) -> PCAWhitening:
+    return PCAWhitening(dims=dims, whiten=opts.whiten, power=opts.power).fit(x_fit)
+
+
+def _vectors_of(db_path: Path, name: str) -> np.ndarray:
+    with open_read(db_path) as fh:
+        try:
+            info = resolve_descriptor(fh, name)
+        except UserError:
+            raise UserError(f"{db_path} has no descriptor {name}; ingest it with the same settings "
+                            f"to learn PCA on it") from None
+        x, valid = read_descriptor(fh, info)
+    return x[valid]
+
+
+def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
+    """Evaluate every requested descriptor x whitening source x dims on the ground truth."""
+    with open_read(db) as fh:
+        table = read_images(fh)
+        infos = list_descriptors(fh)
+        if not infos:
+            raise UserError(f"store {db} has no descriptors; run imgdb ingest first")
+        if list(opts.descriptors) in (["all"], []):
+            chosen = infos
+        else:
+            chosen = [resolve_descriptor(fh, d) for d in opts.descriptors]
+        gt = load_ground_truth(gt_path, opts.protocol, images=table.path, group_regex=opts.group_regex)
+        result = EvalResult(gt.protocol, gt.source, 0, 0)
+        vectors_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        qv = None
+        qs = None
+        for info in chosen:
+            x, valid = read_descriptor(fh, info)
+            db_rows = np.flatnonzero(valid)
+            keys = np.array([image_key(table.path[r]) for r in db_rows])
+            if qs is None:
+                key_rows = _key_rows(table.path, valid)
+                qs, skipped = _select_queries(gt, key_rows, table.path, opts)
+                result.skipped_queries = skipped
+                result.n_queries = len(qs.queries)
+                result.n_database = len(db_rows)
+                if not qs.queries:
+                    raise UserError("no query of the ground truth can be evaluated: "
+                                    + (skipped[0][1] if skipped else "the ground truth is empty"))
+                qv = _QueryVectors(fh, qs, opts)
+            raw_db = x[db_rows]
+            raw_q = qv.get(info)
+            for label, source in _whitening_sources(opts):
+                if label == "none":
+                    dims_list = [raw_db.shape[1]]
+                else:
+                    fit_on = raw_db if source is None else _vectors_of(source, info.name)
+                    limit = min(fit_on.shape[0], fit_on.shape[1])
+                    dims_list = [d for d in (opts.dims or [min(limit, raw_db.shape[1])]) if d <= limit]
+                    if not dims_list:
+                        raise UserError(f"--dims {','.join(map(str, opts.dims))} exceed what "
+                                        f"{limit} vectors allow for {info.name}")
+                for dims in dims_list:
+                    if label == "none":
+                        transform = Identity(opts.power)
+                    else:
+                        transform = _fit(fit_on, dims, opts)
+                    db_vec = transform.transform(raw_db)
+                    q_vec = transform.transform(raw_q)
+                    per_setup, positions, ns_values, top, missing = _scores_for(
+                        gt, qs, q_vec, db_vec, keys, db_rows, opts.qe)
+                    result.missing_positives = missing
+                    for setup, scores in per_setup.items():
+                        result.cells.append(Cell(info.name, label, dims, setup, summarize(scores),
+                                                 scores, float(np.mean(ns_values)) if ns_values else None,
+                                                 positions[setup]))
+                    result.rankings[(info.name, label, dims)] = top
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# presentation
+
+
+def _column(cell: Cell) -> str:
+    dims = "full" if cell.whitening == "none" else f"{cell.dims}"
+    return dims + (f" {cell.setup}" if cell.setup else "")
+
+
+def result_rows(result: EvalResult) -> tuple[list[str], list[tuple[str, dict[str, float]]]]:
+    """The paper-style table: methods as rows, dims (x setups) as columns; values mAP (or N-S)."""
+    columns: list[str] = []
+    rows: dict[str, dict[str, float]] = {}
+    for c in result.cells:
+        col = _column(c)
+        if col not in columns:
+            columns.append(col)
+        method = (f"{c.descriptor} ({c.dims}-D)" if c.whitening == "none"
+                  else f"{c.descriptor} [{c.whitening}]")
+        rows.setdefault(method, {})[col] = c.ns if c.ns is not None else c.summary.mAP
+    return columns, list(rows.items())
+
+
+def render_table(result: EvalResult, title: str) -> str:
+    columns, rows = result_rows(result)
+    metric = "N-S score (max 4)" if result.protocol == "ukbench" else "mAP"
+    width = max([len("method")] + [len(r[0]) for r in rows])
+    head = f"{'method':<{width}}  " + "  ".join(f"{c:>12}" for c in columns)
+    lines = [f"{title}: {metric}, {result.n_queries} queries, {result.n_database} database images"]
+    lines += [head, "-" * len(head)]
+    for method, values in rows:
+        cells = []
+        for c in columns:
+            v = values.get(c)
+            cells.append(f"{'':>12}" if v is None or (isinstance(v, float) and math.isnan(v))
+                         else f"{v:>12.4f}")
+        lines.append(f"{method:<{width}}  " + "  ".join(cells))
+    if result.protocol == "roxford":
+        mp = [c for c in result.cells]
+        lines.append("")
+        lines.append("mP@1,5,10 per setup: " + "; ".join(
+            f"{c.descriptor.split('/', 1)[-1]} {c.dims} {c.setup}: "
+            + "/".join(f"{c.summary.mP.get(k, float('nan')):.3f}" for k in KS) for c in mp[:6])
+            + (" ..." if len(mp) > 6 else ""))
+    notes = []
+    if result.skipped_queries:
+        notes.append(f"{len(result.skipped_queries)} queries skipped (first: "
+                     f"{result.skipped_queries[0][0]}: {result.skipped_queries[0][1]})")
+    empty = max((c.summary.n_empty for c in result.cells), default=0)
+    if empty:
+        notes.append(f"{empty} queries without positives excluded")
+    if result.missing_positives:
+        notes.append(f"{result.missing_positives} ground-truth positives are not in the store "
+                     f"(metrics over what exists)")
+    if notes:
+        lines.append("")
+        lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def result_json(result: EvalResult) -> dict:
+    return {
+        "protocol": result.protocol, "ground_truth": result.gt_source,
+        "database_images": result.n_database, "queries": result.n_queries,
+        "skipped_queries": [{"query": q, "reason": r} for q, r in result.skipped_queries],
+        "missing_positives": result.missing_positives,
+        "results": [{
+            "descriptor": c.descriptor, "whitening": c.whitening, "dims": c.dims, "setup": c.setup,
+            "mAP": _num(c.summary.mAP), "mP": {str(k): _num(v) for k, v in c.summary.mP.items()},
+            "ns_score": _num(c.ns) if c.ns is not None else None,
+            "queries_evaluated": c.summary.n_queries - c.summary.n_empty,
+            "queries_without_positives": c.summary.n_empty,
+        } for c in result.cells],
+    }
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def result_csv(result: EvalResult) -> str:
+    lines = ["descriptor,whitening,dims,setup,mAP,mP@1,mP@5,mP@10,ns_score"]
+    for c in result.cells:
+        mp = [c.summary.mP.get(k, float("nan")) for k in KS]
+        lines.append(",".join([c.descriptor, c.whitening, str(c.dims), c.setup,
+                               f"{c.summary.mAP:.6f}", *(f"{v:.6f}" for v in mp),
+                               "" if c.ns is None else f"{c.ns:.6f}"]))
+    return "\n".join(lines) + "\n"
