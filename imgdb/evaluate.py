@@ -20,7 +20,7 @@ from .errors import UserError
 from .groundtruth import GroundTruth, Query, image_key, load_ground_truth
 from .metrics import QueryScores, Summary, average_precision, ns_score, precision_at_k, summarize
 from .store import (DescriptorInfo, extractor_attrs, list_descriptors, open_read, read_descriptor,
-                    read_images, resolve_descriptor)
+                    read_images, resolve_descriptor, training_vectors)
 from .whitening import Identity, PCAWhitening, l2_normalize
 
 KS = (1, 5, 10)
@@ -259,17 +259,6 @@ def _fit(x_fit: np.ndarray, dims: int, opts: EvalOptions) -> PCAWhitening:
     return PCAWhitening(dims=dims, whiten=opts.whiten, power=opts.power).fit(x_fit)
 
 
-def _vectors_of(db_path: Path, name: str) -> np.ndarray:
-    with open_read(db_path) as fh:
-        try:
-            info = resolve_descriptor(fh, name)
-        except UserError:
-            raise UserError(f"{db_path} has no descriptor {name}; ingest it with the same settings "
-                            f"to learn PCA on it") from None
-        x, valid = read_descriptor(fh, info)
-    return x[valid]
-
-
 def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
     """Evaluate every requested descriptor x whitening source x dims on the ground truth."""
     with open_read(db) as fh:
@@ -306,7 +295,7 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                 if label == "none":
                     dims_list = [raw_db.shape[1]]
                 else:
-                    fit_on = raw_db if source is None else _vectors_of(source, info.name)
+                    fit_on = raw_db if source is None else training_vectors(source, info.name)[0]
                     limit = min(fit_on.shape[0], fit_on.shape[1])
                     dims_list = [d for d in (opts.dims or [min(limit, raw_db.shape[1])]) if d <= limit]
                     if not dims_list:

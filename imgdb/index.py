@@ -156,7 +156,7 @@ def check_index(fh: h5py.File, db: Path, name: str, full_hash: bool = False) -> 
         stale = f"index file {path.name} is missing"
     elif attrs["model"] != "none" and not _model_exists(fh, attrs["model"]):
         stale = f"its model {attrs['model']} was removed"
-    elif extractor_revision(fh, extractor) != attrs["extractor_revision"]:
+    elif extractor_revision(fh, extractor) != attrs.get("extractor_revision"):
         stale = "the store changed since it was built (images added, changed or removed)"
     else:
         st = path.stat()

@@ -134,20 +134,12 @@ def fit_pca_model(db: Path, descriptor: str, dims: int | None, whiten: bool, pow
     import sklearn
 
     from . import __version__
-    from .store import content_hash, open_read, read_descriptor, resolve_descriptor
+    from .store import open_read, resolve_descriptor, training_vectors
 
     src = Path(source) if source else Path(db)
     with open_read(db) as fh:
         name = resolve_descriptor(fh, descriptor).name
-    with open_read(src) as fh:
-        try:
-            info = resolve_descriptor(fh, name)
-        except UserError:
-            raise UserError(f"{src} has no descriptor {name}; ingest it with the same extractor "
-                            f"settings to fit on it") from None
-        x, valid = read_descriptor(fh, info)
-        x = x[valid]
-        src_hash = content_hash(fh, info.extractor)
+    x, src_hash = training_vectors(src, name)
     if len(x) < 2:
         raise UserError(f"{src} has {len(x)} usable vectors of {name}; PCA needs at least 2")
     model = PCAWhitening(dims=dims, whiten=whiten, power=power).fit(x)

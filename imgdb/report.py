@@ -27,12 +27,12 @@ def _walk_models(fh: h5py.File) -> list[dict]:
     return out
 
 
-def _indexes(fh: h5py.File) -> list[dict]:
-    out = []
-    for name, g in (fh["indexes"].items() if "indexes" in fh else []):
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in g.attrs.items()}
-        out.append({"name": name, **{k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}})
-    return out
+def _indexes(fh: h5py.File, db: Path) -> list[dict]:
+    from .index import list_indexes
+
+    return [{"name": i.name, "current": i.stale is None, "stale_reason": i.stale,
+             **{k: v for k, v in i.attrs.items() if isinstance(v, (str, int, float))}}
+            for i in list_indexes(fh, Path(db))]
 
 
 def store_report(db: str | Path) -> dict:
@@ -65,7 +65,7 @@ def store_report(db: str | Path) -> dict:
             "extractors": extractors,
             "descriptors": descriptors,
             "models": _walk_models(fh),
-            "indexes": _indexes(fh),
+            "indexes": _indexes(fh, db),
             "failed": failed,
         }
 
@@ -113,8 +113,10 @@ def render_report(report: dict, max_failures: int = 20) -> str:
     lines.append("")
     lines.append("indexes")
     for i in report["indexes"]:
+        state = "current" if i["current"] else f"STALE: {i['stale_reason']}"
         lines.append(f"  {i['name']}  " + " ".join(f"{k}={v}" for k, v in i.items()
-                                                   if k in ("descriptor", "model", "items", "file")))
+                                                   if k in ("descriptor", "model", "items"))
+                     + f"  {state}")
     if not report["indexes"]:
         lines.append("  (none)")
     failed = report["failed"]

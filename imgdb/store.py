@@ -234,6 +234,19 @@ def read_column(fh: h5py.File, name: str, rows: np.ndarray | None = None) -> lis
     return _decode(values) if ds.dtype.kind == "O" else np.asarray(values)
 
 
+def training_vectors(db: str | Path, name: str) -> tuple[np.ndarray, str]:
+    """Valid vectors of a descriptor in a (possibly other) store, and that store's content hash
+    for it: what a model is fitted on."""
+    with open_read(db) as fh:
+        try:
+            info = resolve_descriptor(fh, name)
+        except UserError:
+            raise StoreError(f"{db} has no descriptor {name}; ingest it with the same extractor "
+                             f"settings to fit on it") from None
+        x, valid = read_descriptor(fh, info)
+        return x[valid], content_hash(fh, info.extractor)
+
+
 def content_hash(fh: h5py.File, extractor: str | None = None) -> str:
     """Digest of the image table (paths, file digests, statuses) and of which rows have vectors.
 
