@@ -268,7 +268,8 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
 
 
 def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dict:
-    from imgdb.index import content_hash, post_processor
+    from imgdb.index import post_processor
+    from imgdb.store import content_hash
     from imgdb.search import QueryPlan, _searcher, plan_query
     from imgdb.store import open_read, read_images, resolve_descriptor
 
