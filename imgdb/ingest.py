@@ -213,13 +213,14 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
         if missing:
             writer.set_status(missing, STATUS_MISSING, "file no longer exists")
             summary.missing = len(missing)
+        adds_datasets = existing is not None and bool(
+            {(layer, p) for layer in layers for p in requested} - _existing_keys(existing))
         if on_start:
             on_start(len(work))
-        if not work:
+        if not work and not adds_datasets:
             summary.seconds = time.perf_counter() - started
             return summary
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         extractor = FeatureExtractor(backbone, weights, layers, requested, device, options.precision)
         settings = {
             "backbone": backbone.name, "weights": weights.spec, "weights_tag": weights.tag,
@@ -229,7 +230,7 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
         }
         dims = extractor.output_dims()
         writer.ensure_extractor(extractor_name, settings, dims)
-        if existing is not None and set(dims) - _existing_keys(existing):
+        if adds_datasets:
             # new datasets reset `computed`: every ok row of this extractor needs them
             table = writer.images()
             computed = writer.computed(extractor_name)

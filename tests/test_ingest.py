@@ -55,6 +55,14 @@ def test_incremental_reruns(tmp_path: Path) -> None:
     again = ingest_json(str(photos), "--db", str(db), *FAST)
     assert (again["new"], again["changed"], again["ok"], again["unchanged"]) == (0, 0, 0, 6)
 
+    # asking for one more pooling on the same folder computes it for every stored image
+    more = [a if a != "sum,mac,crow" else "sum,mac,crow,gem-p3" for a in FAST]
+    added = ingest_json(str(photos), "--db", str(db), *more)
+    assert (added["new"], added["computed"], added["ok"]) == (0, 6, 6)
+    with h5py.File(db, "r") as fh:
+        gem = fh["descriptors/efficientnet_lite0-none-orig/head/gem-p3"][:]
+        assert not np.isnan(gem).any()
+
     extra = sorted(COIL.glob("*.png"))[10]
     shutil.copy2(extra, photos / extra.name)
     one = ingest_json(str(photos), "--db", str(db), *FAST)
