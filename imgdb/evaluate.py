@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import UserError
 from .groundtruth import GroundTruth, Query, image_key, load_ground_truth
-from .metrics import QueryScores, Summary, average_precision, ns_score, precision_at_k, summarize
+from .metrics import (QueryScores, Summary, average_precision, ns_score, precision_at_k,
+                      rank_ids, summarize)
 from .store import (DescriptorInfo, extractor_attrs, list_descriptors, open_read, read_descriptor,
                     read_images, resolve_descriptor, training_vectors)
 from .whitening import Identity, PCAWhitening, l2_normalize
@@ -197,8 +198,7 @@ class _QueryVectors:
 
 def _rank(q: np.ndarray, db: np.ndarray) -> np.ndarray:
     """Database positions best first (ties by lower position: deterministic)."""
-    sims = db @ q
-    return np.lexsort((np.arange(len(sims)), -sims))
+    return rank_ids((db @ q)[None])[0]
 
 
 def _scores_for(gt: GroundTruth, qs: _QuerySet, qvec: np.ndarray, db: np.ndarray,

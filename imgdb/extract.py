@@ -6,7 +6,6 @@ Pooling runs on the network's device; only the pooled vectors are copied back to
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,18 +50,6 @@ def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
     stacked = np.stack(per_scale).astype(np.float32)
     stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)
     return stacked.mean(axis=0)
-
-
-@dataclass(frozen=True)
-class ExtractorSettings:
-    """Everything that determines a stored vector (and so must be reused by queries)."""
-
-    backbone: str
-    weights: WeightsChoice
-    size: str  # SizePolicy spec
-    scales: tuple[float, ...]
-    layers: tuple[str, ...]
-    poolings: tuple[str, ...]
 
 
 class FeatureExtractor:
