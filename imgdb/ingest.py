@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .errors import UserError
 from .images import DecodedImage, ImageError, SizePolicy, discover, iter_decoded
 from .store import (STATUS_FAILED, STATUS_MISSING, STATUS_OK, ImageRow, ImageTable, StoreWriter)
 
@@ -191,6 +192,10 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
     device = resolve_device(options.device)
 
     roots = [Path(p).expanduser().absolute() for p in paths]
+    missing_roots = [str(p) for p in roots if not os.path.lexists(p)]
+    if len(missing_roots) == len(roots):
+        raise UserError(f"nothing to ingest: {missing_roots[0]} does not exist"
+                        + (f" (nor {len(missing_roots) - 1} other path(s))" if len(roots) > 1 else ""))
     found = discover(roots)
     files = [Path(os.path.abspath(f)) for f in found.files]
 

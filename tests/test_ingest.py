@@ -150,6 +150,10 @@ def test_clear_errors_and_exit_codes(tmp_path: Path) -> None:
                            "--backbone", "alexnet", check=False)
     assert bad_backbone.returncode == 1 and "efficientnet_lite0" in bad_backbone.stderr
     assert "Traceback" not in bad_backbone.stderr
+    nothing = run_cli("ingest", str(tmp_path / "no such folder"), "--db", str(tmp_path / "n.h5"),
+                      "--weights", "none", check=False)
+    assert nothing.returncode == 1 and "does not exist" in nothing.stderr
+    assert not (tmp_path / "n.h5").exists()  # no empty store left behind
     usage = run_cli("ingest", "--db", str(tmp_path / "x.h5"), check=False)
     assert usage.returncode == 2
     layer = run_cli("ingest", str(tmp_path), "--db", str(tmp_path / "x.h5"), "--weights", "none",
