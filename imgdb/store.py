@@ -304,7 +304,9 @@ class StoreLock:
 
 def _create_empty(path: Path) -> None:
     tmp = path.with_name(path.name + ".creating")
-    with h5py.File(tmp, "w", libver=("v110", "latest")) as fh:
+    # superblock v0 (libver earliest) has no "open for write" flag: after a kill -9 the file
+    # opens again without h5clear (v2/v3 superblocks would refuse until the flag is cleared)
+    with h5py.File(tmp, "w", libver="earliest") as fh:
         fh.attrs["format"] = FORMAT
         fh.attrs["format_version"] = FORMAT_VERSION
         fh.attrs["created"] = now_iso()
