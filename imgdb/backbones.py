@@ -7,7 +7,6 @@ one pass can stop after the deepest requested layer and hand out every tap on th
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .digest import file_digest
 from .errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -260,11 +260,7 @@ def parse_weights(spec: str) -> WeightsChoice:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise WeightsError(f"--weights {spec!r} is neither 'imagenet', 'none' nor an existing file")
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return WeightsChoice("file", str(path.resolve()), digest.hexdigest())
+    return WeightsChoice("file", str(path.resolve()), file_digest(path))
 
 
 def load_network(backbone: Backbone, weights: WeightsChoice) -> nn.Module:

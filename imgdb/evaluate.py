@@ -272,7 +272,6 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
             chosen = [resolve_descriptor(fh, d) for d in opts.descriptors]
         gt = load_ground_truth(gt_path, opts.protocol, images=table.path, group_regex=opts.group_regex)
         result = EvalResult(gt.protocol, gt.source, 0, 0)
-        vectors_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         qv = None
         qs = None
         for info in chosen:

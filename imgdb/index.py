@@ -9,7 +9,6 @@ no registered index and no half file in use.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from .digest import file_digest
 from .errors import UserError
 from .models import load_pca, resolve_model
 from .store import (StoreWriter, extractor_revision, image_count, now_iso, resolve_descriptor,
@@ -40,14 +40,6 @@ class IndexInfo:
     @property
     def file(self) -> str:
         return self.attrs["file"]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def post_processor(fh: h5py.File, descriptor: str, model: str | None):

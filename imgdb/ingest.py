@@ -263,7 +263,6 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
     batcher = _Batcher(options.batch_size, window=max(4 * options.batch_size, 64))
     # seq -> (row, accumulated vectors, scales done)
     results: dict[int, tuple[ImageRow, dict | None, int]] = {}
-    meta: dict[int, ImageRow] = {}
     next_commit = 0
     buffer_rows: list[tuple[int | None, ImageRow]] = []
     buffer_vecs: list[dict[tuple[str, str], np.ndarray] | None] = []

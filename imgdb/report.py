@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,18 +12,11 @@ from .store import (STATUS_FAILED, STATUS_MISSING, STATUS_OK, content_hash, extr
                     image_count, list_descriptors, list_extractors, open_read, read_images)
 
 
-def _walk_models(fh: h5py.File) -> list[dict]:
-    out: list[dict] = []
-    if "models" not in fh:
-        return out
+def _models(fh: h5py.File) -> list[dict]:
+    from .models import list_models
 
-    def visit(name: str, obj) -> None:
-        if isinstance(obj, h5py.Group) and "kind" in obj.attrs:
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
-            out.append({"name": name, **{k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}})
-
-    fh["models"].visititems(visit)
-    return out
+    return [{"name": m.id, **{k: v for k, v in m.attrs.items() if isinstance(v, (str, int, float))}}
+            for m in list_models(fh)]
 
 
 def _indexes(fh: h5py.File, db: Path) -> list[dict]:
@@ -64,7 +56,7 @@ def store_report(db: str | Path) -> dict:
                        "missing": int((status == STATUS_MISSING).sum())},
             "extractors": extractors,
             "descriptors": descriptors,
-            "models": _walk_models(fh),
+            "models": _models(fh),
             "indexes": _indexes(fh, db),
             "failed": failed,
         }

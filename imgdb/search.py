@@ -14,6 +14,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from .digest import file_digest
 from .errors import UserError
 from .index import (check_index, index_path, list_indexes, post_processor, rebuild_command,
                     topk_exact)
@@ -85,16 +86,10 @@ def plan_query(fh: h5py.File, db: Path, index: str | None, descriptor: str | Non
                     + ", ".join(i.name for i in indexes))
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-
-
 def _stored_row(sha: np.ndarray, valid: np.ndarray, path: Path) -> int | None:
     """Row of a valid stored image with the same content as `path` (found by file digest)."""
     try:
-        digest = _file_digest(path).encode()
+        digest = file_digest(path).encode()
     except OSError:
         return None
     hits = np.flatnonzero((sha == digest) & valid)
