@@ -77,6 +77,10 @@ def ingest(
                                    help="Refuse images with more pixels (decompression bombs)."),
     commit_seconds: float = typer.Option(2.0, "--commit-seconds", min=0.0,
                                          help="How often finished rows are committed to the store."),
+    keep_local: List[str] = typer.Option([], "--keep-local", metavar="LAYER[:MASK]",
+                                         help="Also keep the local conv features of LAYER (float16) "
+                                              "for codebook methods, all cells or those of a mask: "
+                                              "max, sum or sift (Hoang sec.3.2). Repeatable."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any image failed."),
     quiet: bool = QuietOption,
     as_json: bool = JsonOption,
@@ -97,7 +101,8 @@ def ingest(
     options = IngestOptions(backbone=backbone, weights=weights, layers=layers, poolings=pooling,
                             size=size, scales=scale_values, device=device, batch_size=batch_size,
                             workers=workers, precision=precision, max_pixels=max_pixels,
-                            commit_seconds=commit_seconds)
+                            commit_seconds=commit_seconds,
+                            keep_local=tuple(k for spec in keep_local for k in spec.split(",") if k))
     reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
     with reporter:
         summary = run_ingest(paths, db, options, progress=reporter.update, on_start=reporter.start)
@@ -188,6 +193,109 @@ def fit_pca(
                    f"{a['image_count']} images of {a['fitted_on']}")
 
 
+@fit_app.command("codebook")
+def fit_codebook_cmd(
+    db: Path = DbOption,
+    local: str = typer.Option(..., "--local", metavar="EXTRACTOR/LAYER[:MASK]",
+                              help="Local features kept by ingest --keep-local (a unique suffix "
+                                   "such as block6:max is enough)."),
+    method: str = typer.Option("temb", "--method", "-m",
+                               help="vlad (Ng sec.3.3), temb (triangulation embedding, Hoang "
+                                    "sec.4) or fv (Fisher vector, diagonal GMM)."),
+    preset: Optional[str] = typer.Option(None, "--preset",
+                                         help="Paper settings by name: ng (vlad k=100), "
+                                              "hoang-512/1024/2048/4096/8064 (temb, Hoang Table 4: "
+                                              "d, |C| per final dims), hoang-vlad, hoang-fv (Table 2). "
+                                              "Default: ng, hoang-1024, hoang-fv."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Codebook size (overrides the preset)."),
+    pca_d: Optional[int] = typer.Option(None, "--pca-d", min=0,
+                                        help="Local PCA dims before the codebook (0: none; "
+                                             "overrides the preset)."),
+    power: Optional[float] = typer.Option(None, "--power",
+                                          help="Power-law alpha after aggregation (default 0.5 "
+                                               "for temb/fv, none for vlad)."),
+    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
+                                          help="Learn the rotation (PCA-whitening) on aggregated "
+                                               "training vectors (default: on for temb)."),
+    drop: Optional[int] = typer.Option(None, "--drop", min=0,
+                                       help="Rotated components dropped (default 128 for temb)."),
+    max_features: int = typer.Option(100_000, "--max-features", min=1,
+                                     help="Local features sampled (uniformly, seeded) for the fit."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling and k-means."),
+    source: Optional[Path] = typer.Option(None, "--from",
+                                          help="Fit on another store's local features (held-out "
+                                               "protocol); it needs the same extractor and key."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    quiet: bool = QuietOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Fit a codebook (local PCA, k-means or GMM, T-emb whitening, rotation); a new version.
+
+    Example: imgdb fit codebook --db photos.h5 --local block6:max --method temb --preset hoang-1024
+    """
+    from .codebook import CodebookOptions, fit_codebook
+
+    opts = CodebookOptions(method=method, preset=preset, k=k, pca_d=pca_d,
+                           max_features=max_features, power=power, rotate=rotate, drop=drop,
+                           seed=seed, device=device)
+    model = fit_codebook(db, local, opts, source, log=None if quiet or as_json else _err)
+    a = model.attrs
+    if as_json:
+        typer.echo(json.dumps({"model": model.id, "version": model.version, **a}, indent=2))
+    else:
+        typer.echo(f"{model.id}: {a['method']} k={a['k']} local-pca={a['pca_d'] or '-'} -> "
+                   f"{a['dims']} dims, fitted on {a['feature_count']} local features of "
+                   f"{a['image_count']} images of {a['fitted_on']} in {a['seconds']:.1f}s")
+
+
+@app.command()
+def encode(
+    db: Path = DbOption,
+    codebook: str = typer.Option("latest", "--codebook", "-c",
+                                 help="Codebook version (vN, latest) or full id "
+                                      "codebook/EXTRACTOR/KEY/vN (see imgdb models)."),
+    local: Optional[str] = typer.Option(None, "--local",
+                                        help="Which local features, when vN is ambiguous."),
+    aggregate: str = typer.Option("sum", "--aggregate", "-a",
+                                  help="sum, or democratic (Jegou & Zisserman 2014; Hoang sec.4.3)."),
+    power: Optional[str] = typer.Option(None, "--power",
+                                        help="Power-law alpha, or none (default: the codebook's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    quiet: bool = QuietOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Encode every image's local features with a codebook into a new descriptor.
+
+    The result is a descriptor like any pooling (fit pca, index build, query, eval use it).
+    Images ingested later are encoded by running the same command again.
+
+    Example: imgdb encode --db photos.h5 --codebook v2 --aggregate democratic
+    """
+    from .codebook import run_encode
+    from .progress import ProgressReporter
+
+    if power is None:
+        power_value: object = "model"
+    elif power.lower() == "none":
+        power_value = None
+    else:
+        try:
+            power_value = float(power)
+        except ValueError:
+            raise typer.BadParameter(f"--power {power!r} must be a number or none") from None
+    reporter = ProgressReporter(enabled=not quiet and not as_json, description="encode")
+    with reporter:
+        summary = run_encode(db, codebook, local, aggregate, power_value, device,
+                             progress=lambda done, total: (reporter.start(total) if done == 0
+                                                           else reporter.update(done, total)))
+    if as_json:
+        typer.echo(json.dumps({"descriptor": summary.descriptor, "encoded": summary.encoded,
+                               "total": summary.total, "dims": summary.dims,
+                               "seconds": round(summary.seconds, 3)}, indent=2))
+    else:
+        typer.echo(summary.line())
+
+
 @app.command()
 def models(
     db: Path = DbOption,
@@ -221,6 +329,12 @@ def models(
         typer.echo("no models (fit one with: imgdb fit pca --db STORE --descriptor DESCRIPTOR)")
     for m in found:
         a = m.attrs
+        if m.kind == "codebook":
+            typer.echo(f"{m.id}  method={a.get('method')} k={a.get('k')} "
+                       f"local-pca={a.get('pca_d') or '-'} dims={a.get('dims')} "
+                       f"images={a.get('image_count')} from={a.get('fitted_on')} "
+                       f"created={a.get('created')}")
+            continue
         typer.echo(f"{m.id}  dims={a.get('dims')} whiten={bool(a.get('whiten'))} "
                    f"power={a.get('power') or '-'} images={a.get('image_count')} "
                    f"from={a.get('fitted_on')} created={a.get('created')}")

@@ -679,7 +679,7 @@ def _prep_aggregates(agg, power: float | None) -> np.ndarray:
 
 
 def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
-                 dims: int | None = None) -> dict[str, np.ndarray]:
+                 dims: int | None = None, rel_floor: float = 0.0) -> dict[str, np.ndarray]:
     """Rotation learned on aggregated training vectors (Hoang sec. 4.4, J&Z 2014, Jegou & Chum
     2012): PCA of power-law + L2-normalised aggregates (n, D), the same preparation as
     :func:`post_process` applies.
@@ -689,7 +689,10 @@ def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
     (PCA-whitening, DESIGN.md); ``whiten=False`` is a pure rotation, as the authors' code.
     ``dims`` defaults to D: when there are fewer training vectors than dimensions, the axes
     beyond the data's rank complete an orthonormal basis and their eigenvalues are floored at
-    the smallest kept (non-null) eigenvalue, like the authors' ``learn_rn``.
+    the smallest kept (non-null) eigenvalue, like the authors' ``learn_rn``.  ``rel_floor``
+    raises every eigenvalue to at least that fraction of the largest, so whitening amplifies
+    no direction more than 1/sqrt(rel_floor) times the first (near-null directions of a small
+    training set would otherwise turn float16 noise into most of the vector).
     """
     x = _prep_aggregates(agg_train, power)
     if x.ndim != 2 or len(x) < 2:
@@ -712,6 +715,7 @@ def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
     ev = np.clip(ev, 0.0, None)
     rank = int((ev > max(ev[0], _EPS) * 1e-10).sum()) or 1
     ev[rank:] = ev[rank - 1]
+    ev = np.maximum(ev, ev[0] * rel_floor)
     ev, axes = ev[:dims], axes[:dims]
     proj = axes / np.sqrt(np.maximum(ev, _EPS))[:, None] if whiten else axes
     return {"mean": mean.astype(np.float32), "projection": proj.astype(np.float32),

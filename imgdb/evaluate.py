@@ -172,6 +172,9 @@ class _QueryVectors:
         key = (str(path), q.name)
         if key not in cache:
             s = extractor_attrs(self.fh, info.extractor)
+            if "encoding" in s:
+                cache[key] = {(info.layer, info.pooling): self._encoded(info, s, q, path)}
+                return cache[key][(info.layer, info.pooling)]
             if not hasattr(self, "_ext") or self._ext_name != info.extractor:
                 self._ext = FeatureExtractor(get_backbone(s["backbone"]), parse_weights(s["weights"]),
                                              tuple(s["layers"]), tuple(s["poolings"]),
@@ -184,12 +187,29 @@ class _QueryVectors:
                                  max_pixels=int(s.get("max_pixels", 120_000_000)), crop=crop)
             except ImageError as exc:
                 raise UserError(f"cannot use query image {path}: {exc}") from None
-            region = None
-            if mode == "crop-features" and q.bbox is not None:
-                x1, y1, x2, y2 = q.bbox
-                region = (x1 / img.width, y1 / img.height, x2 / img.width, y2 / img.height)
-            cache[key] = self._ext.describe(img.pixels, region)
+            cache[key] = self._ext.describe(img.pixels, _feature_region(q, img, mode))
         return cache[key][(info.layer, info.pooling)]
+
+
+    def _encoded(self, info: DescriptorInfo, s: dict, q: Query, path: Path) -> np.ndarray:
+        """A query image through a codebook encoding (local features, then the codebook)."""
+        from .codebook import EncodedDescriber
+
+        describers = self.__dict__.setdefault("_describers", {})
+        if info.extractor not in describers:
+            describers[info.extractor] = EncodedDescriber(self.fh, s["encoding"], self.opts.device)
+        d = describers[info.extractor]
+        mode = self.opts.query_mode
+        img = d.load(path, q.bbox if mode == "crop-image" else None)
+        return d.describe(img.pixels, _feature_region(q, img, mode))
+
+
+def _feature_region(q: Query, img, mode: str) -> tuple[float, float, float, float] | None:
+    """The query box as fractions of the image, in crop-features mode (Babenko sec.4)."""
+    if mode != "crop-features" or q.bbox is None:
+        return None
+    x1, y1, x2, y2 = q.bbox
+    return (x1 / img.width, y1 / img.height, x2 / img.width, y2 / img.height)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 from . import pooling as pooling_mod
 from .backbones import Backbone, WeightsChoice, load_network, preprocessing
 from .errors import UserError
+from .localfeat import LocalSet, LocalSpec, region_cells, select_batch
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -32,15 +33,8 @@ def resolve_device(spec: str) -> torch.device:
 def crop_feature_map(fmap: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
     """Keep the cells of a (B, C, h, w) map whose centres ((j + 0.5) / w, (i + 0.5) / h) lie in
     the fractional box (x1, y1, x2, y2); at least the one cell nearest to the box centre."""
-    h, w = fmap.shape[-2:]
-    x1, y1, x2, y2 = region
-    cols = [j for j in range(w) if x1 <= (j + 0.5) / w <= x2]
-    rows = [i for i in range(h) if y1 <= (i + 0.5) / h <= y2]
-    if not cols:
-        cols = [min(w - 1, max(0, int((x1 + x2) / 2 * w)))]
-    if not rows:
-        rows = [min(h - 1, max(0, int((y1 + y2) / 2 * h)))]
-    return fmap[..., rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    ys, xs = np.nonzero(region_cells(fmap.shape[-2], fmap.shape[-1], region))
+    return fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
 def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
@@ -56,7 +50,10 @@ class FeatureExtractor:
     """A network cut after its deepest requested layer, with poolings applied on its device."""
 
     def __init__(self, backbone: Backbone, weights: WeightsChoice, layers: tuple[str, ...],
-                 poolings: tuple[str, ...], device: torch.device, precision: str = "fp32") -> None:
+                 poolings: tuple[str, ...], device: torch.device, precision: str = "fp32",
+                 local: tuple[LocalSpec, ...] = ()) -> None:
+        self.local = tuple(local)
+        layers = tuple(dict.fromkeys([*layers, *(s.layer for s in self.local)]))
         self.layers = layers
         self.poolings = tuple(pooling_mod.canonical_pooling_name(p) for p in poolings)
         for p in self.poolings:
@@ -107,13 +104,28 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> dict[tuple[str, str], np.ndarray]:
         """(B, H, W, 3) uint8 RGB -> {(layer, pooling): (B, D) float32 array}."""
+        return self.extract(pixels)[0]
+
+    @torch.inference_mode()
+    def extract(self, pixels: torch.Tensor
+                ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, list[LocalSet]]]:
+        """One forward -> (pooled vectors as in `__call__`, {local key: kept cells per image})."""
         maps = self.feature_maps(pixels)
+        local = {}
+        for spec in self.local:
+            px = pixels.numpy() if spec.mask == "sift" else None
+            local[spec.key] = select_batch(maps[spec.layer], spec.mask, px)
+        return self._pool(maps), local
+
+    def _pool(self, maps: dict[str, torch.Tensor]) -> dict[tuple[str, str], np.ndarray]:
         pooled: dict[tuple[str, str], torch.Tensor] = {}
         for layer, fmap in maps.items():
             for name, vec in pooling_mod.pool_all(fmap.float(), self.poolings).items():
                 pooled[(layer, name)] = vec
         # one device->host copy for everything
         keys = list(pooled)
+        if not keys:
+            return {}
         flat = torch.cat([pooled[k] for k in keys], dim=1).cpu().numpy()
         result: dict[tuple[str, str], np.ndarray] = {}
         start = 0
@@ -138,6 +150,22 @@ class FeatureExtractor:
         return {k: merge_scales([o[k][0] for o in outs]) for k in outs[0]}
 
     @torch.inference_mode()
+    def describe_local(self, scaled_pixels: list[np.ndarray],
+                       region: tuple[float, float, float, float] | None = None
+                       ) -> dict[str, LocalSet]:
+        """One image at each scale -> {local key: kept cells, scales concatenated}, as ingest
+        stores them; `region` keeps the cells whose centres fall in it (as `describe`)."""
+        parts: dict[str, list[LocalSet]] = {s.key: [] for s in self.local}
+        for px in scaled_pixels:
+            pixels = torch.from_numpy(np.ascontiguousarray(px))[None]
+            maps = self.feature_maps(pixels)
+            for spec in self.local:
+                parts[spec.key].extend(select_batch(
+                    maps[spec.layer], spec.mask,
+                    pixels.numpy() if spec.mask == "sift" else None, region))
+        return {k: LocalSet.concat(v) for k, v in parts.items()}
+
+    @torch.inference_mode()
     def _pool_region(self, pixels: torch.Tensor, region: tuple[float, float, float, float]
                      ) -> dict[tuple[str, str], np.ndarray]:
         out: dict[tuple[str, str], np.ndarray] = {}
@@ -146,6 +174,12 @@ class FeatureExtractor:
             for name, vec in pooling_mod.pool_all(sub.float(), self.poolings).items():
                 out[(layer, name)] = vec.cpu().numpy()
         return out
+
+    @torch.inference_mode()
+    def local_channels(self) -> dict[str, int]:
+        """Channels of every kept local-feature set (local key -> C), from a tiny forward."""
+        maps = self.feature_maps(torch.zeros((1, 64, 64, 3), dtype=torch.uint8))
+        return {spec.key: int(maps[spec.layer].shape[1]) for spec in self.local}
 
     @torch.inference_mode()
     def output_dims(self) -> dict[tuple[str, str], int]:

@@ -38,6 +38,7 @@ class IngestOptions:
     precision: str = "fp32"
     max_pixels: int = 120_000_000
     commit_seconds: float = 2.0
+    keep_local: tuple[str, ...] = ()
 
 
 @dataclass
@@ -187,6 +188,12 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
                  if options.poolings else DEFAULT_POOLINGS)
     for p in requested:
         get_pooling(p)
+    from .localfeat import parse_local_spec
+
+    local_specs = tuple(dict.fromkeys(parse_local_spec(s) for s in options.keep_local))
+    if local_specs:
+        extra = ",".join(s.layer for s in local_specs)
+        layers = parse_layers(backbone, ",".join(layers) + "," + extra)  # validates the names
     scales = tuple(float(s) for s in options.scales)
     extractor_name = extractor_id(backbone.name, weights.tag, policy.tag, scales)
     device = resolve_device(options.device)
@@ -207,6 +214,10 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
             names = backbone.layer_names()
             layers = tuple(sorted(layers, key=names.index))
             requested = tuple(dict.fromkeys(list(existing["poolings"]) + list(requested)))
+            old_keys = [parse_local_spec(k) for k in existing.get("keep_local", [])]
+            local_specs = tuple(dict.fromkeys([*old_keys, *local_specs]))
+            layers = tuple(sorted(set(layers) | {s.layer for s in local_specs},
+                                  key=backbone.layer_names().index))
         table = writer.images()
         computed = writer.computed(extractor_name)
         work, missing, unchanged = plan(table, computed, files, roots)
@@ -219,22 +230,25 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
             writer.set_status(missing, STATUS_MISSING, "file no longer exists")
             summary.missing = len(missing)
         adds_datasets = existing is not None and bool(
-            {(layer, p) for layer in layers for p in requested} - _existing_keys(existing))
+            {(layer, p) for layer in layers for p in requested} - _existing_keys(existing)
+            or {s.key for s in local_specs} - set(existing.get("keep_local", [])))
         if on_start:
             on_start(len(work))
         if not work and not adds_datasets:
             summary.seconds = time.perf_counter() - started
             return summary
 
-        extractor = FeatureExtractor(backbone, weights, layers, requested, device, options.precision)
+        extractor = FeatureExtractor(backbone, weights, layers, requested, device, options.precision,
+                                     local=local_specs)
         settings = {
             "backbone": backbone.name, "weights": weights.spec, "weights_tag": weights.tag,
             "weights_sha": weights.sha, "size": policy.spec, "scales": list(scales),
             "layers": list(layers), "poolings": list(extractor.poolings),
+            "keep_local": [s.key for s in local_specs],
             "max_pixels": options.max_pixels, "imgdb": _version(), "torch": torch.__version__,
         }
         dims = extractor.output_dims()
-        writer.ensure_extractor(extractor_name, settings, dims)
+        writer.ensure_extractor(extractor_name, settings, dims, local=extractor.local_channels())
         if adds_datasets:
             # new datasets reset `computed`: every ok row of this extractor needs them
             table = writer.images()
@@ -257,16 +271,20 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
     import torch
 
     from .extract import merge_scales
+    from .localfeat import LocalSet
 
     n_scales = len(scales)
     keys = list(extractor.output_dims())
     batcher = _Batcher(options.batch_size, window=max(4 * options.batch_size, 64))
-    # seq -> (row, accumulated vectors, scales done)
+    # seq -> (row, accumulated vectors, scales done); local cells per seq -> key -> per scale
     results: dict[int, tuple[ImageRow, dict | None, int]] = {}
+    local_parts: dict[int, dict[str, list]] = {}
+    local_keys = [spec.key for spec in extractor.local]
     next_commit = 0
     buffer_rows: list[tuple[int | None, ImageRow]] = []
     buffer_vecs: list[dict[tuple[str, str], np.ndarray] | None] = []
     buffer_seqs: list[int] = []  # positions in `work` of the buffered rows
+    buffer_local: list[dict | None] = []
     last_commit = time.monotonic()
     done = 0
 
@@ -274,8 +292,12 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
         pixels = torch.from_numpy(np.stack([b[2] for b in batch]))
         if extractor.device.type == "cuda":
             pixels = pixels.pin_memory()
-        out = extractor(pixels)
+        out, local = extractor.extract(pixels)
         for i, (seq, scale_idx, _) in enumerate(batch):
+            if local_keys:
+                parts = local_parts.setdefault(seq, {k: [None] * n_scales for k in local_keys})
+                for k in local_keys:
+                    parts[k][scale_idx] = local[k][i]
             row, acc, count = results[seq]
             if acc is None:
                 acc = {k: [None] * n_scales for k in keys}
@@ -293,6 +315,8 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
             item = work[next_commit]
             if acc is not None:
                 acc = {k: merge_scales(v) for k, v in acc.items()}
+            parts = local_parts.pop(next_commit, None)
+            buffer_local.append({k: LocalSet.concat(v) for k, v in parts.items()} if parts else None)
             buffer_rows.append((item.row, row))
             buffer_vecs.append(acc)
             buffer_seqs.append(next_commit)
@@ -309,11 +333,14 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
                 vectors[k] = np.stack([v[k] if v is not None else np.full(dim, np.nan, np.float32)
                                        for v in buffer_vecs])
             changed = [work[seq].row for seq in buffer_seqs if work[seq].reason == "changed"]
-            writer.commit(extractor_name, list(buffer_rows), vectors, file_changed=changed)
+            local = {k: [p[k] if p is not None else None for p in buffer_local] for k in local_keys}
+            writer.commit(extractor_name, list(buffer_rows), vectors, file_changed=changed,
+                          local=local)
             done += len(buffer_rows)
             buffer_rows.clear()
             buffer_vecs.clear()
             buffer_seqs.clear()
+            buffer_local.clear()
             last_commit = time.monotonic()
             if progress:
                 progress(done, len(work))

@@ -35,6 +35,10 @@ class ModelInfo:
         return f"{self.kind}/{self.descriptor}/{self.version}"
 
 
+#: Kinds whose version numbers are unique in the whole store, not per descriptor.
+STORE_WIDE_NUMBERS = ("codebook",)
+
+
 def _group_path(kind: str, descriptor: str) -> str:
     return f"models/{kind}/{descriptor}"
 
@@ -91,6 +95,11 @@ def save_model(writer: StoreWriter, kind: str, descriptor: str, arrays: dict[str
                 del g[name]
         existing = [int(k[1:]) for k in g.keys() if re.fullmatch(r"v\d+", k)]
         number = max([int(g.attrs.get("next_version", 1)) - 1, *existing, 0]) + 1
+        top = fh["models"][kind]
+        if kind in STORE_WIDE_NUMBERS:  # `--codebook vN` alone names one model of the store
+            taken = [int(m.version[1:]) for m in list_models(fh, kind)]
+            number = max([number - 1, int(top.attrs.get("next_version", 1)) - 1, *taken]) + 1
+            top.attrs["next_version"] = number + 1
         version = f"v{number}"
         mg = g.create_group(version)
         for name, arr in arrays.items():

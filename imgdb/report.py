@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 
 from .store import (STATUS_FAILED, STATUS_MISSING, STATUS_OK, content_hash, extractor_attrs,
-                    image_count, list_descriptors, list_extractors, open_read, read_images)
+                    image_count, list_descriptors, list_extractors, list_local, open_read,
+                    read_images)
 
 
 def _models(fh: h5py.File) -> list[dict]:
@@ -56,6 +57,11 @@ def store_report(db: str | Path) -> dict:
                        "missing": int((status == STATUS_MISSING).sum())},
             "extractors": extractors,
             "descriptors": descriptors,
+            "local": [{"name": li.name, "channels": li.channels, "images": li.images,
+                       "features": li.features, "bytes": li.bytes,
+                       "bytes_per_image": round(li.bytes / li.images) if li.images else 0,
+                       "features_per_image": round(li.features / li.images, 1) if li.images else 0}
+                      for li in list_local(fh)],
             "models": _models(fh),
             "indexes": _indexes(fh, db),
             "failed": failed,
@@ -83,6 +89,12 @@ def render_report(report: dict, max_failures: int = 20) -> str:
         lines.append("  (none yet: run imgdb ingest)")
     for e in report["extractors"]:
         s = e["settings"]
+        if "encoding" in s:
+            c = s["encoding"]
+            lines.append(f"  {e['name']}  {c['method']} of {c['local']} with {c['codebook']}, "
+                         f"{c['aggregate']} aggregation, power={c['power'] or 'none'} "
+                         f"images={e['computed']}")
+            continue
         lines.append(f"  {e['name']}  backbone={s['backbone']} weights={s['weights']} "
                      f"size={s['size']} scales={','.join(f'{x:g}' for x in s['scales'])} "
                      f"images={e['computed']}")
@@ -96,10 +108,19 @@ def render_report(report: dict, max_failures: int = 20) -> str:
     else:
         lines.append("  (none)")
     lines.append("")
+    lines.append("local features")
+    for li in report["local"]:
+        lines.append(f"  {li['name']}  {li['images']} images x {li['features_per_image']:g} cells x "
+                     f"{li['channels']} float16 = {_size(li['bytes'])} "
+                     f"({_size(li['bytes_per_image'])} per image)")
+    if not report["local"]:
+        lines.append("  (none: ingest --keep-local LAYER[:MASK] for codebook methods)")
+    lines.append("")
     lines.append("models")
     for m in report["models"]:
         lines.append(f"  {m['name']}  " + " ".join(f"{k}={v}" for k, v in m.items()
-                                                   if k in ("kind", "dims", "whiten", "created")))
+                                                   if k in ("kind", "method", "k", "dims", "whiten",
+                                                            "held_out", "created")))
     if not report["models"]:
         lines.append("  (none)")
     lines.append("")

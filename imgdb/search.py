@@ -99,8 +99,8 @@ def _stored_row(sha: np.ndarray, valid: np.ndarray, path: Path) -> int | None:
 class _Extractor:
     """Rebuilds the store's extractor for one (layer, pooling), lazily (torch only if needed)."""
 
-    def __init__(self, settings: dict, layer: str, pooling: str, device: str) -> None:
-        self.settings, self.layer, self.pooling, self.device = settings, layer, pooling, device
+    def __init__(self, fh: h5py.File, settings: dict, layer: str, pooling: str, device: str) -> None:
+        self.fh, self.settings, self.layer, self.pooling, self.device = fh, settings, layer, pooling, device
         self._ext = None
 
     def __call__(self, path: Path, bbox: tuple[float, float, float, float] | None) -> np.ndarray:
@@ -109,6 +109,12 @@ class _Extractor:
         from .images import ImageError, SizePolicy, load_image
 
         s = self.settings
+        if "encoding" in s:  # a codebook encoding: local features of the image, then encode
+            if self._ext is None:
+                from .codebook import EncodedDescriber
+
+                self._ext = EncodedDescriber(self.fh, s["encoding"], self.device)
+            return self._ext.describe(self._ext.load(path, bbox).pixels)
         if self._ext is None:
             weights = parse_weights(s["weights"])
             if weights.kind == "file" and weights.sha != s.get("weights_sha"):
@@ -138,7 +144,8 @@ def run_queries(db: Path, images: Sequence[Path], ids: Sequence[int], plan: Quer
         transform, _ = post_processor(fh, info.name, plan.model)
         ds = fh["descriptors"][info.extractor][info.layer][info.pooling]
         valid = valid_mask(fh, info.extractor)
-        extractor = _Extractor(extractor_attrs(fh, info.extractor), info.layer, info.pooling, device)
+        extractor = _Extractor(fh, extractor_attrs(fh, info.extractor), info.layer, info.pooling,
+                               device)
 
         names: list[str] = []
         sources: list[str] = []

@@ -187,7 +187,8 @@ def resolve_descriptor(fh: h5py.File, name: str) -> DescriptorInfo:
     exact = [d for d in infos if d.name == name]
     if exact:
         return exact[0]
-    matches = [d for d in infos if d.name.endswith("/" + name.strip("/"))]
+    tail = name.strip("/")  # a suffix after a "/" or after the "+" of an encoding's name
+    matches = [d for d in infos if d.name.endswith("/" + tail) or d.name.endswith("+" + tail)]
     if len(matches) == 1:
         return matches[0]
     known = ", ".join(d.name for d in infos[:6]) + (" ..." if len(infos) > 6 else "")
@@ -315,6 +316,7 @@ def _create_empty(path: Path) -> None:
             g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,),
                              fillvalue=fill if dtype is not _STR else None)
         fh.create_group("descriptors")
+        fh.create_group("local")
         fh.create_group("models")
         fh.create_group("indexes")
     os.replace(tmp, path)
@@ -331,6 +333,96 @@ def _aligned_datasets(fh: h5py.File) -> Iterator[h5py.Dataset]:
             if isinstance(g[layer], h5py.Group):
                 for pooling in g[layer].keys():
                     yield g[layer][pooling]
+    for g in _local_groups(fh):
+        for name in LOCAL_ALIGNED:
+            yield g[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# local features: /local/<extractor>/<key>/{features (M, C) f16, coords (M, 2) i16} flat, plus
+# row-aligned start (n,) i64 (-1: none stored), count (n,) i32 and grid (n, 2) i32 = (W, H)
+
+LOCAL_ALIGNED = ("start", "count", "grid")
+
+
+@dataclass(frozen=True)
+class LocalInfo:
+    """Stored local features of one extractor and key (`LAYER` or `LAYER:MASK`)."""
+
+    extractor: str
+    key: str
+    channels: int
+    images: int  # rows with features stored
+    features: int  # kept cells, all rows
+    bytes: int  # on disk, features + coords
+
+    @property
+    def name(self) -> str:
+        return f"{self.extractor}/{self.key}"
+
+
+def _local_groups(fh: h5py.File) -> Iterator[h5py.Group]:
+    if "local" not in fh:
+        return
+    for ext in sorted(fh["local"].keys()):
+        for key in sorted(fh["local"][ext].keys()):
+            yield fh["local"][ext][key]
+
+
+def list_local(fh: h5py.File) -> list[LocalInfo]:
+    """Every stored local-feature set with its size."""
+    out = []
+    n = image_count(fh)
+    for g in _local_groups(fh):
+        count = g["count"][:n]
+        stored = g["start"][:n] >= 0
+        out.append(LocalInfo(g.parent.name.split("/")[-1], g.name.split("/")[-1],
+                             int(g["features"].shape[1]), int(stored.sum()),
+                             int(count[stored].sum()),
+                             int(g["features"].id.get_storage_size() + g["coords"].id.get_storage_size())))
+    return out
+
+
+def resolve_local(fh: h5py.File, name: str) -> LocalInfo:
+    """Find local features by `EXTRACTOR/KEY` or a unique suffix such as `conv5_3:max`."""
+    infos = list_local(fh)
+    matches = [i for i in infos if i.name == name] or \
+        [i for i in infos if i.name.endswith("/" + name.strip("/")) or i.key == name]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(i.name for i in infos) or "none (ingest with --keep-local LAYER[:MASK])"
+    if not matches:
+        raise StoreError(f"the store has no local features {name!r}; stored: {known}")
+    raise StoreError(f"local features {name!r} are ambiguous; use one of: "
+                     + ", ".join(i.name for i in matches))
+
+
+def local_spans(fh: h5py.File, info: LocalInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(start (n,), count (n,)) of every committed row; start -1 where nothing is stored."""
+    n = image_count(fh)
+    g = fh["local"][info.extractor][info.key]
+    return g["start"][:n], g["count"][:n]
+
+
+def iter_local(fh: h5py.File, info: LocalInfo, rows: Sequence[int],
+               block: int = 1 << 18) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(row, features (N, C) float16, coords (N, 2)) for each row that has local features, read
+    in large contiguous slices (one HDF5 read per ~`block` features, not one per image)."""
+    g = fh["local"][info.extractor][info.key]
+    start, count = local_spans(fh, info)
+    rows = [int(r) for r in rows if start[r] >= 0]
+    rows.sort(key=lambda r: start[r])
+    i = 0
+    while i < len(rows):
+        j, lo, hi = i, int(start[rows[i]]), int(start[rows[i]] + count[rows[i]])
+        while j + 1 < len(rows) and max(hi, start[rows[j + 1]] + count[rows[j + 1]]) - lo <= block:
+            j += 1
+            hi = max(hi, int(start[rows[j]] + count[rows[j]]))
+        feats, coords = g["features"][lo:hi], g["coords"][lo:hi]
+        for r in rows[i:j + 1]:
+            a = int(start[r]) - lo
+            yield r, feats[a:a + int(count[r])], coords[a:a + int(count[r])]
+        i = j + 1
 
 
 class StoreWriter:
@@ -375,6 +467,12 @@ class StoreWriter:
         for ds in _aligned_datasets(fh):
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
+        for g in _local_groups(fh):  # flat arrays end where the last committed segment ends
+            start, count = g["start"][:n], g["count"][:n]
+            end = int((start + count)[start >= 0].max()) if (start >= 0).any() else 0
+            for name in ("features", "coords"):
+                if g[name].shape[0] != end:
+                    g[name].resize(end, axis=0)
 
     def close(self) -> None:
         self.lock.release()
@@ -398,8 +496,10 @@ class StoreWriter:
 
     # -- schema -----------------------------------------------------------------------------
     def ensure_extractor(self, extractor: str, settings: dict,
-                         dims: dict[tuple[str, str], int], dtype: str = "float32") -> None:
-        """Create the extractor's group and datasets (rows padded with NaN, computed = 0)."""
+                         dims: dict[tuple[str, str], int], dtype: str = "float32",
+                         local: dict[str, int] | None = None) -> None:
+        """Create the extractor's group and datasets (rows padded with NaN, computed = 0), and
+        its local-feature groups (`local`: key -> channels)."""
         with self._open() as fh:
             n = image_count(fh)
             g = fh["descriptors"].get(extractor)
@@ -414,6 +514,8 @@ class StoreWriter:
                 merged = dict(old)
                 merged["layers"] = sorted(set(old.get("layers", [])) | set(settings["layers"]))
                 merged["poolings"] = sorted(set(old.get("poolings", [])) | set(settings["poolings"]))
+                merged["keep_local"] = sorted(set(old.get("keep_local", []))
+                                              | set(settings.get("keep_local", [])))
                 g.attrs["settings"] = json.dumps(merged, sort_keys=True)
             added = False
             for (layer, pooling), dim in dims.items():
@@ -423,6 +525,23 @@ class StoreWriter:
                     lg.create_dataset(pooling, shape=(n, dim), maxshape=(None, dim), dtype=dtype,
                                       chunks=(rows, dim), fillvalue=np.nan)
                     added = True
+            for key, channels in (local or {}).items():
+                lg = fh.require_group("local").require_group(extractor)
+                if key in lg:
+                    continue
+                kg = lg.create_group(key)
+                rows = max(256, (1 << 17) // (2 * channels))  # ~128 KiB chunks
+                kg.create_dataset("features", shape=(0, channels), maxshape=(None, channels),
+                                  dtype=np.float16, chunks=(rows, channels))
+                kg.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int16,
+                                  chunks=(4096, 2))
+                kg.create_dataset("start", shape=(n,), maxshape=(None,), dtype=np.int64,
+                                  chunks=(4096,), fillvalue=-1)
+                kg.create_dataset("count", shape=(n,), maxshape=(None,), dtype=np.int32,
+                                  chunks=(4096,), fillvalue=0)
+                kg.create_dataset("grid", shape=(n, 2), maxshape=(None, 2), dtype=np.int32,
+                                  chunks=(4096, 2), fillvalue=0)
+                added = True
             if added and n:
                 # `computed` covers every dataset of the extractor: new ones need all rows again
                 g["computed"][:] = 0
@@ -431,13 +550,15 @@ class StoreWriter:
     # -- data ---------------------------------------------------------------------------------
     def commit(self, extractor: str | None, rows: list[tuple[int | None, ImageRow]],
                vectors: dict[tuple[str, str], np.ndarray] | None,
-               file_changed: Sequence[int] = ()) -> list[int]:
+               file_changed: Sequence[int] = (), local: dict[str, list] | None = None) -> list[int]:
         """Write a batch: rows with id None are appended, others overwritten in place.
 
         `vectors[(layer, pooling)]` has one row per entry of `rows` (NaN rows for failed images).
         `file_changed` lists existing rows whose file changed on disk: other extractors' vectors
-        of those rows are outdated and marked not computed. Returns the row ids used. Order of
-        writes: descriptors, then image columns, `path` last.
+        of those rows are outdated and marked not computed. `local[key]` has one LocalSet (or
+        None) per entry of `rows`; they are appended to the flat arrays (a rewritten row gets a
+        new segment). Returns the row ids used. Order of writes: local features, descriptors,
+        image columns, `path` last.
         """
         if not rows:
             return []
@@ -467,6 +588,28 @@ class StoreWriter:
                 else:
                     ds[sorted_ids] = values  # h5py needs increasing indices
 
+            if extractor is not None and local:
+                for key, sets in local.items():
+                    kg = fh["local"][extractor][key]
+                    starts = np.full(len(rows), -1, np.int64)
+                    counts = np.zeros(len(rows), np.int32)
+                    grids = np.zeros((len(rows), 2), np.int32)
+                    end = kg["features"].shape[0]
+                    kept = [(i, ls) for i, ((_, r), ls) in enumerate(zip(rows, sets))
+                            if ls is not None and r.status == STATUS_OK]
+                    for i, ls in kept:
+                        starts[i], counts[i], grids[i] = end, len(ls.features), ls.grid
+                        end += len(ls.features)
+                    if kept:
+                        for name in ("features", "coords"):
+                            data = np.concatenate([getattr(ls, name) for _, ls in kept])
+                            ds = kg[name]
+                            old = ds.shape[0]
+                            ds.resize(end, axis=0)
+                            ds[old:end] = data
+                    put(kg["start"], starts)
+                    put(kg["count"], counts)
+                    put(kg["grid"], grids)
             if extractor is not None:
                 g = fh["descriptors"][extractor]
                 ok = np.array([r.status == STATUS_OK for _, r in rows])

@@ -1,0 +1,129 @@
+"""Local conv features for codebook methods: which cells of a feature map are kept, and how.
+
+A *local key* names what is kept: `LAYER` (every cell) or `LAYER:MASK` with MASK one of `max`,
+`sum`, `sift` (Hoang et al. sec. 3.2). Selection runs on the network's device for a whole
+batch; only the kept cells travel to the host, as float16 (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+MASKS = ("max", "sum", "sift")
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """What `--keep-local LAYER[:MASK]` asks for."""
+
+    layer: str
+    mask: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The store name: `LAYER` or `LAYER:MASK`."""
+        return self.layer if self.mask is None else f"{self.layer}:{self.mask}"
+
+
+def parse_local_spec(spec: str) -> LocalSpec:
+    """`conv5_3`, `conv5_3:max`, ... -> LocalSpec; a bad mask is a UserError naming the choices."""
+    layer, _, mask = spec.strip().partition(":")
+    if not layer:
+        raise UserError(f"--keep-local {spec!r}: give a layer, e.g. conv5_3 or conv5_3:max")
+    if mask and mask not in MASKS:
+        raise UserError(f"--keep-local {spec!r}: unknown mask {mask!r}; use {', '.join(MASKS)} "
+                        f"or none (LAYER alone keeps every cell)")
+    return LocalSpec(layer, mask or None)
+
+
+@dataclass
+class LocalSet:
+    """The kept cells of one image: features (N, C) float16, coords (N, 2) int16 as (x, y)
+    cells of a grid (W, H) = `grid`; several scales are concatenated (coords per scale grid)."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    grid: tuple[int, int]
+
+    @staticmethod
+    def concat(parts: list["LocalSet"]) -> "LocalSet":
+        if len(parts) == 1:
+            return parts[0]
+        return LocalSet(np.concatenate([p.features for p in parts]),
+                        np.concatenate([p.coords for p in parts]), parts[0].grid)
+
+
+def device_masks(fmap: torch.Tensor, mask: str | None,
+                 pixels: np.ndarray | None = None) -> torch.Tensor:
+    """(B, C, h, w) feature maps -> (B, h, w) bool masks on the same device.
+
+    `max`: the argmax cell of every non-constant channel (Hoang eq. 2; first maximum in
+    row-major order). `sum`: cells whose channel sum >= the median (eq. 3; the median of an
+    even count is the mean of the two middle values). `sift`: cells holding an OpenCV SIFT
+    keypoint of the input image, eq. 1 rounding; `pixels` (B, H, W, 3) uint8 are needed.
+    """
+    b, c, h, w = fmap.shape
+    if mask is None:
+        return torch.ones((b, h, w), dtype=torch.bool, device=fmap.device)
+    if mask == "max":
+        flat = fmap.reshape(b, c, h * w)
+        idx = flat.argmax(dim=-1)  # (B, C), first maximum in row-major order
+        keep = flat.amax(dim=-1) > flat.amin(dim=-1)
+        out = torch.zeros((b, h * w), dtype=torch.bool, device=fmap.device)
+        rows = torch.arange(b, device=fmap.device)[:, None].expand(b, c)
+        out[rows[keep], idx[keep]] = True
+        return out.reshape(b, h, w)
+    if mask == "sum":
+        s = fmap.sum(dim=1, dtype=torch.float64).reshape(b, h * w)
+        med = torch.quantile(s, 0.5, dim=-1, keepdim=True)  # linear: numpy's median
+        return (s >= med).reshape(b, h, w)
+    if mask == "sift":
+        from .encoding import sift_keypoints, sift_mask
+
+        if pixels is None:
+            raise ValueError("the sift mask needs the input pixels")
+        masks = [sift_mask(sift_keypoints(px), (px.shape[1], px.shape[0]), (w, h))
+                 for px in pixels]
+        return torch.from_numpy(np.stack(masks)).to(fmap.device)
+    raise UserError(f"unknown mask {mask!r}; use {', '.join(MASKS)}")
+
+
+def region_cells(h: int, w: int, region: tuple[float, float, float, float]) -> np.ndarray:
+    """(h, w) bool: cells whose centres ((j + 0.5) / w, (i + 0.5) / h) lie in the fractional box
+    (x1, y1, x2, y2), or the cell nearest its centre when none does (as crop_feature_map)."""
+    x1, y1, x2, y2 = region
+    cols = [j for j in range(w) if x1 <= (j + 0.5) / w <= x2]
+    rows = [i for i in range(h) if y1 <= (i + 0.5) / h <= y2]
+    cols = cols or [min(w - 1, max(0, int((x1 + x2) / 2 * w)))]
+    rows = rows or [min(h - 1, max(0, int((y1 + y2) / 2 * h)))]
+    out = np.zeros((h, w), dtype=bool)
+    out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+    return out
+
+
+def select_batch(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None = None,
+                 region: tuple[float, float, float, float] | None = None) -> list[LocalSet]:
+    """Kept cells of every image of a batch, in row-major cell order, copied to the host once.
+
+    With `region`, the mask is computed on the whole map and then restricted to the cells whose
+    centres fall in the box (Babenko sec. 4's query-region protocol).
+    """
+    b, c, h, w = fmap.shape
+    keep = device_masks(fmap, mask, pixels)  # (B, h, w)
+    if region is not None:
+        keep = keep & torch.from_numpy(region_cells(h, w, region)).to(keep.device)
+    bi, ys, xs = torch.nonzero(keep, as_tuple=True)  # sorted by image, then row-major
+    feats = fmap.permute(0, 2, 3, 1)[bi, ys, xs].float().clamp(-65504, 65504)
+    feats = feats.to(torch.float16).cpu().numpy()
+    coords = torch.stack([xs, ys], dim=1).to(torch.int16).cpu().numpy()
+    counts = keep.reshape(b, -1).sum(dim=1).cpu().numpy()
+    out, start = [], 0
+    for n in counts.tolist():
+        out.append(LocalSet(feats[start:start + n], coords[start:start + n], (w, h)))
+        start += n
+    return out
