@@ -191,6 +191,27 @@ class Encoder:
         v = enc._l2_rows(v.reshape(n_sets, k, d))
         return enc._l2_rows(v.reshape(n_sets, k * d))
 
+    def _fv_sum(self, x: torch.Tensor, seg: torch.Tensor, n_sets: int) -> torch.Tensor:
+        """Fisher vectors from the posteriors' zeroth, first and second moments per set: the
+        same sums as averaging fv_embed, without the (N, 2kd) per-feature embeddings."""
+        w, mu, var = self.gmm
+        var = var.clamp_min(enc._EPS)
+        inv = 1.0 / var
+        quad = (x * x) @ inv.T - 2 * x @ (mu * inv).T + (mu * mu * inv).sum(1)  # (N, k)
+        logp = torch.log(w.clamp_min(enc._EPS)) - 0.5 * (torch.log(2 * torch.pi * var).sum(1) + quad)
+        gamma = torch.softmax(logp, dim=-1)
+        k, d = mu.shape
+        out = torch.zeros(n_sets, 2 * k * d, dtype=x.dtype, device=x.device)
+        for s, idx in _segments(seg, n_sets):
+            if not len(idx):
+                continue
+            g, xs = gamma[idx], x[idx]
+            s0, s1, s2 = g.sum(0)[:, None], g.T @ xs, g.T @ (xs * xs)
+            u = (s1 - s0 * mu) / var.sqrt() / w.sqrt()[:, None]
+            v = ((s2 - 2 * mu * s1 + s0 * mu * mu) / var - s0) / (2 * w).sqrt()[:, None]
+            out[s] = torch.cat([u.reshape(-1), v.reshape(-1)]) / len(idx)
+        return out
+
     def _democratic_vlad(self, res, assign, seg, n_sets) -> torch.Tensor:
         # VLAD embeddings of two features are orthogonal unless they share a centroid, where
         # their product is that of the residuals: the Gram matrix without the (N, k*d) embedding
@@ -211,6 +232,8 @@ class Encoder:
         x = self._prepare(x)
         if self.method == "vlad":
             return self._vlad(x, seg, n_sets).cpu().numpy()
+        if self.method == "fv" and self.aggregate == "sum":
+            return self._fv_sum(x, seg, n_sets).cpu().numpy()
         out = torch.zeros(n_sets, self.raw_dim, dtype=x.dtype, device=self.device)
         for s, idx in _segments(seg, n_sets, chunked=self.aggregate == "sum"):
             phi = self._embed(x[idx])

@@ -589,14 +589,26 @@ class StoreWriter:
                     ds[sorted_ids] = values  # h5py needs increasing indices
 
             if extractor is not None and local:
+                changed_set = set(int(r) for r in file_changed)
                 for key, sets in local.items():
                     kg = fh["local"][extractor][key]
                     starts = np.full(len(rows), -1, np.int64)
                     counts = np.zeros(len(rows), np.int32)
                     grids = np.zeros((len(rows), 2), np.int32)
                     end = kg["features"].shape[0]
-                    kept = [(i, ls) for i, ((_, r), ls) in enumerate(zip(rows, sets))
-                            if ls is not None and r.status == STATUS_OK]
+                    # a row recomputed only because the extractor gained a dataset keeps its
+                    # stored cells (identical); a changed file or a first time gets a segment
+                    old_start = {rid: int(kg["start"][rid]) for rid, _ in rows
+                                 if rid is not None and rid < kg["start"].shape[0]
+                                 and rid not in changed_set}
+                    kept = [(i, ls) for i, ((rid, r), ls) in enumerate(zip(rows, sets))
+                            if ls is not None and r.status == STATUS_OK
+                            and old_start.get(rid, -1) < 0]
+                    for i, (rid, r) in enumerate(rows):
+                        if old_start.get(rid, -1) >= 0 and r.status == STATUS_OK:
+                            starts[i] = old_start[rid]
+                            counts[i] = kg["count"][rid]
+                            grids[i] = kg["grid"][rid]
                     for i, ls in kept:
                         starts[i], counts[i], grids[i] = end, len(ls.features), ls.grid
                         end += len(ls.features)

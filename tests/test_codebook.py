@@ -379,3 +379,30 @@ def test_sift_mask_cells_come_from_opencv_keypoints(tmp_path: Path) -> None:
         info = resolve_local(fh, "block5:sift")
         (_, _, coords), = list(iter_local(fh, info, [0]))
     assert set(map(tuple, coords.tolist())) == {(x, y) for y, x in zip(*np.nonzero(expected))}
+
+
+def test_recomputed_rows_keep_their_local_segment(tmp_path: Path) -> None:
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for view in (0, 10, 20):
+        shutil.copy2(need(COIL) / f"obj2__{view}.png", photos)
+    db = tmp_path / "s.h5"
+    base = ("ingest", str(photos), "--db", str(db), "-b", "efficientnet_lite0", "--weights",
+            "none", "--size", "original", "--layers", "head", "--keep-local", "block5:max",
+            "--quiet")
+
+    def flat() -> tuple[int, np.ndarray]:
+        with h5py.File(db, "r") as fh:
+            g = fh["local/efficientnet_lite0-none-orig/block5:max"]
+            return g["features"].shape[0], g["start"][:]
+
+    run_cli(*base, "--pooling", "sum")
+    m, start = flat()
+    assert sorted(start.tolist()) == start.tolist() and start[0] == 0 and m > 0
+    run_cli(*base, "--pooling", "sum,mac")  # every row recomputed for the new pooling
+    assert flat()[0] == m and np.array_equal(flat()[1], start)
+    img = photos / "obj2__10.png"  # a changed file gets a new segment at the end
+    shutil.copy2(need(COIL) / "obj3__10.png", img)
+    run_cli(*base, "--pooling", "sum,mac")
+    m2, start2 = flat()
+    assert start2[1] == m and m2 > m and start2[0] == start[0] and start2[2] == start[2]

@@ -184,6 +184,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
     run_cli("ingest", str(photos), "--db", str(reference), *args)
 
     db = tmp_path / "killed.h5"
+    cut_short = 0  # kills that landed before the end (a loaded machine can finish in the delay)
     for attempt, delay in enumerate((0.0, 0.37)):
         proc = subprocess.Popen([sys.executable, "-m", "imgdb", "ingest", str(photos), "--db",
                                  str(db), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -205,7 +206,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
         proc.wait()
         with open_read(db) as fh:  # opens after the kill
             partial = len(read_images(fh))
-        assert 0 < partial < 48
+        assert 0 < partial <= 48
+        cut_short += partial < 48
+    assert cut_short >= 1
     resumed = ingest_json(str(photos), "--db", str(db), *args)
     assert resumed["failed"] == 0 and resumed["ok"] + resumed["unchanged"] == 48
 
