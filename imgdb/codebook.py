@@ -218,8 +218,8 @@ class Encoder:
         lam = torch.ones(len(res), dtype=res.dtype, device=res.device)
         for s, idx in _segments(seg, n_sets):
             r, a = res[idx], assign[idx]
-            g = (r @ r.T) * (a[:, None] == a[None, :])
-            lam[idx] = _sinkhorn(g)
+            g = ((r @ r.T) * (a[:, None] == a[None, :])).clamp_min(0)
+            lam[idx] = enc.sinkhorn_weights(g)
         return lam
 
     def aggregate_sets(self, sets: Sequence[np.ndarray]) -> np.ndarray:
@@ -238,7 +238,7 @@ class Encoder:
         for s, idx in _segments(seg, n_sets, chunked=self.aggregate == "sum"):
             phi = self._embed(x[idx])
             if self.aggregate == "democratic":
-                phi = phi * _sinkhorn((phi @ phi.T).clamp_min(0))[:, None]
+                phi = phi * enc.sinkhorn_weights((phi @ phi.T).clamp_min(0))[:, None]
             if s is None:  # a chunk of several sets: sum per set
                 out.index_add_(0, seg[idx], phi)
             else:
@@ -255,18 +255,6 @@ class Encoder:
     def encode(self, sets: Sequence[np.ndarray]) -> np.ndarray:
         """Final vectors (B, dim) float32 of sets of local features."""
         return self.finish(self.aggregate_sets(sets))
-
-
-def _sinkhorn(g: torch.Tensor, n_iter: int = 10) -> torch.Tensor:
-    """Democratic weights from a clipped Gram matrix (DESIGN.md section 3; J&Z 2014)."""
-    lam = torch.ones(len(g), dtype=g.dtype, device=g.device)
-    for _ in range(n_iter):
-        colsum = g.sum(dim=0)
-        delta = torch.where(colsum > 0, colsum.clamp_min(torch.finfo(g.dtype).tiny).rsqrt(),
-                            torch.ones_like(colsum))
-        g = delta[:, None] * g * delta[None, :]
-        lam = lam * delta
-    return lam
 
 
 def _segments(seg: torch.Tensor, n_sets: int, chunked: bool = False, chunk: int = 8192

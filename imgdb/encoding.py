@@ -61,6 +61,7 @@ __all__ = [
     "fisher_vector",
     "TembModel",
     "democratic_weights",
+    "sinkhorn_weights",
     "democratic",
     "sum_aggregate",
     "power_law",
@@ -632,15 +633,22 @@ def democratic_weights(phi, n_iter: int = 10):
     """
     t, finish = _as_tensor(phi)
     _check_features(t, "phi")
-    g = (t @ t.transpose(-1, -2)).clamp_min(0)
-    lam = torch.ones(t.shape[:-1], dtype=t.dtype, device=t.device)
+    return finish(sinkhorn_weights((t @ t.transpose(-1, -2)).clamp_min(0), n_iter))
+
+
+def sinkhorn_weights(g: torch.Tensor, n_iter: int = 10) -> torch.Tensor:
+    """The loop of :func:`democratic_weights` on a given clipped Gram matrix G (…, N, N)
+    (a tensor; it is not modified): lambda (…, N) with diag(lambda) G diag(lambda) near doubly
+    stochastic.  Callers that know G without the embeddings (VLAD: residual products of
+    features sharing a word) use it directly."""
+    lam = torch.ones(g.shape[:-1], dtype=g.dtype, device=g.device)
     for _ in range(n_iter):
         colsum = g.sum(dim=-2)  # (..., N)
-        delta = torch.where(colsum > 0, colsum.clamp_min(torch.finfo(t.dtype).tiny).rsqrt(),
+        delta = torch.where(colsum > 0, colsum.clamp_min(torch.finfo(g.dtype).tiny).rsqrt(),
                             torch.ones_like(colsum))
         g = delta[..., :, None] * g * delta[..., None, :]
         lam = lam * delta
-    return finish(lam)
+    return lam
 
 
 def democratic(phi, n_iter: int = 10):

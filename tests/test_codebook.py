@@ -94,14 +94,19 @@ def test_vlad_encoder_equals_the_set_function() -> None:
 def test_vlad_democratic_equals_embedding_then_sinkhorn() -> None:
     rng = np.random.default_rng(1)
     sets = _features(rng, [7, 12])
-    c = rng.normal(size=(3, 6)).astype(np.float32)
+    # words among the data, so residuals sharing a word point both ways (negative products)
+    pool = enc._l2_np(np.concatenate(sets).astype(np.float64))
+    c = (pool[[0, 8, 15]] + rng.normal(scale=0.05, size=(3, 6))).astype(np.float32)
     got = Encoder({"centroids": c}, _attrs("vlad"), "democratic").encode(sets)
+    negatives = 0
     for s, v in zip(sets, got):
         x = enc._l2_np(s.astype(np.float64))
         phi = enc.vlad_embed(x, c.astype(np.float64))  # (N, k*d), explicit embedding
+        negatives += int(((phi @ phi.T) < -1e-9).sum())
         psi = enc.democratic(phi).reshape(3, 6)
         ref = enc._l2_np(enc._l2_np(psi).reshape(-1))
         np.testing.assert_allclose(v, ref, atol=1e-5)
+    assert negatives > 0  # the clipping of G = max(Phi^T Phi, 0) matters here
 
 
 def test_temb_encoder_equals_model_transform_then_aggregation_and_post_processing() -> None:
@@ -285,8 +290,12 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
         row = rows[str(photos / "obj3__30.png")]
         group = td.rsplit("/", 2)[0]
         d = EncodedDescriber(fh, extractor_attrs(fh, group)["encoding"], "cpu")
-        fresh = d.describe(d.load(photos / "obj3__30.png").pixels)
+        img = d.load(photos / "obj3__30.png")
+        fresh = d.describe(img.pixels)
         assert float(fresh @ fh["descriptors"][group]["block5:max"]["temb"][row]) > 0.999
+        # crop-features mode: the whole image as the box keeps every cell, a corner fewer
+        np.testing.assert_allclose(d.describe(img.pixels, (0.0, 0.0, 1.0, 1.0)), fresh, atol=1e-6)
+        assert float(d.describe(img.pixels, (0.0, 0.0, 0.3, 0.3)) @ fresh) < 0.99
 
     out = run_cli("eval", "--db", str(db), "--group-regex", r"obj(\d+)__", "--descriptor",
                   "all").stdout
