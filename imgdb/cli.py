@@ -216,9 +216,12 @@ def fit_codebook_cmd(
                                                "for temb/fv, none for vlad)."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
                                           help="Learn the rotation (PCA-whitening) on aggregated "
-                                               "training vectors (default: on for temb)."),
+                                               "training vectors (default: on, as the papers)."),
     drop: Optional[int] = typer.Option(None, "--drop", min=0,
                                        help="Rotated components dropped (default 128 for temb)."),
+    dims: Optional[int] = typer.Option(None, "--dims", min=1,
+                                       help="Rotated components kept after the drop (default: "
+                                            "128 for ng, Ng's PCA-whitening; all for Hoang's)."),
     max_features: int = typer.Option(100_000, "--max-features", min=1,
                                      help="Local features sampled (uniformly, seeded) for the fit."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and k-means."),
@@ -237,6 +240,7 @@ def fit_codebook_cmd(
 
     opts = CodebookOptions(method=method, preset=preset, k=k, pca_d=pca_d,
                            max_features=max_features, power=power, rotate=rotate, drop=drop,
+                           dims=dims,
                            seed=seed, device=device)
     model = fit_codebook(db, local, opts, source, log=None if quiet or as_json else _err)
     a = model.attrs

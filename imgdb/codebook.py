@@ -35,15 +35,27 @@ PRESETS: dict[str, tuple[str, int, int | None]] = {
     **{f"hoang-{dim}": ("temb", k, d) for dim, (d, k) in enc.HOANG_TABLE4.items()},
     "hoang-vlad": ("vlad", enc.HOANG_TABLE2["vlad"][1], enc.HOANG_TABLE2["vlad"][0]),
     "hoang-fv": ("fv", enc.HOANG_TABLE2["fv"][1], enc.HOANG_TABLE2["fv"][0]),
+    # Perronnin et al. 2010's improved FV (power + L2, no rotation) at Hoang Table 2's size
+    "improved-fv": ("fv", enc.HOANG_TABLE2["fv"][1], enc.HOANG_TABLE2["fv"][0]),
 }
-DEFAULT_PRESET = {"vlad": "ng", "temb": "hoang-1024", "fv": "hoang-fv"}
-#: Post-processing defaults per method: (power, rotation learned on aggregates, dropped comps).
-POST = {"vlad": (None, False, 0), "temb": (0.5, True, enc.HOANG_TEMB_DROP), "fv": (0.5, False, 0)}
+DEFAULT_PRESET = {"vlad": "ng", "temb": "hoang-1024", "fv": "improved-fv"}
+#: Post-processing per preset: (power, rotation learned on the training aggregates, components
+#: dropped first, components kept after that (None: all)). Ng sec.3.3: VLAD -> PCA-whitening to
+#: 128-D; Hoang sec.4.4: power 0.5 -> whitening rotation -> drop 128 (T-emb) -> L2.
+POST: dict[str, tuple[float | None, bool, int, int | None]] = {
+    "ng": (None, True, 0, enc.NG_VLAD["pca_dims"]),
+    **{f"hoang-{dim}": (0.5, True, enc.HOANG_TEMB_DROP, None) for dim in enc.HOANG_TABLE4},
+    "hoang-vlad": (0.5, True, 0, None),
+    "hoang-fv": (0.5, True, 0, None),
+    "improved-fv": (0.5, False, 0, None),
+}
 
 
 #: Whitening of the rotation never amplifies a direction more than 100x the first one
 #: (eigenvalues floored at 1e-4 of the largest; see encoding.fit_rotation).
 ROTATION_FLOOR = 1e-4
+#: The rotation is learned on at most this many training images (a seeded sample): memory.
+ROTATION_MAX_IMAGES = 10_000
 
 
 @dataclass
@@ -58,6 +70,7 @@ class CodebookOptions:
     power: float | None = None
     rotate: bool | None = None
     drop: int | None = None
+    dims: int | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -72,17 +85,19 @@ def resolve_options(o: CodebookOptions) -> dict:
     p_method, p_k, p_d = PRESETS[preset]
     if p_method != o.method:
         raise UserError(f"preset {preset} is a {p_method} setting, not {o.method}")
-    power, rotate, drop = POST[o.method]
+    power, rotate, drop, keep = POST[preset]
+    rotate = rotate if o.rotate is None else o.rotate
     out = {
         "method": o.method, "preset": preset, "k": o.k or p_k,
         "pca_d": o.pca_d if o.pca_d is not None else (p_d or 0),
         "power": power if o.power is None else o.power,
-        "rotate": rotate if o.rotate is None else o.rotate,
-        "drop": (drop if o.rotate is not False else 0) if o.drop is None else o.drop,
+        "rotate": rotate,
+        "drop": (drop if rotate else 0) if o.drop is None else o.drop,
+        "keep": ((keep or 0) if rotate else 0) if o.dims is None else o.dims,
         "max_features": o.max_features, "seed": o.seed,
     }
-    if out["drop"] and not out["rotate"]:
-        raise UserError("dropping components needs the rotation (--rotate)")
+    if (out["drop"] or out["keep"]) and not out["rotate"]:
+        raise UserError("--drop and --dims apply to the rotation; they need --rotate")
     if out["k"] < 1:
         raise UserError("--k must be at least 1")
     return out
@@ -161,7 +176,9 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return self.raw_dim - self.drop
+        """Dimension of a final vector: rotated components kept after the drop."""
+        rows = self.rotation["projection"].shape[0] if self.rotation is not None else self.raw_dim
+        return rows - self.drop
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Local features -> what the codebook was fitted on (Ng: L2; Hoang sec.4.1: PCA + L2)."""
@@ -296,6 +313,8 @@ def fit_codebook(db: Path, local: str, options: CodebookOptions, source: Path | 
         except UserError:
             raise StoreError(f"{src} has no local features {name}; ingest it with the same "
                              f"settings and --keep-local {name.split('/', 1)[1]}") from None
+        if opts["rotate"]:  # before the costly fit: can these images support the rotation?
+            _check_rotation_images(len(_usable_rows(fh, info)), opts)
         x, n_images, available = sample_features(fh, info, opts["max_features"], opts["seed"])
         src_hash = content_hash(fh, info.extractor)
         if log:
@@ -330,17 +349,24 @@ def fit_codebook(db: Path, local: str, options: CodebookOptions, source: Path | 
                  "sklearn": sklearn.__version__, "torch": str(torch.__version__)}
         if opts["rotate"]:  # Hoang sec.4.4: learned on aggregated training vectors
             rows = _usable_rows(fh, info)
-            if len(rows) <= 2 * opts["drop"]:
-                raise UserError(f"the rotation is learned on {len(rows)} images, too few to drop "
-                                f"{opts['drop']} components (their vectors would be all noise); "
-                                f"fit on a bigger store with --from, or lower --drop (need "
-                                f"images > 2 x drop), or --no-rotate")
+            if len(rows) > ROTATION_MAX_IMAGES:  # bounded memory: a seeded sample of images
+                rng = np.random.default_rng(opts["seed"])
+                rows = np.sort(rng.choice(rows, ROTATION_MAX_IMAGES, replace=False))
             for aggregate in AGGREGATES:
                 encoder = Encoder(arrays, {**attrs, "rotate": 0, "drop": 0}, aggregate,
                                   power=None, device=device)
                 agg = np.concatenate([encoder.aggregate_sets(sets)
                                       for _, sets in _batches(fh, info, rows)])
-                rot = enc.fit_rotation(agg, whiten=True, power=opts["power"],
+                dims = opts["drop"] + opts["keep"] if opts["keep"] else None
+                if dims and dims > agg.shape[1]:
+                    raise UserError(f"--dims {opts['keep']} (+ --drop {opts['drop']}) exceeds the "
+                                    f"{agg.shape[1]} dimensions of the aggregated vectors")
+                if log and aggregate == AGGREGATES[0] and len(rows) < (dims or agg.shape[1]):
+                    log(f"note: the rotation whitens {dims or agg.shape[1]} dimensions learned on "
+                        f"{len(rows)} images; the directions the images do not span get the "
+                        f"smallest eigenvalue (as the authors' code); Hoang learns it on "
+                        f"thousands of held-out images (--from)")
+                rot = enc.fit_rotation(agg, whiten=True, power=opts["power"], dims=dims,
                                        rel_floor=ROTATION_FLOOR)
                 for key in ("mean", "projection", "eigenvalues"):
                     arrays[f"rotation_{aggregate}_{key}"] = rot[key]
@@ -350,6 +376,19 @@ def fit_codebook(db: Path, local: str, options: CodebookOptions, source: Path | 
         version = save_model(writer, "codebook", name, arrays, attrs)
         with writer.file() as fh:
             return resolve_model(fh, "codebook", name, version)
+
+
+def _check_rotation_images(n: int, opts: dict) -> None:
+    """The rotation is learned on the training images' aggregates: refuse too few of them."""
+    if n <= 2 * opts["drop"]:
+        raise UserError(f"the rotation is learned on {n} images, too few to drop "
+                        f"{opts['drop']} components (their vectors would be all noise); "
+                        f"fit on a bigger store with --from, or lower --drop (need "
+                        f"images > 2 x drop), or --no-rotate")
+    if opts["keep"] and n <= opts["drop"] + opts["keep"]:
+        raise UserError(f"the rotation is learned on {n} images, too few to whiten "
+                        f"{opts['drop'] + opts['keep']} components; fit on a bigger store with "
+                        f"--from, or lower --dims, or --no-rotate")
 
 
 def _batches(fh: h5py.File, info: LocalInfo, rows: Sequence[int]

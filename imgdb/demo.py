@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     run("query", str(query), "--db", str(db), "-k", "5", "--html", str(out / "gallery.html"))
     print(f"\ngallery page: {out / 'gallery.html'}")
     # codebook descriptors on the local features kept at ingest (44 images: small codebooks;
-    # Hoang's rotation + drop 128 needs hundreds of training images, so it is off here)
-    run("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad", "--k", "16")
+    # Hoang's rotation + drop 128 needs hundreds of training images, so it is off for T-emb)
+    run("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad", "--k", "16",
+        "--dims", "16")  # Ng's recipe, PCA-whitened to 16-D instead of 128 (44 images)
     run("encode", "--db", str(db), "--codebook", "v1")
     run("fit", "codebook", "--db", str(db), "--local", "block5:max", "--method", "temb",
         "--k", "8", "--pca-d", "32", "--no-rotate")

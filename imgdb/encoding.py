@@ -712,8 +712,9 @@ def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
     mean = x.mean(axis=0)
     xc = x - mean
     if n < d:  # SVD of the data: all D right-singular vectors form an orthonormal basis
-        _, s, vt = np.linalg.svd(xc, full_matrices=True)
-        ev = np.zeros(d)
+        # (the full D x D basis only when more axes than data points are asked for)
+        _, s, vt = np.linalg.svd(xc, full_matrices=dims > n)
+        ev = np.zeros(len(vt))
         ev[: len(s)] = s ** 2 / n
         axes = vt
     else:

@@ -18,7 +18,7 @@ import torch
 
 from helpers import COIL, need, run_cli
 from imgdb import encoding as enc
-from imgdb.codebook import PRESETS, Encoder
+from imgdb.codebook import POST, PRESETS, Encoder
 from imgdb.localfeat import device_masks, parse_local_spec, select_batch
 from imgdb.store import StoreWriter, iter_local, list_local, open_read, resolve_local
 
@@ -154,7 +154,9 @@ def test_fv_encoder_equals_fisher_vector() -> None:
 
 
 def test_presets_are_the_papers_settings() -> None:
-    assert PRESETS["ng"] == ("vlad", 100, None)  # Ng sec. 3.3
+    assert PRESETS["ng"] == ("vlad", 100, None)  # Ng sec. 3.3: k=100, PCA-whitening to 128-D
+    assert POST["ng"] == (None, True, 0, 128)
+    assert all(POST[f"hoang-{dims}"] == (0.5, True, 128, None) for dims in enc.HOANG_TABLE4)
     for dims, (d, k) in enc.HOANG_TABLE4.items():  # Hoang Table 4: D = d |C| - 128
         method, pk, pd = PRESETS[f"hoang-{dims}"]
         assert (method, pk, pd) == ("temb", k, d) and d * k - 128 == dims
@@ -240,8 +242,15 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
     db = tmp_path / "s.h5"
     shutil.copy2(coil[0], db)
     _, photos, other = coil
-    vlad = _json("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad")
-    assert (vlad["k"], vlad["pca_d"], vlad["dims"], vlad["held_out"]) == (100, 0, 100 * 112, 0)
+    # Ng's setting by name: k=100, intra-normalised, PCA-whitened to 128-D -- which 120
+    # training images cannot support; 64 dimensions they can
+    few = run_cli("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad",
+                  check=False)
+    assert few.returncode == 1 and "too few to whiten 128" in few.stderr
+    vlad = _json("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad",
+                 "--dims", "64")
+    assert (vlad["preset"], vlad["k"], vlad["pca_d"], vlad["dims"]) == ("ng", 100, 0, 64)
+    assert (vlad["rotate"], vlad["drop"], vlad["power"], vlad["held_out"]) == (1, 0, 0.0, 0)
     # Hoang's recipe drops 128 rotated components: 120 training images are too few for that
     few = run_cli("fit", "codebook", "--db", str(db), "--local", "block5:max", "--method",
                   "temb", "--preset", "hoang-512", check=False)
@@ -261,7 +270,7 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
         t = fh["descriptors"][td.rsplit("/", 2)[0]]["block5:max"]["temb"][:]
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
 
-    run_cli("fit", "pca", "--db", str(db), "--descriptor", vd, "--dims", "64")  # Ng: 128-D; 120 images allow fewer
+    run_cli("fit", "pca", "--db", str(db), "--descriptor", vd, "--dims", "32")
     run_cli("index", "build", "--db", str(db), "--descriptor", vd, "--pca", "v1")
     run_cli("index", "build", "--db", str(db), "--descriptor", td)
     # T-emb without Hoang's rotation/drop (which is tuned for landmarks, and learned here on
@@ -272,13 +281,13 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
     pd = _json("encode", "--db", str(db), "--codebook", "v3", "--aggregate",
                "democratic")["descriptor"]
     run_cli("index", "build", "--db", str(db), "--descriptor", pd)
-    # a view that was never ingested is answered through each index; vlad and plain T-emb
-    # find its own object first
+    # a view that was never ingested is answered through each index; plain T-emb finds its
+    # own object first (the whitened ones are learned on 120 images: see README)
     for desc in (vd, td, pd):
         hits = _json("query", str(other / "obj7__33.png"), "--db", str(db),
                      "--descriptor", desc)["queries"][0]["results"]
         assert len(hits) == 10
-        if desc != td:
+        if desc == pd:
             assert Path(hits[0]["path"]).name.startswith("obj7__"), (desc, hits[:3])
     # an ingested file queried from disk (extracted afresh) gives its stored vector back
     from imgdb.codebook import EncodedDescriber
@@ -302,7 +311,8 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
     lines = {ln.split(" (")[0].strip(): ln for ln in out.splitlines() if "-D)" in ln}
     maps = {name: float(ln.split()[-1]) for name, ln in lines.items()}
     assert {vd, td, pd, f"{EXT}/head/sum"} <= set(maps)
-    assert maps[vd] > 0.6 and maps[pd] > 0.6, maps  # 10 objects: chance is ~0.1
+    assert maps[pd] > 0.6, maps  # 10 objects: chance is ~0.1 (0.74 measured)
+    assert maps[vd] > 0.25, maps  # whitened on the 120 images themselves: 0.40 measured
     assert 0 < maps[td] <= 1
 
 
@@ -333,7 +343,7 @@ def test_new_images_are_encoded_incrementally(coil, tmp_path: Path) -> None:
     db = tmp_path / "s.h5"
     shutil.copy2(coil[0], db)
     _json("fit", "codebook", "--db", str(db), "--local", "block5:max", "--method", "vlad",
-          "--k", "8")
+          "--k", "8", "--no-rotate")
     assert _json("encode", "--db", str(db))["encoded"] == 120
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -356,7 +366,7 @@ def test_codebook_errors_are_one_line(coil, tmp_path: Path) -> None:
         ("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad",
          "--preset", "hoang-512"),
         ("fit", "codebook", "--db", str(db), "--local", "block5:max", "--method", "temb",
-         "--k", "100000"),
+         "--k", "100000", "--no-rotate"),
         ("ingest", str(coil[1]), "--db", str(db), "-b", "efficientnet_lite0", "--keep-local",
          "head:median"),
     ]
