@@ -47,11 +47,11 @@ from imgdb.store import iter_local, local_spans, open_read, resolve_local, valid
 COIL = ROOT.parent / "shared" / "data" / "coil20" / "images"
 MASKS = ("", ":max", ":sum", ":sift")
 METHODS = {  # name -> (fit options, aggregate)
-    "vlad (Ng, k=100)": (dict(method="vlad"), "sum"),
+    "vlad (Ng: k=100, whitened to 128-D)": (dict(method="vlad"), "sum"),
     "temb+democratic (Hoang, d=32 k=20, rotation)": (dict(method="temb", preset="hoang-512"),
                                                      "democratic"),
     "temb+sum (same codebook)": (None, "sum"),
-    "fv (d=48, k=44)": (dict(method="fv"), "sum"),
+    "fv (improved, d=48, k=44)": (dict(method="fv"), "sum"),
 }
 
 
@@ -65,17 +65,18 @@ def naive_vector(x: np.ndarray, arrays: dict, attrs: dict, aggregate: str) -> np
         x = enc.LocalPCA.from_arrays({"mean": arrays["pca_mean"],
                                       "components": arrays["pca_components"]}).transform(x)
     if method == "vlad":
-        return enc.vlad(x, arrays["centroids"].astype(np.float64))[None]
-    if method == "temb":
+        agg = enc.vlad(x, arrays["centroids"].astype(np.float64))
+    elif method == "temb":
         tm = enc.TembModel(centroids=arrays["centroids"], mean=arrays["temb_mean"],
                            projection=arrays["temb_projection"])
         phi = tm.transform(x)
         agg = enc.democratic(phi) if aggregate == "democratic" else enc.sum_aggregate(phi)
-        rot = ({k: arrays[f"rotation_{aggregate}_{k}"] for k in ("mean", "projection")}
-               if int(attrs["rotate"]) else None)
-        return enc.post_process(agg, rot, float(attrs["power"]) or None, int(attrs["drop"]))[None]
-    fv = enc.fisher_vector(x, arrays["gmm_weights"], arrays["gmm_means"], arrays["gmm_variances"])
-    return enc.post_process(fv, None, float(attrs["power"]) or None)[None]
+    else:
+        agg = enc.fisher_vector(x, arrays["gmm_weights"], arrays["gmm_means"],
+                                arrays["gmm_variances"])
+    rot = ({k: arrays[f"rotation_{aggregate}_{k}"] for k in ("mean", "projection")}
+           if int(attrs["rotate"]) else None)
+    return enc.post_process(agg, rot, float(attrs["power"]) or None, int(attrs["drop"]))[None]
 
 
 def main() -> None:
@@ -120,6 +121,8 @@ def main() -> None:
                 t = time.perf_counter()
                 if fit_kw.get("method") == "temb":  # the rotation needs > 2 x drop images
                     fit_kw = {**fit_kw, "drop": min(128, (len(ok) - 1) // 2)}
+                if fit_kw.get("method") == "vlad":  # and more images than whitened dims
+                    fit_kw = {**fit_kw, "dims": min(128, len(ok) - 1)}
                 model = fit_codebook(db, key, CodebookOptions(device=args.device, **fit_kw))
                 fit_s = time.perf_counter() - t
                 version = model.version
