@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from imgdb import encoding as enc  # noqa: E402
-from imgdb.codebook import CodebookOptions, Encoder, fit_codebook, run_encode  # noqa: E402
+from imgdb.codebook import CodebookOptions, fit_codebook, run_encode  # noqa: E402
 from imgdb.models import list_models, load_arrays  # noqa: E402
 from imgdb.store import iter_local, local_spans, open_read, resolve_local, valid_mask  # noqa: E402
 

@@ -263,6 +263,16 @@ def parse_weights(spec: str) -> WeightsChoice:
     return WeightsChoice("file", str(path.resolve()), file_digest(path))
 
 
+def stored_weights(settings: dict) -> WeightsChoice:
+    """The weights an extractor's settings name, refusing a weights file whose content changed
+    since the store was ingested (queries would not match the stored vectors)."""
+    weights = parse_weights(settings["weights"])
+    if weights.kind == "file" and weights.sha != settings.get("weights_sha"):
+        raise WeightsError(f"weights file {settings['weights']} changed since the store was "
+                           f"ingested; queries would not match the stored vectors")
+    return weights
+
+
 def load_network(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
     """Build the network with the chosen weights, in eval mode on the CPU.
 

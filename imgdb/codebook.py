@@ -582,28 +582,19 @@ class EncodedDescriber:
 
     def load(self, path: Path, crop=None):
         """Decode a query image with the base extractor's size policy and scales."""
-        from .images import ImageError, SizePolicy, load_image
+        from .images import load_query_image
 
-        s = self.base
-        try:
-            return load_image(path, SizePolicy.parse(s["size"]), tuple(s["scales"]),
-                              max_pixels=int(s.get("max_pixels", 120_000_000)), crop=crop)
-        except ImageError as exc:
-            raise UserError(f"cannot use query image {path}: {exc}") from None
+        return load_query_image(path, self.base, crop)
 
     def describe(self, scaled_pixels: list[np.ndarray], region=None) -> np.ndarray:
         """Vector of one decoded image (`region`: fractional box of feature cells to keep)."""
-        from .backbones import WeightsError, get_backbone, parse_weights
+        from .backbones import get_backbone, stored_weights
         from .extract import FeatureExtractor
 
-        s = self.base
         if self._ext is None:
-            weights = parse_weights(s["weights"])
-            if weights.kind == "file" and weights.sha != s.get("weights_sha"):
-                raise WeightsError(f"weights file {s['weights']} changed since the store was "
-                                   f"ingested; queries would not match the stored vectors")
-            self._ext = FeatureExtractor(get_backbone(s["backbone"]), weights, (), (),
-                                         self.device, local=(self.spec,))
+            self._ext = FeatureExtractor(get_backbone(self.base["backbone"]),
+                                         stored_weights(self.base), (), (), self.device,
+                                         local=(self.spec,))
         local = self._ext.describe_local(scaled_pixels, region)[self.spec.key]
         return self.encoder.encode([local.features])[0]
 

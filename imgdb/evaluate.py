@@ -164,9 +164,9 @@ class _QueryVectors:
         return {image_key(p): x[i] for i, p in enumerate(paths) if valid[i]}
 
     def _extract(self, info: DescriptorInfo, q: Query, path: Path) -> np.ndarray:
-        from .backbones import get_backbone, parse_weights
+        from .backbones import get_backbone, stored_weights
         from .extract import FeatureExtractor, resolve_device
-        from .images import ImageError, SizePolicy, load_image
+        from .images import load_query_image
 
         cache = self._extracted.setdefault(info.extractor, {})
         key = (str(path), q.name)
@@ -176,17 +176,13 @@ class _QueryVectors:
                 cache[key] = {(info.layer, info.pooling): self._encoded(info, s, q, path)}
                 return cache[key][(info.layer, info.pooling)]
             if not hasattr(self, "_ext") or self._ext_name != info.extractor:
-                self._ext = FeatureExtractor(get_backbone(s["backbone"]), parse_weights(s["weights"]),
+                self._ext = FeatureExtractor(get_backbone(s["backbone"]), stored_weights(s),
                                              tuple(s["layers"]), tuple(s["poolings"]),
                                              resolve_device(self.opts.device))
                 self._ext_name = info.extractor
             mode = self.opts.query_mode
             crop = q.bbox if mode == "crop-image" else None
-            try:
-                img = load_image(path, SizePolicy.parse(s["size"]), tuple(s["scales"]),
-                                 max_pixels=int(s.get("max_pixels", 120_000_000)), crop=crop)
-            except ImageError as exc:
-                raise UserError(f"cannot use query image {path}: {exc}") from None
+            img = load_query_image(path, s, crop)
             cache[key] = self._ext.describe(img.pixels, _feature_region(q, img, mode))
         return cache[key][(info.layer, info.pooling)]
 

@@ -107,14 +107,16 @@ class FeatureExtractor:
         return self.extract(pixels)[0]
 
     @torch.inference_mode()
-    def extract(self, pixels: torch.Tensor
+    def extract(self, pixels: torch.Tensor, keypoints: list[np.ndarray] | None = None
                 ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, list[LocalSet]]]:
-        """One forward -> (pooled vectors as in `__call__`, {local key: kept cells per image})."""
+        """One forward -> (pooled vectors as in `__call__`, {local key: kept cells per image}).
+
+        `keypoints`: SIFT keypoints per image for the sift mask, when already found."""
         maps = self.feature_maps(pixels)
         local = {}
         for spec in self.local:
             px = pixels.numpy() if spec.mask == "sift" else None
-            local[spec.key] = select_batch(maps[spec.layer], spec.mask, px)
+            local[spec.key] = select_batch(maps[spec.layer], spec.mask, px, keypoints=keypoints)
         return self._pool(maps), local
 
     def _pool(self, maps: dict[str, torch.Tensor]) -> dict[tuple[str, str], np.ndarray]:

@@ -16,7 +16,7 @@ import re
 import stat
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from .errors import UserError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DEFAULT_MAX_PIXELS",
+    "load_query_image",
     "DEFAULT_MIN_SIDE",
     "Discovery",
     "discover",
@@ -277,6 +280,7 @@ class DecodedImage:
     file_size: int  # bytes
     mtime: float  # st_mtime
     sha: str  # blake2b (digest_size=16) hex digest of the file bytes
+    extras: dict = field(default_factory=dict)  # what iter_decoded's `after` computed
 
 
 _ORIENTATION_TAG = 0x0112
@@ -372,6 +376,17 @@ def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     if not out or any(not s > 0 or math.isinf(s) for s in out):
         raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}.")
     return out
+
+
+def load_query_image(path: str | Path, settings: dict,
+                     crop: tuple[float, float, float, float] | None = None) -> DecodedImage:
+    """A query image decoded exactly as ingest decoded the store's (its extractor `settings`:
+    size policy, scales, pixel limit); a bad file is a one-line UserError."""
+    try:
+        return load_image(path, SizePolicy.parse(settings["size"]), tuple(settings["scales"]),
+                          max_pixels=int(settings.get("max_pixels", DEFAULT_MAX_PIXELS)), crop=crop)
+    except ImageError as exc:
+        raise UserError(f"cannot use query image {path}: {exc}") from None
 
 
 def load_image(
@@ -477,11 +492,19 @@ def load_image(
 
 
 def _load_or_error(
-    path: Path, policy: SizePolicy, scales: Sequence[float], max_pixels: int, min_side: int
+    path: Path, policy: SizePolicy, scales: Sequence[float], max_pixels: int, min_side: int,
+    after: Callable[[DecodedImage], dict] | None = None,
 ) -> DecodedImage | ImageError:
-    """load_image, with the ImageError returned instead of raised (for the prefetch pool)."""
+    """load_image (then `after`, whose dict goes to `extras`), with the ImageError returned
+    instead of raised (for the prefetch pool)."""
     try:
-        return load_image(path, policy, scales, max_pixels=max_pixels, min_side=min_side)
+        image = load_image(path, policy, scales, max_pixels=max_pixels, min_side=min_side)
+        if after is not None:
+            try:
+                image.extras = after(image)
+            except Exception as exc:  # e.g. OpenCV refusing an image: this file only
+                raise ImageError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        return image
     except ImageError as e:
         # Drop the frames (they hold the file bytes): callers may keep thousands of errors.
         e.__traceback__ = None
@@ -500,13 +523,18 @@ def iter_decoded(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
     prefetch: int = 64,
+    after: Callable[[DecodedImage], dict] | None = None,
 ) -> Iterator[tuple[int, Path, DecodedImage | ImageError]]:
-    """Decode files in a thread pool, yielding (index, path, image or error) in input order, bounded memory."""
+    """Decode files in a thread pool, yielding (index, path, image or error) in input order, bounded memory.
+
+    `after(image)`, when given, runs in the worker thread too (per-image CPU work such as SIFT
+    keypoints, off the main thread); its dict lands in `image.extras`.
+    """
     scales = _check_scales(scales)
     if workers <= 0:
         for i, p in enumerate(paths):
             p = Path(p)
-            yield i, p, _load_or_error(p, policy, scales, max_pixels, min_side)
+            yield i, p, _load_or_error(p, policy, scales, max_pixels, min_side, after)
         return
 
     window = max(int(prefetch), int(workers), 1)  # images in flight (queued, decoding or done)
@@ -524,7 +552,7 @@ def iter_decoded(
                     break
                 p = Path(p)
                 pending.append(
-                    (i, p, pool.submit(_load_or_error, p, policy, scales, max_pixels, min_side))
+                    (i, p, pool.submit(_load_or_error, p, policy, scales, max_pixels, min_side, after))
                 )
             if not pending:
                 break

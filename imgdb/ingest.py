@@ -280,6 +280,9 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
     results: dict[int, tuple[ImageRow, dict | None, int]] = {}
     local_parts: dict[int, dict[str, list]] = {}
     local_keys = [spec.key for spec in extractor.local]
+    # SIFT keypoints for the sift mask are found in the decode threads, off the main thread
+    sift = any(spec.mask == "sift" for spec in extractor.local)
+    sift_kp: dict[tuple[int, int], np.ndarray] | None = {} if sift else None
     next_commit = 0
     buffer_rows: list[tuple[int | None, ImageRow]] = []
     buffer_vecs: list[dict[tuple[str, str], np.ndarray] | None] = []
@@ -292,7 +295,8 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
         pixels = torch.from_numpy(np.stack([b[2] for b in batch]))
         if extractor.device.type == "cuda":
             pixels = pixels.pin_memory()
-        out, local = extractor.extract(pixels)
+        keypoints = [sift_kp.pop((seq, s)) for seq, s, _ in batch] if sift_kp is not None else None
+        out, local = extractor.extract(pixels, keypoints)
         for i, (seq, scale_idx, _) in enumerate(batch):
             if local_keys:
                 parts = local_parts.setdefault(seq, {k: [None] * n_scales for k in local_keys})
@@ -347,7 +351,8 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
 
     extractor_dims = extractor.output_dims()
     decoded = iter_decoded([w.path for w in work], policy, scales, workers=options.workers,
-                           max_pixels=options.max_pixels, prefetch=max(64, 2 * options.batch_size))
+                           max_pixels=options.max_pixels, prefetch=max(64, 2 * options.batch_size),
+                           after=_sift_keypoints if sift else None)
     try:
         for seq, path, item in decoded:
             if isinstance(item, ImageError):
@@ -357,6 +362,8 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
                 results[seq] = (ImageRow(str(path), item.file_size, item.mtime, item.sha,
                                          item.width, item.height, STATUS_OK), None, 0)
                 for s, px in enumerate(item.pixels):
+                    if sift_kp is not None:
+                        sift_kp[(seq, s)] = item.extras["sift"][s]
                     for batch in batcher.add(seq, s, px):
                         run_batch(batch)
             flush(force=False)
@@ -371,6 +378,13 @@ def _pipeline(work: list[WorkItem], writer: StoreWriter, extractor, extractor_na
                 flush(force=True)
             except Exception:
                 pass
+
+
+def _sift_keypoints(image: DecodedImage) -> dict:
+    """SIFT keypoints of every scale of a decoded image (run in the decode threads)."""
+    from .encoding import sift_keypoints
+
+    return {"sift": [sift_keypoints(px) for px in image.pixels]}
 
 
 def _existing_settings(writer: StoreWriter, extractor: str) -> dict | None:

@@ -58,14 +58,15 @@ class LocalSet:
                         np.concatenate([p.coords for p in parts]), parts[0].grid)
 
 
-def device_masks(fmap: torch.Tensor, mask: str | None,
-                 pixels: np.ndarray | None = None) -> torch.Tensor:
+def device_masks(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None = None,
+                 keypoints: list[np.ndarray] | None = None) -> torch.Tensor:
     """(B, C, h, w) feature maps -> (B, h, w) bool masks on the same device.
 
     `max`: the argmax cell of every non-constant channel (Hoang eq. 2; first maximum in
     row-major order). `sum`: cells whose channel sum >= the median (eq. 3; the median of an
     even count is the mean of the two middle values). `sift`: cells holding an OpenCV SIFT
-    keypoint of the input image, eq. 1 rounding; `pixels` (B, H, W, 3) uint8 are needed.
+    keypoint of the input image, eq. 1 rounding; `pixels` (B, H, W, 3) uint8 are needed, and
+    the keypoints (K, 2) per image when already found (ingest finds them in its decode threads).
     """
     b, c, h, w = fmap.shape
     if mask is None:
@@ -87,8 +88,10 @@ def device_masks(fmap: torch.Tensor, mask: str | None,
 
         if pixels is None:
             raise ValueError("the sift mask needs the input pixels")
-        masks = [sift_mask(sift_keypoints(px), (px.shape[1], px.shape[0]), (w, h))
-                 for px in pixels]
+        if keypoints is None:
+            keypoints = [sift_keypoints(px) for px in pixels]
+        masks = [sift_mask(kp, (px.shape[1], px.shape[0]), (w, h))
+                 for kp, px in zip(keypoints, pixels)]
         return torch.from_numpy(np.stack(masks)).to(fmap.device)
     raise UserError(f"unknown mask {mask!r}; use {', '.join(MASKS)}")
 
@@ -107,14 +110,15 @@ def region_cells(h: int, w: int, region: tuple[float, float, float, float]) -> n
 
 
 def select_batch(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None = None,
-                 region: tuple[float, float, float, float] | None = None) -> list[LocalSet]:
+                 region: tuple[float, float, float, float] | None = None,
+                 keypoints: list[np.ndarray] | None = None) -> list[LocalSet]:
     """Kept cells of every image of a batch, in row-major cell order, copied to the host once.
 
     With `region`, the mask is computed on the whole map and then restricted to the cells whose
     centres fall in the box (Babenko sec. 4's query-region protocol).
     """
     b, c, h, w = fmap.shape
-    keep = device_masks(fmap, mask, pixels)  # (B, h, w)
+    keep = device_masks(fmap, mask, pixels, keypoints)  # (B, h, w)
     if region is not None:
         keep = keep & torch.from_numpy(region_cells(h, w, region)).to(keep.device)
     bi, ys, xs = torch.nonzero(keep, as_tuple=True)  # sorted by image, then row-major

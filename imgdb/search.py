@@ -104,9 +104,9 @@ class _Extractor:
         self._ext = None
 
     def __call__(self, path: Path, bbox: tuple[float, float, float, float] | None) -> np.ndarray:
-        from .backbones import WeightsError, get_backbone, parse_weights
+        from .backbones import get_backbone, stored_weights
         from .extract import FeatureExtractor, resolve_device
-        from .images import ImageError, SizePolicy, load_image
+        from .images import load_query_image
 
         s = self.settings
         if "encoding" in s:  # a codebook encoding: local features of the image, then encode
@@ -116,17 +116,9 @@ class _Extractor:
                 self._ext = EncodedDescriber(self.fh, s["encoding"], self.device)
             return self._ext.describe(self._ext.load(path, bbox).pixels)
         if self._ext is None:
-            weights = parse_weights(s["weights"])
-            if weights.kind == "file" and weights.sha != s.get("weights_sha"):
-                raise WeightsError(f"weights file {s['weights']} changed since the store was "
-                                   f"ingested; queries would not match the stored vectors")
-            self._ext = FeatureExtractor(get_backbone(s["backbone"]), weights, (self.layer,),
+            self._ext = FeatureExtractor(get_backbone(s["backbone"]), stored_weights(s), (self.layer,),
                                          (self.pooling,), resolve_device(self.device))
-        try:
-            img = load_image(path, SizePolicy.parse(s["size"]), tuple(s["scales"]),
-                             max_pixels=int(s.get("max_pixels", 120_000_000)), crop=bbox)
-        except ImageError as exc:
-            raise UserError(f"cannot use query image {path}: {exc}") from None
+        img = load_query_image(path, s, bbox)
         return self._ext.describe(img.pixels)[(self.layer, self.pooling)]
 
 

@@ -540,6 +540,25 @@ def test_iter_decoded_order_and_errors(mixed_files, workers: int) -> None:
             assert r.pixels[0].shape == (40 + i, 50 + 2 * i, 3)
 
 
+@pytest.mark.parametrize("workers", [0, 3])
+def test_iter_decoded_after_runs_in_the_workers(mixed_files, workers: int) -> None:
+    paths, bad = mixed_files
+    main = threading.current_thread()
+
+    def after(image: DecodedImage) -> dict:
+        if image.pixels[0].shape[0] == 41:  # one readable file whose extra work fails
+            raise ValueError("cannot do it\nsecond line")
+        return {"h": image.pixels[0].shape[0], "thread": threading.current_thread()}
+
+    out = list(iter_decoded(paths, ORIG, workers=workers, prefetch=3, after=after))
+    for i, _, r in out:
+        if i == 1:
+            assert isinstance(r, ImageError) and str(r) == "ValueError: cannot do it"
+        elif i not in bad:
+            assert r.extras["h"] == 40 + i
+            assert (r.extras["thread"] is main) == (workers == 0)
+
+
 def test_iter_decoded_bounded_in_flight(mixed_files) -> None:
     paths, _ = mixed_files
     pulled = 0
