@@ -569,6 +569,8 @@ def main() -> None:
     try:
         result = app(prog_name="imgdb", standalone_mode=False)
         if isinstance(result, int) and result:
+            if result == 130:  # typer turns Ctrl-C into Exit(130); click returns that code
+                _err("interrupted; what was committed is kept, rerun the command to finish")
             sys.exit(result)
     except UserError as exc:
         if _STATE["debug"]:

@@ -223,3 +223,33 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
     for key in ref_vec:
         assert not np.isnan(vec[key]).any()
         np.testing.assert_allclose(vec[key], ref_vec[key], rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_says_so_and_keeps_what_was_committed(tmp_path: Path) -> None:
+    photos = coil_subset(tmp_path, 48)
+    db = tmp_path / "c.h5"
+    args = ["--backbone", "efficientnet_lite0", "--weights", "none", "--size", "min:160",
+            "--pooling", "sum", "--batch-size", "4", "--commit-seconds", "0", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "imgdb", "ingest", str(photos), "--db",
+                             str(db), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # until some rows are committed
+        try:
+            with h5py.File(db, "r", locking=False) as fh:
+                if fh["images/path"].shape[0] >= 8:
+                    break
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == ("interrupted; what was committed is kept, rerun the "
+                                            "command to finish")
+    with open_read(db) as fh:
+        kept = len(read_images(fh))
+    assert 8 <= kept <= 48
+    resumed = ingest_json(str(photos), "--db", str(db), *args)
+    assert resumed["unchanged"] == kept and resumed["ok"] == 48 - kept
