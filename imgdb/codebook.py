@@ -277,12 +277,12 @@ class Encoder:
 def _segments(seg: torch.Tensor, n_sets: int, chunked: bool = False, chunk: int = 8192
               ) -> Iterator[tuple[int | None, torch.Tensor]]:
     """Index ranges of each set (set, idx); `chunked`: ranges of ~chunk rows, set None."""
-    counts = torch.bincount(seg, minlength=n_sets).tolist()
     if chunked:
         total = len(seg)
         for a in range(0, total, chunk):
             yield None, torch.arange(a, min(total, a + chunk), device=seg.device)
         return
+    counts = torch.bincount(seg, minlength=n_sets).tolist()
     start = 0
     for s, c in enumerate(counts):
         yield s, torch.arange(start, start + c, device=seg.device)
