@@ -113,11 +113,17 @@ class FeatureExtractor:
 
         `keypoints`: SIFT keypoints per image for the sift mask, when already found."""
         maps = self.feature_maps(pixels)
-        local = {}
-        for spec in self.local:
-            px = pixels.numpy() if spec.mask == "sift" else None
-            local[spec.key] = select_batch(maps[spec.layer], spec.mask, px, keypoints=keypoints)
-        return self._pool(maps), local
+        return self._pool(maps), self._local_cells(maps, pixels, keypoints)
+
+    def _local_cells(self, maps: dict[str, torch.Tensor], pixels: torch.Tensor,
+                     keypoints: list[np.ndarray] | None = None,
+                     region: tuple[float, float, float, float] | None = None
+                     ) -> dict[str, list[LocalSet]]:
+        """{local key: kept cells per image} of a forward's maps (pixels only for the sift mask)."""
+        return {spec.key: select_batch(maps[spec.layer], spec.mask,
+                                       pixels.numpy() if spec.mask == "sift" else None,
+                                       region, keypoints)
+                for spec in self.local}
 
     def _pool(self, maps: dict[str, torch.Tensor]) -> dict[tuple[str, str], np.ndarray]:
         pooled: dict[tuple[str, str], torch.Tensor] = {}
@@ -160,11 +166,9 @@ class FeatureExtractor:
         parts: dict[str, list[LocalSet]] = {s.key: [] for s in self.local}
         for px in scaled_pixels:
             pixels = torch.from_numpy(np.ascontiguousarray(px))[None]
-            maps = self.feature_maps(pixels)
-            for spec in self.local:
-                parts[spec.key].extend(select_batch(
-                    maps[spec.layer], spec.mask,
-                    pixels.numpy() if spec.mask == "sift" else None, region))
+            for key, sets in self._local_cells(self.feature_maps(pixels), pixels,
+                                               region=region).items():
+                parts[key].extend(sets)
         return {k: LocalSet.concat(v) for k, v in parts.items()}
 
     @torch.inference_mode()
