@@ -70,13 +70,14 @@ def run(*args: str) -> str:
 
 def nearest_original_check(db: Path, pairs: list[tuple[Path, Path]]) -> int:
     """Each edited copy's nearest neighbour (cosine, excluding itself and other copies)."""
-    from .store import open_read, read_descriptor, read_images, resolve_descriptor
+    from .numeric import l2_normalize
+    from .store import open_read
 
-    with open_read(db) as fh:
-        table = read_images(fh)
-        info = resolve_descriptor(fh, DESCRIPTOR)
-        x, valid = read_descriptor(fh, info)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    with open_read(db) as view:
+        table = view.images()
+        info = view.descriptor(DESCRIPTOR)
+        x = l2_normalize(view.vectors(info))
+        valid = view.valid(info.extractor)
     row = table.row_of()
     originals = np.array([i for i, p in enumerate(table.path) if "edited copies" not in p and valid[i]])
     hits = 0

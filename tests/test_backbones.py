@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from imgdb.backbones import (BACKBONES, WeightsError, efficientnet_pytorch_to_timm, get_backbone,
+from imgdb.features.backbones import (BACKBONES, WeightsError, efficientnet_pytorch_to_timm, get_backbone,
                              load_network, parse_layers, parse_weights)
 from imgdb.errors import UserError
-from imgdb.extract import FeatureExtractor
+from imgdb.features.extract import FeatureExtractor
 
 NONE = parse_weights("none")
 CPU = torch.device("cpu")
@@ -132,7 +132,7 @@ def test_packaged_weights_classify_real_photos() -> None:
 
 
 def test_crop_feature_map_by_receptive_field_centres() -> None:
-    from imgdb.extract import crop_feature_map
+    from imgdb.features.extract import crop_feature_map
 
     fmap = torch.arange(16.0).view(1, 1, 4, 4)  # cell centres at 0.125, 0.375, 0.625, 0.875
     assert crop_feature_map(fmap, (0.0, 0.0, 0.5, 0.5)).flatten().tolist() == [0, 1, 4, 5]

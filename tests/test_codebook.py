@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from helpers import COIL, need, run_cli
-from imgdb import encoding as enc
-from imgdb.codebook import POST, PRESETS, Encoder
-from imgdb.localfeat import device_masks, parse_local_spec, select_batch
-from imgdb.store import StoreWriter, iter_local, list_local, open_read, resolve_local
+from imgdb.codebooks import masks, reference, training
+from imgdb.numeric import l2_normalize
+from imgdb.codebooks.encoder import Encoder
+from imgdb.codebooks.fit import POST, PRESETS
+from imgdb.features.localfeat import device_masks, parse_local_spec, select_batch
+from imgdb.store import StoreWriter, open_read
 
 EXT = "efficientnet_lite0-imagenet-orig"
 
@@ -40,8 +42,8 @@ def _maps(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_device_masks_equal_the_numpy_reference(seed: int) -> None:
     x = _maps(seed)
-    assert np.array_equal(device_masks(x, "max").numpy(), enc.max_mask(x.numpy()))
-    assert np.array_equal(device_masks(x, "sum").numpy(), enc.sum_mask(x.numpy()))
+    assert np.array_equal(device_masks(x, "max").numpy(), masks.max_mask(x.numpy()))
+    assert np.array_equal(device_masks(x, "sum").numpy(), masks.sum_mask(x.numpy()))
     assert device_masks(x, None).all()
     # MAX keeps at most C distinct cells; SUM at least half of them
     assert (device_masks(x, "max").reshape(3, -1).sum(1) <= 16).all()
@@ -52,8 +54,8 @@ def test_select_batch_returns_the_masked_cells_row_major() -> None:
     x = _maps(3)
     sets = select_batch(x, "max")
     for b, ls in enumerate(sets):
-        m = enc.max_mask(x[b].numpy())
-        ref_feats, ref_coords = enc.select_local(x[b].numpy(), m)
+        m = masks.max_mask(x[b].numpy())
+        ref_feats, ref_coords = masks.select_local(x[b].numpy(), m)
         assert ls.features.dtype == np.float16 and ls.grid == (7, 5)
         assert np.array_equal(ls.coords, ref_coords)
         np.testing.assert_allclose(ls.features, ref_feats, rtol=1e-3, atol=1e-3)
@@ -86,8 +88,8 @@ def test_vlad_encoder_equals_the_set_function() -> None:
     c = rng.normal(size=(4, 6)).astype(np.float32)
     got = Encoder({"centroids": c}, _attrs("vlad"), "sum").encode(sets)
     for s, v in zip(sets, got):
-        x = enc._l2_np(s.astype(np.float64))  # Ng: L2-normalised local features
-        ref = enc.vlad(x, c.astype(np.float64)) if len(s) else np.zeros(24)
+        x = l2_normalize(s.astype(np.float64))  # Ng: L2-normalised local features
+        ref = reference.vlad(x, c.astype(np.float64)) if len(s) else np.zeros(24)
         np.testing.assert_allclose(v, ref, atol=1e-5)
 
 
@@ -95,16 +97,16 @@ def test_vlad_democratic_equals_embedding_then_sinkhorn() -> None:
     rng = np.random.default_rng(1)
     sets = _features(rng, [7, 12])
     # words among the data, so residuals sharing a word point both ways (negative products)
-    pool = enc._l2_np(np.concatenate(sets).astype(np.float64))
+    pool = l2_normalize(np.concatenate(sets).astype(np.float64))
     c = (pool[[0, 8, 15]] + rng.normal(scale=0.05, size=(3, 6))).astype(np.float32)
     got = Encoder({"centroids": c}, _attrs("vlad"), "democratic").encode(sets)
     negatives = 0
     for s, v in zip(sets, got):
-        x = enc._l2_np(s.astype(np.float64))
-        phi = enc.vlad_embed(x, c.astype(np.float64))  # (N, k*d), explicit embedding
+        x = l2_normalize(s.astype(np.float64))
+        phi = reference.vlad_embed(x, c.astype(np.float64))  # (N, k*d), explicit embedding
         negatives += int(((phi @ phi.T) < -1e-9).sum())
-        psi = enc.democratic(phi).reshape(3, 6)
-        ref = enc._l2_np(enc._l2_np(psi).reshape(-1))
+        psi = reference.democratic(phi).reshape(3, 6)
+        ref = l2_normalize(l2_normalize(psi).reshape(-1))
         np.testing.assert_allclose(v, ref, atol=1e-5)
     assert negatives > 0  # the clipping of G = max(Phi^T Phi, 0) matters here
 
@@ -112,9 +114,9 @@ def test_vlad_democratic_equals_embedding_then_sinkhorn() -> None:
 def test_temb_encoder_equals_model_transform_then_aggregation_and_post_processing() -> None:
     rng = np.random.default_rng(2)
     train = _features(rng, [40] * 10)
-    lpca = enc.LocalPCA(4).fit([t.astype(np.float64) for t in train])
+    lpca = training.LocalPCA(4).fit([t.astype(np.float64) for t in train])
     x_train = lpca.transform(np.concatenate(train).astype(np.float64))
-    tm = enc.TembModel().fit(x_train, k=3, seed=0)
+    tm = training.TembModel().fit(x_train, k=3, seed=0)
     arrays = {"pca_mean": lpca.mean, "pca_components": lpca.components,
               "centroids": tm.centroids, "temb_mean": tm.mean, "temb_projection": tm.projection}
     sets = _features(rng, [6, 11, 2])
@@ -124,17 +126,17 @@ def test_temb_encoder_equals_model_transform_then_aggregation_and_post_processin
         refs = []
         for s in sets:
             phi = tm.transform(lpca.transform(s.astype(np.float64)))
-            refs.append(enc.sum_aggregate(phi) if aggregate == "sum" else enc.democratic(phi))
+            refs.append(reference.sum_aggregate(phi) if aggregate == "sum" else reference.democratic(phi))
         agg_ref[aggregate] = np.array(refs)
         np.testing.assert_allclose(got, agg_ref[aggregate], atol=2e-4)
     # post-processing: power 0.5, the learned rotation, drop 2, L2 == encoding.post_process
-    many = [enc.sum_aggregate(tm.transform(lpca.transform(s.astype(np.float64))))
+    many = [reference.sum_aggregate(tm.transform(lpca.transform(s.astype(np.float64))))
             for s in _features(rng, [9] * 40)]  # well-conditioned: 40 aggregates of 12 dims
-    rot = enc.fit_rotation(np.array(many), power=0.5)
+    rot = training.fit_rotation(np.array(many), power=0.5)
     arrays.update({f"rotation_sum_{k}": v for k, v in rot.items()})
     e = Encoder(arrays, _attrs("temb", power=0.5, rotate=1, drop=2), "sum")
     assert e.dim == 12 - 2
-    np.testing.assert_allclose(e.encode(sets), enc.post_process(agg_ref["sum"], rot, 0.5, 2),
+    np.testing.assert_allclose(e.encode(sets), training.post_process(agg_ref["sum"], rot, 0.5, 2),
                                atol=2e-3)
     with pytest.raises(Exception, match="rotation was learned with power"):
         Encoder(arrays, _attrs("temb", power=0.5, rotate=1, drop=2), "sum", power=None)
@@ -149,15 +151,15 @@ def test_fv_encoder_equals_fisher_vector() -> None:
     got = Encoder({"gmm_weights": w, "gmm_means": mu, "gmm_variances": var}, _attrs("fv"),
                   "sum").aggregate_sets(sets)
     for s, v in zip(sets, got):
-        np.testing.assert_allclose(v, enc.fisher_vector(s.astype(np.float64), w, mu, var),
+        np.testing.assert_allclose(v, reference.fisher_vector(s.astype(np.float64), w, mu, var),
                                    rtol=1e-4, atol=1e-5)
 
 
 def test_presets_are_the_papers_settings() -> None:
     assert PRESETS["ng"] == ("vlad", 100, None)  # Ng sec. 3.3: k=100, PCA-whitening to 128-D
     assert POST["ng"] == (None, True, 0, 128)
-    assert all(POST[f"hoang-{dims}"] == (0.5, True, 128, None) for dims in enc.HOANG_TABLE4)
-    for dims, (d, k) in enc.HOANG_TABLE4.items():  # Hoang Table 4: D = d |C| - 128
+    assert all(POST[f"hoang-{dims}"] == (0.5, True, 128, None) for dims in training.HOANG_TABLE4)
+    for dims, (d, k) in training.HOANG_TABLE4.items():  # Hoang Table 4: D = d |C| - 128
         method, pk, pd = PRESETS[f"hoang-{dims}"]
         assert (method, pk, pd) == ("temb", k, d) and d * k - 128 == dims
 
@@ -188,27 +190,27 @@ def _json(*args: str) -> dict:
 
 
 def test_stored_local_features_are_the_network_cells(coil) -> None:
-    from imgdb.backbones import get_backbone, parse_weights
-    from imgdb.extract import FeatureExtractor
-    from imgdb.images import SizePolicy, load_image
+    from imgdb.features.backbones import get_backbone, parse_weights
+    from imgdb.features.extract import FeatureExtractor
+    from imgdb.features.images import SizePolicy, load_image
 
     db, photos, _ = coil
     with open_read(db) as fh:
-        infos = {li.key: li for li in list_local(fh)}
+        infos = {li.key: li for li in fh.local_sets()}
         assert set(infos) == {"block5", "block5:max"} and infos["block5"].channels == 112
         assert infos["block5"].images == 120
-        paths = [p.decode() if isinstance(p, bytes) else p for p in fh["images/path"][:]]
-        got = {r: (f, c) for r, f, c in iter_local(fh, infos["block5:max"], [0, 57, 119])}
-        full = {r: f for r, f, _ in iter_local(fh, infos["block5"], [57])}
-        grid = fh[f"local/{EXT}/block5:max/grid"][57]
+        paths = fh.paths()
+        got = {r: (f, c) for r, f, c in fh.iter_local(infos["block5:max"], [0, 57, 119])}
+        full = {r: f for r, f, _ in fh.iter_local(infos["block5"], [57])}
+        grid = fh.fh[f"local/{EXT}/block5:max/grid"][57]
     fx = FeatureExtractor(get_backbone("efficientnet_lite0"), parse_weights("imagenet"),
                           ("block5",), (), torch.device("cpu"))
     for row in (0, 57, 119):
         img = load_image(Path(paths[row]), SizePolicy.parse("original"), (1.0,))
         fmap = fx.feature_maps(torch.from_numpy(img.pixels[0])[None])["block5"][0].numpy()
-        mask = enc.max_mask(fmap)
+        mask = masks.max_mask(fmap)
         feats, coords = got[row]
-        ref, ref_coords = enc.select_local(fmap, mask)
+        ref, ref_coords = masks.select_local(fmap, mask)
         assert np.array_equal(coords, ref_coords) and len(feats) <= fmap.shape[0]
         np.testing.assert_allclose(feats.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
         if row == 57:  # all cells, row-major; grid is (W, H)
@@ -220,22 +222,6 @@ def test_stored_local_features_are_the_network_cells(coil) -> None:
     assert local["block5"]["features_per_image"] == 64  # 128 px / stride 16 = 8 x 8 cells
     assert 0 < local["block5:max"]["bytes_per_image"] < local["block5"]["bytes_per_image"]
     assert "local features" in run_cli("info", "--db", str(db)).stdout
-
-
-def test_torn_commit_of_local_features_is_rolled_back(coil, tmp_path: Path) -> None:
-    db = tmp_path / "s.h5"
-    shutil.copy2(coil[0], db)
-    with h5py.File(db, "a") as fh:  # a commit that died before writing the image paths
-        g = fh[f"local/{EXT}/block5:max"]
-        m = g["features"].shape[0]
-        g["features"].resize(m + 50, axis=0)
-        g["coords"].resize(m + 50, axis=0)
-        for name in ("start", "count"):
-            g[name].resize(125, axis=0)
-    StoreWriter(db).close()
-    with h5py.File(db, "r") as fh:
-        g = fh[f"local/{EXT}/block5:max"]
-        assert g["features"].shape[0] == m and g["start"].shape[0] == 120
 
 
 def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
@@ -267,7 +253,7 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
     vd, td = e1["descriptor"], e2["descriptor"]
     assert td.endswith("+cb2-democratic/block5:max/temb")
     with open_read(db) as fh:
-        t = fh["descriptors"][td.rsplit("/", 2)[0]]["block5:max"]["temb"][:]
+        t = fh.vectors(fh.descriptor(td))
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
 
     run_cli("fit", "pca", "--db", str(db), "--descriptor", vd, "--dims", "32")
@@ -290,21 +276,20 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
         if desc == pd:
             assert Path(hits[0]["path"]).name.startswith("obj7__"), (desc, hits[:3])
     # an ingested file queried from disk (extracted afresh) gives its stored vector back
-    from imgdb.codebook import EncodedDescriber
-    from imgdb.store import extractor_attrs
+    from imgdb.retrieval.describe import QueryDescriber
 
     with open_read(db) as fh:
-        rows = {p.decode() if isinstance(p, bytes) else p: i
-                for i, p in enumerate(fh["images/path"][:])}
-        row = rows[str(photos / "obj3__30.png")]
-        group = td.rsplit("/", 2)[0]
-        d = EncodedDescriber(fh, extractor_attrs(fh, group)["encoding"], "cpu")
-        img = d.load(photos / "obj3__30.png")
-        fresh = d.describe(img.pixels)
-        assert float(fresh @ fh["descriptors"][group]["block5:max"]["temb"][row]) > 0.999
-        # crop-features mode: the whole image as the box keeps every cell, a corner fewer
-        np.testing.assert_allclose(d.describe(img.pixels, (0.0, 0.0, 1.0, 1.0)), fresh, atol=1e-6)
-        assert float(d.describe(img.pixels, (0.0, 0.0, 0.3, 0.3)) @ fresh) < 0.99
+        row = fh.images().row_of()[str(photos / "obj3__30.png")]
+        info = fh.descriptor(td)
+        stored = fh.vectors(info, [row])[0]
+        d = QueryDescriber(fh, info.extractor, device="cpu")
+    key = (info.layer, info.pooling)
+    img = d.load(photos / "obj3__30.png")
+    fresh = d.describe(img)[key]
+    assert float(fresh @ stored) > 0.999
+    # crop-features mode: the whole image as the box keeps every cell, a corner fewer
+    np.testing.assert_allclose(d.describe(img, (0.0, 0.0, 1.0, 1.0))[key], fresh, atol=1e-6)
+    assert float(d.describe(img, (0.0, 0.0, 0.3, 0.3))[key] @ fresh) < 0.99
 
     out = run_cli("eval", "--db", str(db), "--group-regex", r"obj(\d+)__", "--descriptor",
                   "all").stdout
@@ -329,9 +314,8 @@ def test_held_out_fit_is_recorded(coil, tmp_path: Path) -> None:
     assert m["held_out"] == 1 and m["fitted_on"] == str(held.resolve())
     assert m["image_count"] == 120
     with open_read(held) as fh:
-        from imgdb.store import content_hash
 
-        assert m["fitted_on_hash"] == content_hash(fh, EXT)
+        assert m["fitted_on_hash"] == fh.content_hash(EXT)
     assert _json("encode", "--db", str(target), "--codebook", m["version"])["encoded"] == 120
     # the held-out store lacks these local features: one clear line, exit 1
     bad = run_cli("fit", "codebook", "--db", str(target), "--local", "block5", "--method",
@@ -378,7 +362,7 @@ def test_codebook_errors_are_one_line(coil, tmp_path: Path) -> None:
 
 
 def test_sift_mask_cells_come_from_opencv_keypoints(tmp_path: Path) -> None:
-    from imgdb.images import SizePolicy, load_image
+    from imgdb.features.images import SizePolicy, load_image
 
     src = need(COIL) / "obj5__0.png"
     photos = tmp_path / "p"
@@ -390,13 +374,13 @@ def test_sift_mask_cells_come_from_opencv_keypoints(tmp_path: Path) -> None:
             "--quiet")
     img = load_image(src, SizePolicy.parse("original"), (1.0,))
     px = img.pixels[0]
-    kp = enc.sift_keypoints(px)
+    kp = masks.sift_keypoints(px)
     assert len(kp) > 0
     h, w = px.shape[:2]
-    expected = enc.sift_mask(kp, (w, h), (w // 16, h // 16))  # stride 16 at block5
+    expected = masks.sift_mask(kp, (w, h), (w // 16, h // 16))  # stride 16 at block5
     with open_read(db) as fh:
-        info = resolve_local(fh, "block5:sift")
-        (_, _, coords), = list(iter_local(fh, info, [0]))
+        info = fh.local("block5:sift")
+        (_, _, coords), = list(fh.iter_local(info, [0]))
     assert set(map(tuple, coords.tolist())) == {(x, y) for y, x in zip(*np.nonzero(expected))}
 
 

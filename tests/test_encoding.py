@@ -1,4 +1,4 @@
-"""Codebook methods (imgdb.encoding): masks, VLAD, T-emb, FV, democratic aggregation.
+"""Codebook methods (imgdb.codebooks: masks, reference, training): masks, VLAD, T-emb, FV, democratic aggregation.
 
 Expected values are worked out by hand from the papers' equations (Hoang et al. 2017 eq. 1-6,
 Ng et al. 2015 sec. 3.3, DESIGN.md section 3) or computed by a plain loop implementation
@@ -14,30 +14,11 @@ import pytest
 import torch
 
 from helpers import OXFORD_IMAGES, need
-from imgdb.encoding import (
-    HOANG_TABLE4,
-    HOANG_TEMB_DROP,
-    NG_VLAD,
-    LocalPCA,
-    TembModel,
-    compute_mask,
-    democratic,
-    democratic_weights,
-    fisher_vector,
-    fit_gmm,
-    fit_rotation,
-    fv_embed,
-    max_mask,
-    post_process,
-    select_local,
-    sift_keypoints,
-    sift_mask,
-    sum_aggregate,
-    sum_mask,
-    temb,
-    vlad,
-    vlad_embed,
-)
+from imgdb.codebooks.masks import compute_mask, max_mask, select_local, sift_keypoints, sift_mask, sum_mask
+from imgdb.codebooks.reference import (democratic, democratic_weights, fisher_vector, fv_embed,
+                                       sum_aggregate, temb, vlad, vlad_embed)
+from imgdb.codebooks.training import (HOANG_TABLE4, HOANG_TEMB_DROP, NG_VLAD, LocalPCA, TembModel,
+                                      fit_gmm, fit_rotation, post_process)
 
 
 def cells(mask: np.ndarray) -> set[tuple[int, int]]:

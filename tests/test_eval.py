@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import COIL, DATA, OXFORD_IMAGES, need, run_cli
-from imgdb.store import list_descriptors, open_read, read_descriptor, read_images
+from imgdb.store import open_read
 
 POOLINGS = "sum,spoc,mac,mac2x2,crow,crow-sw,crow-ssw,gem-p3,rmac-l3"
 
@@ -49,10 +49,10 @@ def test_groups_every_pooling_matches_reference(stores) -> None:
     by_name = {r["descriptor"]: r["mAP"] for r in out["results"]}
     assert len(by_name) == 9  # one row per stored pooling
     with open_read(stores["test"]) as fh:
-        paths = read_images(fh).path
+        paths = fh.paths()
         groups = np.array([re.match(r"obj(\d+)__", Path(p).name).group(1) for p in paths])
-        for info in list_descriptors(fh):
-            x, valid = read_descriptor(fh, info)
+        for info in fh.descriptors():
+            x, valid = fh.vectors(info), fh.valid(info.extractor)
             assert valid.all()
             assert by_name[info.name] == pytest.approx(trapezoid_map(x, groups), abs=1e-9)
             assert by_name[info.name] > 0.3

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from imgdb.errors import UserError
-from imgdb.groundtruth import (PROTOCOLS, GroundTruth, Query, groups_from_regex, image_key,
+from imgdb.evaluation.groundtruth import (PROTOCOLS, GroundTruth, Query, groups_from_regex, image_key,
                                load_csv, load_ground_truth, load_groups_folder, load_holidays,
                                load_holidays_file, load_oxford_folder, load_pickle, load_ukbench)
 
@@ -373,8 +373,8 @@ def test_image_key() -> None:
     assert image_key("all_souls_000013") == "all_souls_000013"
     assert image_key("C:\\photos\\100000.JPG") == "100000"
     assert image_key("ukbench00001.jpg") == "ukbench00001"
-    from imgdb.groundtruth import _IMAGE_EXTENSIONS
-    from imgdb.images import IMAGE_EXTENSIONS
+    from imgdb.evaluation.groundtruth import _IMAGE_EXTENSIONS
+    from imgdb.features.images import IMAGE_EXTENSIONS
     assert _IMAGE_EXTENSIONS == IMAGE_EXTENSIONS  # gt names lose exactly the store's extensions
 
 

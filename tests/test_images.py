@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgdb.images import (
+from imgdb.features.images import (
     IMAGE_EXTENSIONS,
     DecodedImage,
     Discovery,
@@ -489,7 +489,7 @@ def test_discover_unreadable_directory(tmp_path: Path) -> None:
 
 def test_discover_unreadable_directory_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same as above, but works as root too: listing the directory fails with EACCES."""
-    import imgdb.images as images_mod
+    import imgdb.features.images as images_mod
 
     locked = tmp_path / "locked"
     touch_image(locked / "a.jpg")

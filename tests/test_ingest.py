@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from helpers import COIL, OXFORD_IMAGES, make_bad_files, need, run_cli
-from imgdb.store import STATUS_FAILED, STATUS_MISSING, STATUS_OK, open_read, read_images
+from imgdb.errors import UserError
+from imgdb.store import STATUS_FAILED, STATUS_MISSING, STATUS_OK, open_read
 
 # random weights and small inputs: these tests check bookkeeping, not retrieval quality
 FAST = ["--backbone", "efficientnet_lite0", "--weights", "none", "--size", "original",
@@ -37,13 +37,17 @@ def ingest_json(*args: str) -> dict:
 
 
 def vectors(db: Path) -> dict[str, np.ndarray]:
-    with h5py.File(db, "r") as fh:
-        out = {}
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and name.count("/") == 3:
-                out[name] = obj[:]
-        fh["descriptors"].visititems(visit)
-        return out
+    with open_read(db) as view:
+        return {d.name: view.vectors(d) for d in view.descriptors()}
+
+
+def committed_rows(db: Path) -> int:
+    """Rows a reader sees now (0 while the store does not exist yet)."""
+    try:
+        with open_read(db) as view:
+            return view.rows
+    except UserError:
+        return 0
 
 
 def test_incremental_reruns(tmp_path: Path) -> None:
@@ -59,9 +63,8 @@ def test_incremental_reruns(tmp_path: Path) -> None:
     more = [a if a != "sum,mac,crow" else "sum,mac,crow,gem-p3" for a in FAST]
     added = ingest_json(str(photos), "--db", str(db), *more)
     assert (added["new"], added["computed"], added["ok"]) == (0, 6, 6)
-    with h5py.File(db, "r") as fh:
-        gem = fh["descriptors/efficientnet_lite0-none-orig/head/gem-p3"][:]
-        assert not np.isnan(gem).any()
+    gem = vectors(db)["efficientnet_lite0-none-orig/head/gem-p3"]
+    assert not np.isnan(gem).any()
 
     extra = sorted(COIL.glob("*.png"))[10]
     shutil.copy2(extra, photos / extra.name)
@@ -77,7 +80,7 @@ def test_incremental_reruns(tmp_path: Path) -> None:
     third = ingest_json(str(photos), "--db", str(db), *FAST)
     assert (third["new"], third["changed"], third["missing"], third["ok"]) == (0, 1, 1, 1)
     with open_read(db) as fh:
-        table = read_images(fh)
+        table = fh.images()
     assert len(table) == 7  # rows are never removed: ids stay dense and stable
     assert table.status[table.path.index(str(gone))] == STATUS_MISSING
 
@@ -104,7 +107,7 @@ def test_vgg16_dims_and_info(tmp_path: Path) -> None:
     for p in ("sum", "spoc", "mac", "crow", "crow-sw", "crow-ssw", "gem-p3", "rmac-l3"):
         assert dims[f"pool5/{p}"] == 512
     assert dims["pool5/mac2x2"] == 2048
-    assert info["images"] == {"total": 2, "ok": 2, "failed": 0, "missing": 0}
+    assert info["images"] == {"total": 2, "ok": 2, "failed": 0, "missing": 0, "lost": 0}
     text = run_cli("info", "--db", str(db)).stdout
     assert "vgg16-none-orig/pool5/mac2x2" in text and "2 x 2048" in text
 
@@ -123,7 +126,7 @@ def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path) -> None:
         if not ok:
             assert name in proc.stderr  # each failure is named with its reason
     with open_read(db) as fh:
-        table = read_images(fh)
+        table = fh.images()
     by_name = {Path(p).name: i for i, p in enumerate(table.path)}
     for name, ok in expected.items():
         row = by_name[name]
@@ -192,11 +195,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
         deadline = time.time() + 120
         rows = 0
         while time.time() < deadline and proc.poll() is None:
-            try:
-                with h5py.File(db, "r", locking=False) as fh:
-                    rows = fh["images/path"].shape[0]
-            except (OSError, KeyError):
-                rows = 0
+            rows = committed_rows(db)
             if rows >= 8 + 16 * attempt:
                 break
             time.sleep(0.05)
@@ -205,7 +204,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         with open_read(db) as fh:  # opens after the kill
-            partial = len(read_images(fh))
+            partial = len(fh.images())
         assert 0 < partial <= 48
         cut_short += partial < 48
     assert cut_short >= 1
@@ -213,9 +212,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
     assert resumed["failed"] == 0 and resumed["ok"] + resumed["unchanged"] == 48
 
     with open_read(reference) as fh:
-        ref_table = read_images(fh)
+        ref_table = fh.images()
     with open_read(db) as fh:
-        table = read_images(fh)
+        table = fh.images()
     assert table.path == ref_table.path  # same rows, same order, no duplicate
     assert np.array_equal(table.sha, ref_table.sha)
     ref_vec, vec = vectors(reference), vectors(db)
@@ -235,12 +234,8 @@ def test_ctrl_c_says_so_and_keeps_what_was_committed(tmp_path: Path) -> None:
                             text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # until some rows are committed
-        try:
-            with h5py.File(db, "r", locking=False) as fh:
-                if fh["images/path"].shape[0] >= 8:
-                    break
-        except (OSError, KeyError):
-            pass
+        if committed_rows(db) >= 8:
+            break
         time.sleep(0.05)
     assert proc.poll() is None, "ingest finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
@@ -249,7 +244,7 @@ def test_ctrl_c_says_so_and_keeps_what_was_committed(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == ("interrupted; what was committed is kept, rerun the "
                                             "command to finish")
     with open_read(db) as fh:
-        kept = len(read_images(fh))
+        kept = len(fh.images())
     assert 8 <= kept <= 48
     resumed = ingest_json(str(photos), "--db", str(db), *args)
     assert resumed["unchanged"] == kept and resumed["ok"] == 48 - kept

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from imgdb.metrics import (QueryScores, Summary, ap_from_positions, average_precision,
+from imgdb.evaluation.metrics import (QueryScores, Summary, ap_from_positions, average_precision,
                            ns_score, precision_at_k, rank_ids, summarize)
 
 # --------------------------------------------------------------------------------------------

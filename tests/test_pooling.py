@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from imgdb.pooling import (
+from imgdb.features.pooling import (
     DEFAULT_POOLINGS,
     POOLINGS,
     canonical_pooling_name,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import OXFORD_CROPS, need, run_cli
-from imgdb.store import list_descriptors, open_read, read_descriptor, read_images
+from imgdb.store import open_read
 
 
 def leave_one_out_map(x: np.ndarray, groups: np.ndarray) -> float:
@@ -27,12 +27,12 @@ def leave_one_out_map(x: np.ndarray, groups: np.ndarray) -> float:
 
 def best_map(db: Path) -> tuple[float, str]:
     with open_read(db) as fh:
-        table = read_images(fh)
+        table = fh.images()
         groups = np.array([re.sub(r"_\d+_query\.jpg$", "", Path(p).name) for p in table.path])
         assert len(set(groups)) == 11
         scores = []
-        for info in list_descriptors(fh):
-            x, valid = read_descriptor(fh, info)
+        for info in fh.descriptors():
+            x, valid = fh.vectors(info), fh.valid(info.extractor)
             assert valid.all()
             scores.append((leave_one_out_map(x, groups), info.name))
     return max(scores)

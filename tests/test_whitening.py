@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from imgdb.errors import UserError
-from imgdb.whitening import Identity, PCAWhitening, l2_normalize, power_normalize
+from imgdb.numeric import l2_normalize, power_normalize
+from imgdb.retrieval.whitening import Identity, PCAWhitening
 
 
 def reference(x: np.ndarray, dims: int, whiten: bool, power: float | None = None) -> np.ndarray:

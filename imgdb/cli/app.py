@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UsageError, UserError
 
 app = typer.Typer(
     name="imgdb",
@@ -81,6 +81,9 @@ def ingest(
                                          help="Also keep the local conv features of LAYER (float16) "
                                               "for codebook methods, all cells or those of a mask: "
                                               "max, sum or sift (Hoang sec.3.2). Repeatable."),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="Retry every failed file (transient failures such as "
+                                           "permissions or memory are retried anyway)."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any image failed."),
     quiet: bool = QuietOption,
     as_json: bool = JsonOption,
@@ -89,7 +92,7 @@ def ingest(
 
     Example: imgdb ingest ~/photos --db photos.h5 --backbone efficientnet_lite0
     """
-    from .ingest import IngestOptions, run_ingest
+    from ..ingest import IngestOptions, run_ingest
     from .progress import ProgressReporter
 
     try:
@@ -102,7 +105,8 @@ def ingest(
                             size=size, scales=scale_values, device=device, batch_size=batch_size,
                             workers=workers, precision=precision, max_pixels=max_pixels,
                             commit_seconds=commit_seconds,
-                            keep_local=tuple(k for spec in keep_local for k in spec.split(",") if k))
+                            keep_local=tuple(k for spec in keep_local for k in spec.split(",") if k),
+                            retry_failed=retry_failed)
     reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
     with reporter:
         summary = run_ingest(paths, db, options, progress=reporter.update, on_start=reporter.start)
@@ -110,7 +114,8 @@ def ingest(
         typer.echo(json.dumps({
             "store": summary.store, "extractor": summary.extractor,
             "discovered": summary.discovered, "new": summary.new, "changed": summary.changed,
-            "computed": summary.recomputed, "unchanged": summary.unchanged, "ok": summary.ok,
+            "computed": summary.recomputed, "retried": summary.retried,
+            "unchanged": summary.unchanged, "ok": summary.ok,
             "failed": summary.failed, "missing": summary.missing,
             "seconds": round(summary.seconds, 3),
             "failures": [{"path": p, "error": e} for p, e in summary.failures],
@@ -141,13 +146,72 @@ def info(
 
     Example: imgdb info --db photos.h5
     """
-    from .report import store_report, render_report
+    from ..inventory import store_report
+    from .render import render_report
 
     report = store_report(db)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo(render_report(report, failures))
+
+
+@app.command()
+def check(
+    db: Path = DbOption,
+    indexes: bool = typer.Option(True, "--indexes/--no-indexes",
+                                 help="Also re-digest every registered index file."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Verify a store: every checksum, the structure, the registries, the index files.
+
+    Exit 1 when something is damaged (and say what); `imgdb repair` mends it.
+
+    Example: imgdb check --db photos.h5
+    """
+    from ..store.check import check_store
+
+    report = check_store(db, verify_indexes=indexes)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    elif report.ok:
+        typer.echo(f"{db}: ok ({report.rows} rows, {report.datasets} datasets, "
+                   f"{report.bytes_read / 1e6:.1f} MB read, {report.indexes} index files "
+                   f"verified, {report.seconds:.1f}s)")
+    else:
+        typer.echo(f"{db}: DAMAGED ({len(report.problems)} problems)")
+        for p in report.problems:
+            typer.echo(f"  {p.line()}")
+        _err(f"repair it with: imgdb repair --db {db} (intact rows are kept; damaged vectors "
+             f"are recomputed by the next ingest)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(db: Path = DbOption, as_json: bool = JsonOption) -> None:
+    """Rebuild a store from every intact row, model and index; keep the old file as a backup.
+
+    Also reclaims dead space, finishes an interrupted commit, and upgrades stores written by
+    imgdb 0.1. Rows whose vectors were damaged become pending: rerun ingest to recompute them.
+
+    Example: imgdb repair --db photos.h5
+    """
+    from ..store.check import repair_store
+
+    report = repair_store(db)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    pending = sum(report.pending_rows.values())
+    typer.echo(f"{db}: rebuilt {report.rows} rows ({report.lost_rows} lost, {pending} to "
+               f"recompute), {report.models} models, {report.indexes} indexes; "
+               f"{report.bytes_before / 1e6:.1f} MB -> {report.bytes_after / 1e6:.1f} MB in "
+               f"{report.seconds:.1f}s; old file kept as {report.backup}")
+    for what in report.dropped:
+        _err(f"dropped {what}")
+    if pending:
+        _err("rows to recompute: rerun the ingest command that made this store")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +244,7 @@ def fit_pca(
 
     Example: imgdb fit pca --db photos.h5 --descriptor pool5/crow --dims 256
     """
-    from .models import fit_pca_model
+    from ..retrieval.pca import fit_pca_model
 
     model = fit_pca_model(db, descriptor, dims, not no_whiten, power, source)
     if as_json:
@@ -236,7 +300,7 @@ def fit_codebook_cmd(
 
     Example: imgdb fit codebook --db photos.h5 --local block6:max --method temb --preset hoang-1024
     """
-    from .codebook import CodebookOptions, fit_codebook
+    from ..codebooks.fit import CodebookOptions, fit_codebook
 
     opts = CodebookOptions(method=method, preset=preset, k=k, pca_d=pca_d,
                            max_features=max_features, power=power, rotate=rotate, drop=drop,
@@ -275,7 +339,7 @@ def encode(
 
     Example: imgdb encode --db photos.h5 --codebook v2 --aggregate democratic
     """
-    from .codebook import run_encode
+    from ..codebooks.encode import run_encode
     from .progress import ProgressReporter
 
     if power is None:
@@ -311,20 +375,20 @@ def models(
 
     Example: imgdb models --db photos.h5
     """
-    from .models import list_models, remove_model
-    from .store import StoreWriter, open_read
+    from ..store import StoreWriter, open_read
 
     if remove:
-        kind, _, rest = remove.partition("/")
-        descriptor, _, version = rest.rpartition("/")
-        if not (kind and descriptor and version):
-            raise typer.BadParameter("--remove takes a model id KIND/EXTRACTOR/LAYER/POOLING/vN")
         with StoreWriter(db, create=False) as writer:
-            remove_model(writer, kind, descriptor, version)
+            with writer.read() as view:
+                model = view.model_by_id(remove)
+                if model is None:
+                    known = ", ".join(m.id for m in view.models()) or "none"
+                    raise UserError(f"the store has no model {remove!r}; models: {known}")
+            writer.remove_model(model)
         typer.echo(f"removed {remove}")
         return
-    with open_read(db) as fh:
-        found = list_models(fh)
+    with open_read(db) as view:
+        found = view.models()
     if as_json:
         typer.echo(json.dumps([{"id": m.id, "kind": m.kind, "descriptor": m.descriptor,
                                 "version": m.version, **m.attrs} for m in found], indent=2))
@@ -366,7 +430,7 @@ def index_build(
 
     Example: imgdb index build --db photos.h5 --descriptor pool5/crow --pca v1
     """
-    from .index import build_index
+    from ..retrieval.index import build_index
 
     info = build_index(db, descriptor, pca, name, trees, seed)
     if as_json:
@@ -383,20 +447,22 @@ def index_ls(db: Path = DbOption, as_json: bool = JsonOption) -> None:
 
     Example: imgdb index ls --db photos.h5
     """
-    from .index import list_indexes
-    from .store import open_read
+    from ..retrieval.index import list_indexes
+    from ..store import open_read
 
-    with open_read(db) as fh:
-        found = list_indexes(fh, db)
+    with open_read(db) as view:
+        found = list_indexes(view, db, verify=True)
     if as_json:
-        typer.echo(json.dumps([{"name": i.name, "current": i.stale is None, "stale_reason": i.stale,
+        typer.echo(json.dumps([{"name": i.name, "current": i.problem is None,
+                                "stale_reason": i.stale, "damaged": i.damaged,
                                 **i.attrs} for i in found], indent=2))
         return
     if not found:
         typer.echo("no indexes (build one with: imgdb index build --db STORE --descriptor D)")
     for i in found:
         a = i.attrs
-        state = "current" if i.stale is None else f"STALE: {i.stale}"
+        state = ("current" if i.problem is None else f"STALE: {i.stale}" if i.stale
+                 else f"DAMAGED: {i.damaged}")
         typer.echo(f"{i.name}  {a['descriptor']} model={a['model']} items={a['items']} "
                    f"dims={a['dims']} trees={a['trees']}  {state}")
 
@@ -408,7 +474,7 @@ def index_rm(name: str = typer.Argument(..., help="Index name as listed by index
 
     Example: imgdb index rm NAME --db photos.h5
     """
-    from .index import remove_index
+    from ..retrieval.index import remove_index
 
     remove_index(db, name)
     typer.echo(f"removed index {name}")
@@ -456,17 +522,17 @@ def query(
 
     Example: imgdb query ~/Desktop/that.jpg --db photos.h5 -k 20
     """
-    from .search import plan_query, run_queries
-    from .store import open_read
+    from ..retrieval.search import plan_query, run_queries
+    from ..store import open_read
 
     if not images and not ids:
         raise typer.BadParameter("give at least one IMAGE or --id")
-    with open_read(db) as fh:
-        plan = plan_query(fh, db, index, descriptor, pca, exact)
+    with open_read(db) as view:
+        plan = plan_query(view, db, index, descriptor, pca, exact)
     results = run_queries(db, images or [], ids or [], plan, k, _parse_bbox(bbox), qe, device,
                           search_k)
     if html_out:
-        from .gallery import write_gallery
+        from ..retrieval.gallery import write_gallery
 
         write_gallery(results, html_out, f"imgdb query: {plan.descriptor} "
                                          f"({plan.index or 'exact'})")
@@ -537,7 +603,7 @@ def eval_(
 
     Example: imgdb eval --db oxford5k.h5 --gt gt_files_170407/ --pca-from paris6k.h5 --dims 512,256
     """
-    from .evaluate import EvalOptions, render_table, result_csv, result_json, run_eval
+    from ..evaluation.evaluate import EvalOptions, render_table, result_csv, result_json, run_eval
 
     if query_mode not in ("full", "crop-image", "crop-features"):
         raise typer.BadParameter("--query must be full, crop-image or crop-features")
@@ -549,7 +615,7 @@ def eval_(
                        protocol=protocol, group_regex=group_regex, device=device)
     result = run_eval(db, gt, opts)
     if report:
-        from .eval_report import write_report
+        from ..evaluation.report import write_report
 
         write_report(result, report, db)
         _err(f"report written to {report}")
@@ -576,7 +642,7 @@ def main() -> None:
         if _STATE["debug"]:
             raise
         _err(f"error: {exc}")
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, UsageError) else 1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

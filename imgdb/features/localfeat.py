@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 MASKS = ("max", "sum", "sift")
 
@@ -84,8 +84,6 @@ def device_masks(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None
         med = torch.quantile(s, 0.5, dim=-1, keepdim=True)  # linear: numpy's median
         return (s >= med).reshape(b, h, w)
     if mask == "sift":
-        from .encoding import sift_keypoints, sift_mask
-
         if pixels is None:
             raise ValueError("the sift mask needs the input pixels")
         if keypoints is None:
@@ -131,3 +129,76 @@ def select_batch(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None
         out.append(LocalSet(feats[start:start + n], coords[start:start + n], (w, h)))
         start += n
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SIFT keypoints and Hoang eq. 1 (the sift mask needs them on the host)
+
+
+def sift_mask(keypoints_xy, image_size: tuple[int, int], grid: tuple[int, int],
+              radius: int = 0) -> np.ndarray:
+    """SIFT-mask, Hoang sec. 3.2.1 eq. 1: conv-grid cells that hold a SIFT keypoint.
+
+    ``keypoints_xy``: (K, 2) keypoint positions (x, y) in pixels of the image the feature map
+    was computed from, ``image_size`` = (W_I, H_I) of that image, ``grid`` = (W, H) of the
+    feature map.  Each keypoint goes to the cell x_grid = round(x W / W_I),
+    y_grid = round(y H / H_I) (eq. 1; halves round up, as Matlab's ``round`` on non-negative
+    values), clipped to [0, W-1] x [0, H-1].  Eq. 1 is used on 0-based pixel and grid
+    coordinates, as written; note that it maps a pixel to the cell whose left/top edge is
+    nearest, i.e. half a cell away from the cell that contains it (the paper's own rounding).
+
+    No keypoint (K == 0): every cell is selected (Hoang sec. 5.1 "the SIFT-mask is ignored").
+
+    ``radius`` > 0 also selects the cells within that Chebyshev distance of each keypoint's
+    cell; the authors' released code does this with radius 1, the paper (default 0) does not.
+    Returns a bool (H, W) mask.
+    """
+    w_grid, h_grid = int(grid[0]), int(grid[1])
+    w_img, h_img = float(image_size[0]), float(image_size[1])
+    if w_grid <= 0 or h_grid <= 0 or w_img <= 0 or h_img <= 0:
+        raise ValueError(f"bad sizes: image {image_size}, grid {grid}")
+    kp = np.asarray(keypoints_xy, dtype=np.float64).reshape(-1, 2)
+    if len(kp) == 0:
+        return np.ones((h_grid, w_grid), dtype=bool)
+    gx = np.floor(kp[:, 0] * w_grid / w_img + 0.5).astype(np.int64)
+    gy = np.floor(kp[:, 1] * h_grid / h_img + 0.5).astype(np.int64)
+    gx = np.clip(gx, 0, w_grid - 1)
+    gy = np.clip(gy, 0, h_grid - 1)
+    mask = np.zeros((h_grid, w_grid), dtype=bool)
+    mask[gy, gx] = True
+    if radius > 0:
+        grown = mask.copy()
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                ys, xs = np.clip(gy + dy, 0, h_grid - 1), np.clip(gx + dx, 0, w_grid - 1)
+                grown[ys, xs] = True
+        mask = grown
+    return mask
+
+
+def sift_keypoints(image, nfeatures: int = 0) -> np.ndarray:
+    """SIFT keypoint positions (K, 2) float32 as (x, y) pixels, OpenCV ``cv2.SIFT_create``.
+
+    ``image``: uint8 RGB (H, W, 3) or grayscale (H, W); RGB is converted to grayscale first.
+    Positions are OpenCV's (0-based, pixel centres at integers); a keypoint detected with
+    several orientations appears several times (harmless for the mask).  Hoang used VLFeat's
+    detector (sec. 5.1); OpenCV's is the same Lowe detector with its own defaults.
+    """
+    try:
+        import cv2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise UserError("the SIFT mask needs OpenCV: install it with "
+                        "`pip install opencv-python-headless`") from exc
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"sift_keypoints expects a uint8 image, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 3:
+        gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+    elif img.ndim == 2:
+        gray = np.ascontiguousarray(img)
+    else:
+        raise ValueError(f"sift_keypoints expects (H, W, 3) RGB or (H, W) gray, got {img.shape}")
+    kps = cv2.SIFT_create(nfeatures=nfeatures).detect(gray, None)
+    if not kps:
+        return np.zeros((0, 2), dtype=np.float32)
+    return np.array([kp.pt for kp in kps], dtype=np.float32)

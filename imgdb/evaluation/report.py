@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from ..store import open_read
 from .evaluate import Cell, EvalResult
-from .store import open_read, read_images
 
 RECALL_POINTS = np.linspace(0, 1, 11)
 
@@ -79,11 +79,11 @@ def _plot(result: EvalResult, out: Path) -> None:
 
 
 def _worst(result: EvalResult, out: Path, db: Path, n: int = 5) -> None:
-    from .gallery import thumbnail_data_uri
+    from ..retrieval.gallery import thumbnail_data_uri
 
     best = max(result.cells, key=lambda c: np.nan_to_num(c.summary.mAP))
-    with open_read(db) as fh:
-        paths = read_images(fh).path
+    with open_read(db) as view:
+        paths = view.paths()
     top = result.rankings.get((best.descriptor, best.whitening, best.dims))
     names = [q.name for q in best.per_query]
     scored = [(q.ap, i, q) for i, q in enumerate(best.per_query) if not np.isnan(q.ap)]

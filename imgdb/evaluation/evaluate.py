@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from ..numeric import l2_normalize
+from ..retrieval.pca import training_vectors
+from ..retrieval.whitening import Identity, PCAWhitening
+from ..store import DescriptorInfo, open_read
 from .groundtruth import GroundTruth, Query, image_key, load_ground_truth
 from .metrics import (QueryScores, Summary, average_precision, ns_score, precision_at_k,
                       rank_ids, summarize)
-from .store import (DescriptorInfo, extractor_attrs, list_descriptors, open_read, read_descriptor,
-                    read_images, resolve_descriptor, training_vectors)
-from .whitening import Identity, PCAWhitening, l2_normalize
 
 KS = (1, 5, 10)
 
@@ -96,7 +96,7 @@ def _key_rows(paths: Sequence[str], valid: np.ndarray) -> dict[str, int]:
 
 
 def _query_files(folder: Path) -> dict[str, Path]:
-    from .images import discover
+    from ..features.images import discover
 
     return {image_key(str(p)): p for p in discover([folder]).files}
 
@@ -131,73 +131,53 @@ def _select_queries(gt: GroundTruth, key_rows: dict[str, int], paths: list[str],
 
 
 class _QueryVectors:
-    """Raw query vectors per descriptor: stored, from a second store, or extracted."""
+    """Raw query vectors per descriptor: stored, from a second store, or described as ingest
+    did (network forwards happen outside the store's lock)."""
 
-    def __init__(self, fh: h5py.File, qs: _QuerySet, opts: EvalOptions) -> None:
-        self.fh, self.qs, self.opts = fh, qs, opts
-        self._extracted: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+    def __init__(self, db: Path, qs: _QuerySet, opts: EvalOptions) -> None:
+        self.db, self.qs, self.opts = db, qs, opts
+        self._describers: dict[str, object] = {}
+        self._extracted: dict[tuple[str, str, str], dict] = {}
 
     def get(self, info: DescriptorInfo) -> np.ndarray:
+        if self.opts.queries_db:
+            other = self._other_store(info)
+            missing = [q.image for q in self.qs.queries if q.image not in other]
+            if missing:
+                raise UserError(f"query image {missing[0]} is not in {self.opts.queries_db}")
+            return np.asarray([other[q.image] for q in self.qs.queries], dtype=np.float32)
+        stored_rows = [r for r, f in zip(self.qs.rows, self.qs.files) if f is None]
+        with open_read(self.db) as view:
+            stored = dict(zip(stored_rows, view.vectors(info, stored_rows))) if stored_rows else {}
+            if any(f is not None for f in self.qs.files) and info.extractor not in self._describers:
+                from ..retrieval.describe import QueryDescriber
+
+                self._describers[info.extractor] = QueryDescriber(view, info.extractor,
+                                                                  device=self.opts.device)
         out = []
-        ds = self.fh["descriptors"][info.extractor][info.layer][info.pooling]
-        other = self._other_store(info) if self.opts.queries_db else None
         for q, row, f in zip(self.qs.queries, self.qs.rows, self.qs.files):
-            if other is not None:
-                if q.image not in other:
-                    raise UserError(f"query image {q.image} is not in {self.opts.queries_db}")
-                out.append(other[q.image])
-            elif f is None:
-                out.append(ds[row])
-            else:
-                out.append(self._extract(info, q, f))
+            out.append(stored[row] if f is None else self._extract(info, q, f))
         return np.asarray(out, dtype=np.float32)
 
     def _other_store(self, info: DescriptorInfo) -> dict[str, np.ndarray]:
-        with open_read(self.opts.queries_db) as fh:
+        with open_read(self.opts.queries_db) as view:
             try:
-                other = resolve_descriptor(fh, info.name)
+                other = view.descriptor(info.name)
             except UserError:
-                raise UserError(f"{self.opts.queries_db} has no descriptor {info.name}; ingest the "
-                                f"queries with the same settings") from None
-            x, valid = read_descriptor(fh, other)
-            paths = read_images(fh).path
-        return {image_key(p): x[i] for i, p in enumerate(paths) if valid[i]}
+                raise UserError(f"{self.opts.queries_db} has no descriptor {info.name}; ingest "
+                                f"the queries with the same settings") from None
+            rows, x = view.valid_vectors(other)
+            paths = view.paths(rows)
+        return {image_key(p): v for p, v in zip(paths, x)}
 
     def _extract(self, info: DescriptorInfo, q: Query, path: Path) -> np.ndarray:
-        from .backbones import get_backbone, stored_weights
-        from .extract import FeatureExtractor, resolve_device
-        from .images import load_query_image
-
-        cache = self._extracted.setdefault(info.extractor, {})
-        key = (str(path), q.name)
-        if key not in cache:
-            s = extractor_attrs(self.fh, info.extractor)
-            if "encoding" in s:
-                cache[key] = {(info.layer, info.pooling): self._encoded(info, s, q, path)}
-                return cache[key][(info.layer, info.pooling)]
-            if not hasattr(self, "_ext") or self._ext_name != info.extractor:
-                self._ext = FeatureExtractor(get_backbone(s["backbone"]), stored_weights(s),
-                                             tuple(s["layers"]), tuple(s["poolings"]),
-                                             resolve_device(self.opts.device))
-                self._ext_name = info.extractor
+        key = (info.extractor, str(path), q.name)
+        if key not in self._extracted:
+            describer = self._describers[info.extractor]
             mode = self.opts.query_mode
-            crop = q.bbox if mode == "crop-image" else None
-            img = load_query_image(path, s, crop)
-            cache[key] = self._ext.describe(img.pixels, _feature_region(q, img, mode))
-        return cache[key][(info.layer, info.pooling)]
-
-
-    def _encoded(self, info: DescriptorInfo, s: dict, q: Query, path: Path) -> np.ndarray:
-        """A query image through a codebook encoding (local features, then the codebook)."""
-        from .codebook import EncodedDescriber
-
-        describers = self.__dict__.setdefault("_describers", {})
-        if info.extractor not in describers:
-            describers[info.extractor] = EncodedDescriber(self.fh, s["encoding"], self.opts.device)
-        d = describers[info.extractor]
-        mode = self.opts.query_mode
-        img = d.load(path, q.bbox if mode == "crop-image" else None)
-        return d.describe(img.pixels, _feature_region(q, img, mode))
+            img = describer.load(path, q.bbox if mode == "crop-image" else None)
+            self._extracted[key] = describer.describe(img, _feature_region(q, img, mode))
+        return self._extracted[key][(info.layer, info.pooling)]
 
 
 def _feature_region(q: Query, img, mode: str) -> tuple[float, float, float, float] | None:
@@ -277,60 +257,60 @@ def _fit(x_fit: np.ndarray, dims: int, opts: EvalOptions) -> PCAWhitening:
 
 def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
     """Evaluate every requested descriptor x whitening source x dims on the ground truth."""
-    with open_read(db) as fh:
-        table = read_images(fh)
-        infos = list_descriptors(fh)
+    db = Path(db)
+    with open_read(db) as view:
+        paths = view.paths()
+        n_rows = len(paths)
+        infos = view.descriptors()
         if not infos:
             raise UserError(f"store {db} has no descriptors; run imgdb ingest first")
         if list(opts.descriptors) in (["all"], []):
             chosen = infos
         else:
-            chosen = [resolve_descriptor(fh, d) for d in opts.descriptors]
-        gt = load_ground_truth(gt_path, opts.protocol, images=table.path, group_regex=opts.group_regex)
-        result = EvalResult(gt.protocol, gt.source, 0, 0)
-        qv = None
-        qs = None
-        for info in chosen:
-            x, valid = read_descriptor(fh, info)
+            chosen = [view.descriptor(d) for d in opts.descriptors]
+    gt = load_ground_truth(gt_path, opts.protocol, images=paths, group_regex=opts.group_regex)
+    result = EvalResult(gt.protocol, gt.source, 0, 0)
+    qv = None
+    qs = None
+    for info in chosen:
+        with open_read(db) as view:
+            valid = view.valid(info.extractor)[:n_rows]
             db_rows = np.flatnonzero(valid)
-            keys = np.array([image_key(table.path[r]) for r in db_rows])
-            if qs is None:
-                key_rows = _key_rows(table.path, valid)
-                qs, skipped = _select_queries(gt, key_rows, table.path, opts)
-                result.skipped_queries = skipped
-                result.n_queries = len(qs.queries)
-                result.n_database = len(db_rows)
-                if not qs.queries:
-                    raise UserError("no query of the ground truth can be evaluated: "
-                                    + (skipped[0][1] if skipped else "the ground truth is empty"))
-                qv = _QueryVectors(fh, qs, opts)
-            raw_db = x[db_rows]
-            raw_q = qv.get(info)
-            for label, source in _whitening_sources(opts):
-                if label == "none":
-                    dims_list = [raw_db.shape[1]]
-                else:
-                    fit_on = raw_db if source is None else training_vectors(source, info.name)[0]
-                    limit = min(fit_on.shape[0], fit_on.shape[1])
-                    dims_list = [d for d in (opts.dims or [min(limit, raw_db.shape[1])]) if d <= limit]
-                    if not dims_list:
-                        raise UserError(f"--dims {','.join(map(str, opts.dims))} exceed what "
-                                        f"{limit} vectors allow for {info.name}")
-                for dims in dims_list:
-                    if label == "none":
-                        transform = Identity(opts.power)
-                    else:
-                        transform = _fit(fit_on, dims, opts)
-                    db_vec = transform.transform(raw_db)
-                    q_vec = transform.transform(raw_q)
-                    per_setup, positions, ns_values, top, missing = _scores_for(
-                        gt, qs, q_vec, db_vec, keys, db_rows, opts.qe)
-                    result.missing_positives = missing
-                    for setup, scores in per_setup.items():
-                        result.cells.append(Cell(info.name, label, dims, setup, summarize(scores),
-                                                 scores, float(np.mean(ns_values)) if ns_values else None,
-                                                 positions[setup]))
-                    result.rankings[(info.name, label, dims)] = top
+            raw_db = view.vectors(info, db_rows)
+        keys = np.array([image_key(paths[r]) for r in db_rows])
+        if qs is None:
+            key_rows = _key_rows(paths, valid)
+            qs, skipped = _select_queries(gt, key_rows, paths, opts)
+            result.skipped_queries = skipped
+            result.n_queries = len(qs.queries)
+            result.n_database = len(db_rows)
+            if not qs.queries:
+                raise UserError("no query of the ground truth can be evaluated: "
+                                + (skipped[0][1] if skipped else "the ground truth is empty"))
+            qv = _QueryVectors(db, qs, opts)
+        raw_q = qv.get(info)
+        for label, source in _whitening_sources(opts):
+            if label == "none":
+                dims_list = [raw_db.shape[1]]
+            else:
+                fit_on = raw_db if source is None else training_vectors(source, info.name)[0]
+                limit = min(fit_on.shape[0], fit_on.shape[1])
+                dims_list = [d for d in (opts.dims or [min(limit, raw_db.shape[1])]) if d <= limit]
+                if not dims_list:
+                    raise UserError(f"--dims {','.join(map(str, opts.dims))} exceed what "
+                                    f"{limit} vectors allow for {info.name}")
+            for dims in dims_list:
+                transform = Identity(opts.power) if label == "none" else _fit(fit_on, dims, opts)
+                db_vec = transform.transform(raw_db)
+                q_vec = transform.transform(raw_q)
+                per_setup, positions, ns_values, top, missing = _scores_for(
+                    gt, qs, q_vec, db_vec, keys, db_rows, opts.qe)
+                result.missing_positives = missing
+                for setup, scores in per_setup.items():
+                    result.cells.append(Cell(info.name, label, dims, setup, summarize(scores),
+                                             scores, float(np.mean(ns_values)) if ns_values else None,
+                                             positions[setup]))
+                result.rankings[(info.name, label, dims)] = top
     return result
 
 

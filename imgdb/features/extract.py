@@ -13,7 +13,8 @@ from torch import nn
 
 from . import pooling as pooling_mod
 from .backbones import Backbone, WeightsChoice, load_network, preprocessing
-from .errors import UserError
+from ..errors import UserError
+from ..numeric import l2_normalize
 from .localfeat import LocalSet, LocalSpec, region_cells, select_batch
 
 
@@ -41,9 +42,7 @@ def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
     """One scale: the raw vector. Several: the mean of the L2-normalised per-scale vectors."""
     if len(per_scale) == 1:
         return per_scale[0]
-    stacked = np.stack(per_scale).astype(np.float32)
-    stacked /= np.maximum(np.linalg.norm(stacked, axis=-1, keepdims=True), 1e-12)
-    return stacked.mean(axis=0)
+    return l2_normalize(np.stack(per_scale).astype(np.float32)).mean(axis=0)
 
 
 class FeatureExtractor:

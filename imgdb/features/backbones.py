@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .digest import file_digest
-from .errors import UserError
+from ..digest import file_digest
+from ..errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

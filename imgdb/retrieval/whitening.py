@@ -11,18 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def power_normalize(x: np.ndarray, alpha: float) -> np.ndarray:
-    """sign(x) |x|^alpha (alpha = 0.5 is the usual signed square root)."""
-    return np.sign(x) * np.abs(x) ** alpha
+from ..errors import UserError
+from ..numeric import l2_normalize, power_normalize
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -267,7 +267,21 @@ class SizePolicy:
 
 
 class ImageError(Exception):
-    """A single image could not be used; str() is a one-line human reason."""
+    """A single image could not be used; str() is a one-line human reason.
+
+    `transient`: the cause may go away (permissions, memory, I/O), so a rerun retries it;
+    otherwise the bytes are not usable and only a change of the file is worth a retry.
+    `scope`: "file" when any extractor would fail the same way, "extractor" when the failure
+    comes from this extractor's settings (size policy, pixel limit), so another may succeed.
+    """
+
+    def __init__(self, reason: str, transient: bool = False, scope: str = "file") -> None:
+        super().__init__(reason)
+        self.transient = transient
+        self.scope = scope
+        self.file_size: int | None = None  # facts of the file, when it could be read
+        self.mtime: float | None = None
+        self.sha: str | None = None
 
 
 @dataclass
@@ -415,11 +429,21 @@ def load_image(
     except ImageError:
         raise
     except OSError as e:
-        raise ImageError(f"cannot read file ({_reason(e)})") from None
+        raise ImageError(f"cannot read file ({_reason(e)})", transient=True) from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     sha = hashlib.blake2b(data, digest_size=16).hexdigest()
+    try:
+        return _decode(data, st, sha, policy, scales, max_pixels, min_side, crop)
+    except ImageError as e:  # the file facts travel with the error (the store records them)
+        e.file_size, e.mtime, e.sha = len(data), st.st_mtime, sha
+        raise
 
+
+def _decode(data: bytes, st: os.stat_result, sha: str, policy: SizePolicy,
+            scales: tuple[float, ...], max_pixels: int, min_side: int,
+            crop: tuple[float, float, float, float] | None) -> DecodedImage:
+    """The decoding half of load_image (bytes in memory -> pixels at each scale)."""
     try:
         with Image.open(io.BytesIO(data), formats=_open_formats()) as im:
             sw, sh = im.size  # stored (pre-orientation) size, from the header
@@ -427,8 +451,8 @@ def load_image(
                 raise ImageError(f"invalid image size {sw}x{sh} in header")
             if sw * sh > max_pixels:
                 raise ImageError(
-                    f"image too large: {sw}x{sh} pixels exceeds the limit of {max_pixels:,}"
-                )
+                    f"image too large: {sw}x{sh} pixels exceeds the limit of {max_pixels:,}",
+                    scope="extractor")
             orientation = _orientation(im)
             swap = orientation in (5, 6, 7, 8)
             w, h = (sh, sw) if swap else (sw, sh)
@@ -451,12 +475,12 @@ def load_image(
                 if min(tw, th) < min_side:
                     how = "" if (tw, th) == (w, h) else " after resizing"
                     raise ImageError(
-                        f"image too small: {tw}x{th}{how}, needs at least {min_side} px per side"
-                    )
+                        f"image too small: {tw}x{th}{how}, needs at least {min_side} px per side",
+                        scope="extractor")
                 if tw * th > max_pixels:
                     raise ImageError(
-                        f"image too large: {tw}x{th} pixels after resizing exceeds the limit of {max_pixels:,}"
-                    )
+                        f"image too large: {tw}x{th} pixels after resizing exceeds the limit of "
+                        f"{max_pixels:,}", scope="extractor")
             if isinstance(im, JpegImagePlugin.JpegImageFile) and box is None:
                 # Decode at 1/2, 1/4 or 1/8 size in the DCT when every target is that much smaller
                 # (draft never goes below the requested size, so the exact resize below is a downscale).
@@ -484,7 +508,7 @@ def load_image(
     except ImageError:
         raise
     except Exception as e:  # every Pillow/OS/decoder failure becomes a one-line reason
-        raise ImageError(_classify(e)) from None
+        raise ImageError(_classify(e), transient=isinstance(e, MemoryError)) from None
 
     return DecodedImage(
         pixels=pixels, width=w, height=h, file_size=len(data), mtime=st.st_mtime, sha=sha
@@ -503,7 +527,9 @@ def _load_or_error(
             try:
                 image.extras = after(image)
             except Exception as exc:  # e.g. OpenCV refusing an image: this file only
-                raise ImageError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                raise ImageError(f"{type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                 scope="extractor") from None
         return image
     except ImageError as e:
         # Drop the frames (they hold the file bytes): callers may keep thousands of errors.

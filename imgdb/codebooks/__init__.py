@@ -1,0 +1,1 @@
+"""Codebook methods on stored local features: masks, embeddings, aggregation, fit and encode."""

@@ -1,0 +1,1 @@
+"""Benchmark protocols: ground-truth readers, the official metrics, the papers' tables."""

@@ -1,0 +1,1 @@
+"""Files -> images -> feature maps -> pooled vectors: decoding, backbones, poolings, extraction."""

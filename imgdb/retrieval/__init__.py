@@ -1,0 +1,1 @@
+"""Stored vectors -> answers: PCA-whitening, indexes, query description and search."""

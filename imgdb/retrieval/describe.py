@@ -1,0 +1,84 @@
+"""The one way to describe a new image for a stored descriptor: exactly as ingest did.
+
+`QueryDescriber` rebuilds an extractor from the settings the store recorded (backbone, weights
+digest, size policy, scales) and computes only the (layer, pooling) pairs asked for; for a
+codebook encoding it extracts the local features as ingest kept them and encodes them with the
+same codebook. `query`, `eval` and `serve` all use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..store import StoreView
+
+Region = tuple[float, float, float, float]
+
+
+class QueryDescriber:
+    """Describes images for descriptors of one extractor of a store (built lazily: torch and the
+    network load only when an image actually needs a forward pass)."""
+
+    def __init__(self, view: StoreView, extractor: str, wanted: Sequence[tuple[str, str]] | None = None,
+                 device: str = "auto") -> None:
+        self.extractor = extractor
+        self.settings = view.settings(extractor)
+        self.encoding = self.settings.get("encoding")
+        self.device = device
+        self.wanted = tuple(wanted) if wanted else None
+        self._net = None
+        self._encoder = None
+        if self.encoding is not None:  # the base extractor's settings decide decoding
+            from ..codebooks.encode import load_encoder
+
+            self.base = view.settings(self.encoding["extractor"])
+            self._encoder = load_encoder(view, self.encoding, device)
+        else:
+            self.base = self.settings
+
+    def load(self, path: str | Path, crop: Region | None = None):
+        """Decode a query image as ingest decoded the store's (size policy, scales, limits)."""
+        from ..features.images import load_query_image
+
+        return load_query_image(path, self.base, crop)
+
+    def _network(self):
+        if self._net is None:
+            from ..features.backbones import get_backbone, stored_weights
+            from ..features.extract import FeatureExtractor, resolve_device
+            from ..features.localfeat import parse_local_spec
+
+            s = self.base
+            if self.encoding is not None:
+                spec = parse_local_spec(self.encoding["key"])
+                self._net = FeatureExtractor(get_backbone(s["backbone"]), stored_weights(s), (),
+                                             (), resolve_device(self.device), local=(spec,))
+            else:
+                layers = tuple(dict.fromkeys(l for l, _ in self.wanted)) if self.wanted \
+                    else tuple(s["layers"])
+                poolings = tuple(dict.fromkeys(p for _, p in self.wanted)) if self.wanted \
+                    else tuple(s["poolings"])
+                self._net = FeatureExtractor(get_backbone(s["backbone"]), stored_weights(s),
+                                             layers, poolings, resolve_device(self.device))
+        return self._net
+
+    def describe(self, image, region: Region | None = None) -> dict[tuple[str, str], np.ndarray]:
+        """A decoded image -> {(layer, pooling): raw vector} as stored (`region`: fractional box
+        of feature-map cells to keep, Babenko sec.4's query-region protocol)."""
+        net = self._network()
+        if self.encoding is not None:
+            key = self.encoding["key"]
+            local = net.describe_local(image.pixels, region)[key]
+            return {(key, self.encoding["method"]): self._encoder.encode([local.features])[0]}
+        out = net.describe(image.pixels, region)
+        if self.wanted:
+            out = {k: v for k, v in out.items() if k in self.wanted}
+        return out
+
+    def vector(self, path: str | Path, layer: str, pooling: str, crop: Region | None = None
+               ) -> np.ndarray:
+        """One raw vector of one image file."""
+        return self.describe(self.load(path, crop))[(layer, pooling)]

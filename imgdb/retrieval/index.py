@@ -1,0 +1,282 @@
+"""Annoy indexes registered in the store, and exact (brute-force) search.
+
+An index file lives beside the store (`STORE.h5.<name>.ann`); the registry entry says what it
+was built from (descriptor, model version, the extractor's revision, dims, trees, seed, items,
+file size and digest) and maps Annoy item ids to image ids. Files are written under a temporary
+name and renamed, then registered in one commit, so an interrupted build registers nothing.
+
+A file is verified against its recorded digest before Annoy maps it (Annoy trusts its input: a
+damaged file can crash the process). The full digest is computed once per file state and
+remembered in a stamp beside it (`.ann.ok`: inode, size, mtime and ctime); while those are
+unchanged, later loads only compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..digest import file_digest
+from ..errors import DiskFull, StoreDamaged, UsageError, UserError
+from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
+from .pca import model_version, post_processor
+
+DEFAULT_TREES = 50
+METRIC = "angular"  # on unit vectors: distance^2 = 2 - 2 cos
+_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9._+-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """A registry entry and whether it can be used: `stale` (rebuild) or `damaged` (the file
+    does not match its digest), None when fine."""
+
+    name: str
+    attrs: dict
+    stale: str | None
+    damaged: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        return self.damaged or self.stale
+
+
+def check_index_name(name: str) -> str:
+    """Index names become file names: letters, digits and . _ + - only."""
+    if not _NAME.match(name) or ".." in name:
+        raise UsageError(f"index name {name!r} is not allowed: use letters, digits, '.', '_', "
+                         f"'+' and '-' (no '/', no leading '.')")
+    return name
+
+
+def default_index_name(descriptor: str, model_id: str) -> str:
+    return f"{descriptor.replace('/', '.')}.{model_version(model_id).replace('none', 'raw')}"
+
+
+def index_file(db: Path, name: str) -> Path:
+    return db.with_name(f"{db.name}.{name}.ann")
+
+
+def registered_file(db: Path, entry: IndexEntry) -> Path:
+    """Where a registered index file is: beside the store, under its recorded file name."""
+    return Path(db).with_name(entry.file)
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".ok")
+
+
+def _file_state(st: os.stat_result) -> dict:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
+def verify_file(path: Path, size: int, digest: str, full: bool = False) -> str | None:
+    """None when the file is the one recorded, else what is wrong. `full` always re-digests;
+    otherwise a stamp of an earlier full check is trusted while the file's state is unchanged."""
+    try:
+        st = path.stat()
+    except OSError:
+        return f"index file {path.name} is missing"
+    if st.st_size != size:
+        return f"index file {path.name} has {st.st_size} bytes, {size} were written"
+    state = dict(_file_state(st), digest=digest)
+    stamp = _stamp_path(path)
+    if not full:
+        try:
+            if json.loads(stamp.read_text()) == state:
+                return None
+        except (OSError, ValueError):
+            pass
+    if file_digest(path) != digest:
+        return f"index file {path.name} does not match the digest recorded when it was built"
+    try:
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, stamp)
+    except OSError:
+        pass  # a read-only folder: verify in full every time
+    return None
+
+
+def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
+                full: bool = False) -> IndexStatus:
+    """Registry entry with its staleness (store changed, model removed, file missing) and, with
+    `verify`, its integrity (size and digest)."""
+    entry = view.index(name)
+    attrs = entry.attrs
+    path = registered_file(db, entry)
+    extractor = str(attrs["descriptor"]).split("/")[0]
+    stale = None
+    if not path.exists():
+        stale = f"index file {path.name} is missing"
+    elif attrs["model"] != "none" and view.model_by_id(str(attrs["model"])) is None:
+        stale = f"its model {attrs['model']} was removed"
+    elif extractor not in view.extractors() or \
+            view.revision(extractor) != attrs.get("extractor_revision"):
+        stale = "the store changed since it was built (images added, changed or removed)"
+    damaged = None
+    if stale is None and verify:
+        damaged = verify_file(path, int(attrs["file_bytes"]), str(attrs["file_hash"]), full)
+    return IndexStatus(name, attrs, stale, damaged)
+
+
+def list_indexes(view: StoreView, db: Path, verify: bool = False) -> list[IndexStatus]:
+    return [check_index(view, db, e.name, verify) for e in view.indexes()]
+
+
+def rebuild_command(db: Path, status: IndexStatus) -> str:
+    a = status.attrs
+    return (f"imgdb index build --db {db} --descriptor {a['descriptor']} "
+            f"--pca {model_version(a['model'])} --name {status.name} --trees {a['trees']} "
+            f"--seed {a['seed']}")
+
+
+def usable_index(view: StoreView, db: Path, name: str) -> IndexStatus:
+    """An index that may be loaded: current and intact, else a one-line error with the fix."""
+    status = check_index(view, db, name, verify=True)
+    if status.stale:
+        raise UserError(f"index {name} is stale ({status.stale}); rebuild it with: "
+                        f"{rebuild_command(db, status)}")
+    if status.damaged:
+        raise StoreDamaged(f"index {name} is damaged ({status.damaged}); rebuild it with: "
+                           f"{rebuild_command(db, status)}")
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build_index(db: Path, descriptor: str, model: str | None, name: str | None = None,
+                trees: int = DEFAULT_TREES, seed: int = 0) -> IndexStatus:
+    """Build (or rebuild) an Annoy index of a descriptor under a model; register it."""
+    from annoy import AnnoyIndex
+
+    db = Path(db)
+    if name is not None:
+        check_index_name(name)
+    with StoreWriter(db, create=False) as writer:
+        with writer.read() as view:
+            info = view.descriptor(descriptor)
+            transform, model_info = post_processor(view, info.name, model)
+            model_id = model_info.id if model_info else "none"
+            name = name or default_index_name(info.name, model_id)
+            path = index_file(db, name)
+            for leftover in path.parent.glob(path.name + ".tmp*"):
+                leftover.unlink(missing_ok=True)  # of a killed build
+            started = time.perf_counter()
+            index = None
+            parts = []
+            count = 0
+            for rows, raw in view.iter_valid(info):
+                vecs = transform.transform(raw)
+                if index is None:
+                    index = AnnoyIndex(vecs.shape[1], METRIC)
+                    index.set_seed(seed)
+                for j, v in enumerate(vecs.tolist(), start=count):
+                    index.add_item(j, v)
+                count += len(rows)
+                parts.append(rows)
+            if index is None:
+                raise UserError(f"descriptor {info.name} has no vectors to index; run imgdb ingest")
+            dims = index.f
+            revision = view.revision(info.extractor)
+        index.build(trees, n_jobs=1)  # one thread: the same trees for the same seed
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        try:
+            index.save(str(tmp))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DiskFull(f"cannot write index file {tmp.name}: {exc}; nothing was changed")
+        finally:
+            index.unload()
+        os.replace(tmp, path)
+        st = path.stat()
+        attrs = {
+            "file": path.name, "descriptor": info.name, "model": model_id, "dims": int(dims),
+            "metric": METRIC, "trees": int(trees), "seed": int(seed), "items": int(count),
+            "extractor_revision": revision, "file_bytes": int(st.st_size),
+            "file_hash": file_digest(path), "build_seconds": round(time.perf_counter() - started, 3),
+            "created": now_iso(),
+        }
+        writer.register_index(name, attrs, np.concatenate(parts))
+        verify_file(path, attrs["file_bytes"], attrs["file_hash"])  # leaves the stamp
+        return IndexStatus(name, attrs, None)
+
+
+def remove_index(db: Path, name: str) -> None:
+    db = Path(db)
+    with StoreWriter(db, create=False) as writer:
+        with writer.read() as view:
+            entry = view.index(name)
+        writer.remove_index(name)
+    path = registered_file(db, entry)
+    path.unlink(missing_ok=True)
+    _stamp_path(path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# searching
+
+
+class AnnoySearcher:
+    """A loaded, verified Annoy index: queries (q, d) -> per query [(row, cosine)], best first."""
+
+    DEFAULT_SEARCH_K = 10_000  # recall@10 0.9999 at 1M x 256 (benchmarks/RESULTS-search.md)
+
+    def __init__(self, view: StoreView, db: Path, name: str, search_k: int | None = None) -> None:
+        from annoy import AnnoyIndex
+
+        status = usable_index(view, db, name)
+        self.rows = view.index_rows(name)
+        self.trees = int(status.attrs["trees"])
+        self.search_k = search_k
+        self.ann = AnnoyIndex(int(status.attrs["dims"]), str(status.attrs["metric"]))
+        self.ann.load(str(registered_file(db, view.index(name))))
+
+    def __call__(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        # Annoy's default (k x trees candidates) loses recall on big indexes: look wider
+        budget = self.search_k or max(self.DEFAULT_SEARCH_K, k * self.trees)
+        out = []
+        for q in np.asarray(queries, np.float32):
+            items, dist = self.ann.get_nns_by_vector(q.tolist(), k, search_k=budget,
+                                                     include_distances=True)
+            out.append([(int(self.rows[i]), 1.0 - d * d / 2.0) for i, d in zip(items, dist)])
+        return out
+
+
+def topk_exact(queries: np.ndarray, view: StoreView, info: DescriptorInfo, transform, k: int
+               ) -> list[list[tuple[int, float]]]:
+    """Brute-force cosine top-k of every query over all valid stored vectors, one streamed pass."""
+    nq = len(queries)
+    best_rows = np.zeros((nq, 0), np.int64)
+    best_sims = np.zeros((nq, 0), np.float32)
+    for rows, raw in view.iter_valid(info):
+        sims = np.concatenate([best_sims, queries @ transform.transform(raw).T], axis=1)
+        cand = np.concatenate([best_rows, np.broadcast_to(rows, (nq, len(rows)))], axis=1)
+        keep = min(k, sims.shape[1])
+        part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep] if keep < sims.shape[1] \
+            else np.broadcast_to(np.arange(sims.shape[1]), (nq, sims.shape[1]))
+        best_sims = np.take_along_axis(sims, part, axis=1)
+        best_rows = np.take_along_axis(cand, part, axis=1)
+    out = []
+    for q in range(nq):
+        order = np.lexsort((best_rows[q], -best_sims[q]))  # by similarity, ties by id
+        out.append([(int(best_rows[q, i]), float(best_sims[q, i])) for i in order])
+    return out
+
+
+__all__ = ["IndexStatus", "build_index", "check_index", "list_indexes", "remove_index",
+           "rebuild_command", "usable_index", "AnnoySearcher", "topk_exact", "index_file",
+           "default_index_name", "check_index_name", "verify_file", "open_read"]
