@@ -1,50 +1,31 @@
-"""Training-free global poolings of CNN feature maps.
+"""Training-free global poolings of CNN feature maps, in one registry.
 
-Every pooling is a pure function ``f(x) -> Tensor`` mapping a feature map
-``x`` of shape (B, C, H, W) (any device, any floating dtype) to a float32
-descriptor of shape (B, D) on the same device.  Computation is done in float32.
-Feature maps are expected to be post-ReLU (non-negative) but any finite input
-is accepted.
+Every pooling maps a feature map ``x`` of shape (B, C, H, W) (any device, any floating dtype;
+post-ReLU expected, any finite input accepted) to a float32 descriptor (B, D) on the same
+device. A pooling is one function of a `FeatureMap` (which computes and shares the pieces
+several poolings use: sums, maxima, quadrant maxima, CroW weights) plus one `register` line;
+names carry their parameter (``gem-p3``, ``rmac-l3``, ``spoc-s0.5``).
 
-References (see DESIGN.md section 3):
-
-* Babenko & Lempitsky 2015 (SPoC), sec. 3.2 eq. 3-4.
-* Kalantidis et al. 2016 (CroW), sec. 4 eq. 3-6.
-* Comor et al. 2016 (global pooling), eq. 1-3.
-* Radenovic et al. 2018 (GeM); Tolias et al. 2016 (R-MAC, ICLR).
-
-Names are public identifiers and carry their parameters: ``gem-p3``,
-``rmac-l3``, ``spoc-s0.5``.
+References: Babenko & Lempitsky 2015 (SPoC) sec. 3.2 eq. 3-4; Kalantidis et al. 2016 (CroW)
+sec. 4 eq. 3-6; Comor et al. 2016 eq. 1-3; Radenovic et al. 2018 (GeM); Tolias et al. 2016
+(R-MAC, ICLR).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import re
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
 __all__ = [
-    "POOLINGS",
-    "DEFAULT_POOLINGS",
-    "get_pooling",
-    "pooled_dim",
-    "canonical_pooling_name",
-    "pool_all",
-    "sum_pool",
-    "spoc",
-    "mac",
-    "mac2x2",
-    "crow",
-    "crow_sw",
-    "crow_ssw",
-    "gem",
-    "rmac",
+    "POOLINGS", "DEFAULT_POOLINGS", "REGISTRY", "Pooling", "FeatureMap", "register",
+    "get_pooling", "pooled_dim", "canonical_pooling_name", "pool_all", "sum_pool", "spoc", "mac",
+    "mac2x2", "crow", "crow_sw", "crow_ssw", "gem", "rmac", "crow_spatial_weights",
+    "crow_channel_weights",
 ]
-
-PoolFn = Callable[[torch.Tensor], torch.Tensor]
 
 #: Default SPoC sigma factor: one third of the distance centre -> closest boundary.
 SPOC_DEFAULT_S = 1.0 / 3.0
@@ -100,7 +81,7 @@ def _quadrant_macs(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _crow_spatial(x: torch.Tensor) -> torch.Tensor:
+def crow_spatial_weights(x: torch.Tensor) -> torch.Tensor:
     """Kalantidis eq. 3-4 with a=2, b=2: S = (S' / ||S'||_2)^(1/2), shape (B, 1, H, W)."""
     sp = x.sum(dim=1, keepdim=True)  # S' (B,1,H,W), eq. 3
     norm = torch.linalg.vector_norm(sp.flatten(1), ord=2, dim=1).view(-1, 1, 1, 1)
@@ -109,7 +90,7 @@ def _crow_spatial(x: torch.Tensor) -> torch.Tensor:
     return (sp / norm).clamp(min=0).sqrt()
 
 
-def _crow_channel(x: torch.Tensor) -> torch.Tensor:
+def crow_channel_weights(x: torch.Tensor) -> torch.Tensor:
     """Kalantidis eq. 6: beta_k = log((K eps + sum_h Q_h) / (eps + Q_k)), shape (B, C)."""
     # With N_k = #{positions: X_k > 0} and Q_k = N_k / HW, the ratio equals
     # (K eps HW + sum_h N_h) / (eps HW + N_k).  Writing it as log1p of an exact integer
@@ -175,61 +156,88 @@ def _rmac_from_mac(x: torch.Tensor, global_mac: torch.Tensor, levels: int) -> to
     return v
 
 
-# --------------------------------------------------------------------------- poolings
+# --------------------------------------------------------------------------- shared pieces
 
 
-def sum_pool(x: torch.Tensor) -> torch.Tensor:
-    """Sum pooling over H, W (Comor eq. 1; Kalantidis "uCroW")."""
-    return _spatial_sum(_prep(x))
+class FeatureMap:
+    """A (B, C, H, W) map as float32 with the pieces poolings share, each computed once."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = _prep(x)
+
+    @functools.cached_property
+    def sum(self) -> torch.Tensor:
+        return _spatial_sum(self.x)
+
+    @functools.cached_property
+    def max(self) -> torch.Tensor:
+        return _spatial_max(self.x)
+
+    @functools.cached_property
+    def quadrant_maxima(self) -> list[torch.Tensor]:
+        return _quadrant_macs(self.x)
+
+    @functools.cached_property
+    def crow_spatial(self) -> torch.Tensor:
+        return crow_spatial_weights(self.x)
+
+    @functools.cached_property
+    def crow_channel(self) -> torch.Tensor:
+        return crow_channel_weights(self.x)
+
+    @functools.cached_property
+    def crow_weighted_sum(self) -> torch.Tensor:
+        return _crow_weighted_sum(self.x, self.crow_spatial)
+
+    @functools.cached_property
+    def clamped(self) -> torch.Tensor:
+        return self.x.clamp(min=GEM_EPS)
 
 
-def spoc(x: torch.Tensor, s: float = SPOC_DEFAULT_S) -> torch.Tensor:
-    """SPoC: centred-Gaussian weighted sum, sigma = s * min(H, W) / 2 (Babenko eq. 3-4)."""
-    x = _prep(x)
-    alpha = _spoc_weights(x.shape[2], x.shape[3], s, x.device)
-    return (x * alpha).sum(dim=(2, 3))
+# --------------------------------------------------------------------------- the registry
 
 
-def mac(x: torch.Tensor) -> torch.Tensor:
-    """MAC: max over H, W (Comor eq. 2)."""
-    return _spatial_max(_prep(x))
+@dataclass(frozen=True)
+class Pooling:
+    """One pooling family: `compute(map, param)`, and its parameter when it has one.
+
+    A parametrised family is named `<family>-<letter><value>` (gem-p3); `show_default` says
+    whether the default value appears in the canonical name (gem-p3) or not (spoc)."""
+
+    family: str
+    compute: Callable[[FeatureMap, float | int | None], torch.Tensor]
+    letter: str | None = None
+    default: float | int | None = None
+    integer: bool = False
+    show_default: bool = True
+    dim_factor: int = 1
+    doc: str = ""
+
+    def parse(self, raw: str | None) -> float | int | None:
+        """The parameter from its text (None: the default); ValueError when invalid."""
+        if self.letter is None:
+            if raw is not None:
+                raise ValueError
+            return None
+        if raw is None:
+            return self.default
+        value = float(raw)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError
+        if self.integer:
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        return value
+
+    def name(self, param: float | int | None) -> str:
+        """The canonical name of this family at a parameter value."""
+        if self.letter is None or (param == self.default and not self.show_default):
+            return self.family
+        return f"{self.family}-{self.letter}{_fmt_num(param)}"
 
 
-def mac2x2(x: torch.Tensor) -> torch.Tensor:
-    """MAC of the four quadrants, [TL | TR | BL | BR], shape (B, 4C) (Comor eq. 3)."""
-    return torch.cat(_quadrant_macs(_prep(x)), dim=1)
-
-
-def crow(x: torch.Tensor) -> torch.Tensor:
-    """CroW: spatial (a=2, b=2) and sparsity channel weighting (Kalantidis eq. 1, 3-6)."""
-    x = _prep(x)
-    return _crow_channel(x) * _crow_weighted_sum(x, _crow_spatial(x))
-
-
-def crow_sw(x: torch.Tensor) -> torch.Tensor:
-    """CroW spatial weighting only, uCroW+SW (Kalantidis eq. 3-4, Fig. 5b)."""
-    x = _prep(x)
-    return _crow_weighted_sum(x, _crow_spatial(x))
-
-
-def crow_ssw(x: torch.Tensor) -> torch.Tensor:
-    """CroW channel (sparsity-sensitive) weighting only, uCroW+SSW (Kalantidis eq. 6, Fig. 5b)."""
-    x = _prep(x)
-    return _crow_channel(x) * _spatial_sum(x)
-
-
-def gem(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
-    """GeM: (mean_HW clamp(x, 1e-6)^p)^(1/p) (Radenovic et al. 2018, eq. 2)."""
-    return _gem_from_clamped(_prep(x).clamp(min=GEM_EPS), p)
-
-
-def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
-    """R-MAC: sum of L2-normalised regional MACs over L scales (Tolias et al. ICLR 2016, sec. 3)."""
-    x = _prep(x)
-    return _rmac_from_mac(x, _spatial_max(x), levels)
-
-
-# --------------------------------------------------------------------------- registry
+REGISTRY: dict[str, Pooling] = {}
 
 
 def _fmt_num(v: float) -> str:
@@ -238,161 +246,162 @@ def _fmt_num(v: float) -> str:
     return repr(float(v))
 
 
-_PARAM_RE = re.compile(r"^(gem)-p(.+)$|^(spoc)-s(.+)$|^(rmac)-l(.+)$")
+def _unknown_msg(name: object) -> str:
+    forms = ", ".join(f"{p.family}-{p.letter}<{'int' if p.integer else 'float'}>"
+                      for p in REGISTRY.values() if p.letter)
+    return (f"Unknown pooling {name!r}; valid names are {', '.join(DEFAULT_POOLINGS)}"
+            f" and the parametrised forms {forms}.")
 
 
-def _parse(name: str) -> tuple[str, float | int | None]:
-    """Return (family, parameter) for a pooling name; raises ValueError when invalid."""
+@functools.lru_cache(maxsize=256)
+def _resolve(key: str) -> tuple[Pooling, float | int | None]:
+    if key in REGISTRY:
+        pooling = REGISTRY[key]
+        return pooling, pooling.parse(None)
+    for family in sorted(REGISTRY, key=len, reverse=True):
+        pooling = REGISTRY[family]
+        prefix = f"{family}-{pooling.letter}"
+        if pooling.letter and key.startswith(prefix):
+            try:
+                return pooling, pooling.parse(key[len(prefix):])
+            except ValueError:
+                raise ValueError(f"Invalid pooling {key!r}: the parameter of {family}-"
+                                 f"{pooling.letter}<value> must be a finite number > 0"
+                                 + (" and an integer" if pooling.integer else "") + ".") from None
+    raise ValueError(_unknown_msg(key))
+
+
+
+
+def register(pooling: Pooling) -> Pooling:
+    """Add a pooling family (its default-parameter name becomes usable everywhere)."""
+    REGISTRY[pooling.family] = pooling
+    _resolve.cache_clear()
+    return pooling
+
+
+register(Pooling("sum", lambda m, _: m.sum, doc="sum over H, W (Comor eq. 1; uCroW)"))
+register(Pooling("spoc", lambda m, s: (m.x * _spoc_weights(m.x.shape[2], m.x.shape[3], s,
+                                                             m.x.device)).sum(dim=(2, 3)),
+                 letter="s", default=SPOC_DEFAULT_S, show_default=False,
+                 doc="centred-Gaussian weighted sum, sigma = s * min(H, W) / 2 (Babenko eq. 3-4)"))
+register(Pooling("mac", lambda m, _: m.max, doc="max over H, W (Comor eq. 2)"))
+register(Pooling("mac2x2", lambda m, _: torch.cat(m.quadrant_maxima, dim=1), dim_factor=4,
+                 doc="MAC of the four quadrants [TL | TR | BL | BR] (Comor eq. 3)"))
+register(Pooling("crow", lambda m, _: m.crow_channel * m.crow_weighted_sum,
+                 doc="spatial and channel weighting (Kalantidis eq. 1, 3-6)"))
+register(Pooling("crow-sw", lambda m, _: m.crow_weighted_sum,
+                 doc="CroW spatial weighting only (Kalantidis Fig. 5b)"))
+register(Pooling("crow-ssw", lambda m, _: m.crow_channel * m.sum,
+                 doc="CroW channel weighting only (Kalantidis Fig. 5b)"))
+register(Pooling("gem", lambda m, p: _gem_from_clamped(m.clamped, p), letter="p", default=3.0,
+                 doc="generalised mean (mean x^p)^(1/p) (Radenovic et al. 2018)"))
+register(Pooling("rmac", lambda m, n: _rmac_from_mac(m.x, m.max, n), letter="l", default=3,
+                 integer=True, doc="regional MAC over L scales (Tolias et al. 2016)"))
+
+DEFAULT_POOLINGS: tuple[str, ...] = ("sum", "spoc", "mac", "mac2x2", "crow", "crow-sw",
+                                     "crow-ssw", "gem-p3", "rmac-l3")
+
+
+def parse_pooling(name: str) -> tuple[Pooling, float | int | None]:
+    """(family, parameter) of a pooling name; ValueError naming the valid forms."""
     if not isinstance(name, str):
         raise ValueError(_unknown_msg(name))
-    key = name.strip().lower()
-    if key in ("sum", "mac", "mac2x2", "crow", "crow-sw", "crow-ssw"):
-        return key, None
-    if key == "spoc":
-        return "spoc", SPOC_DEFAULT_S
-    if key == "gem":
-        return "gem", 3.0
-    if key == "rmac":
-        return "rmac", 3
-    m = _PARAM_RE.match(key)
-    if m is None:
-        raise ValueError(_unknown_msg(name))
-    family = m.group(1) or m.group(3) or m.group(5)
-    raw = m.group(2) or m.group(4) or m.group(6)
-    if family == "rmac":
-        try:
-            val = float(raw)
-        except ValueError:
-            raise ValueError(_unknown_msg(name)) from None
-        if not (math.isfinite(val) and val == int(val) and val >= 1):
-            raise ValueError(f"Invalid pooling {name!r}: rmac-l<int> needs an integer number of levels >= 1.")
-        return "rmac", int(val)
-    try:
-        val = float(raw)
-    except ValueError:
-        raise ValueError(_unknown_msg(name)) from None
-    if not (math.isfinite(val) and val > 0):
-        what = "exponent p" if family == "gem" else "sigma factor s"
-        raise ValueError(f"Invalid pooling {name!r}: the {what} must be a finite number > 0.")
-    return family, val
-
-
-def _unknown_msg(name: object) -> str:
-    return (
-        f"Unknown pooling {name!r}; valid names are {', '.join(DEFAULT_POOLINGS)}"
-        " and the parametrised forms gem-p<float>, rmac-l<int>, spoc-s<float>."
-    )
-
-
-def _canonical(family: str, param: float | int | None) -> str:
-    if family == "gem":
-        return f"gem-p{_fmt_num(param)}"
-    if family == "rmac":
-        return f"rmac-l{int(param)}"
-    if family == "spoc":
-        return "spoc" if param == SPOC_DEFAULT_S else f"spoc-s{_fmt_num(param)}"
-    return family
+    return _resolve(name.strip().lower())
 
 
 def canonical_pooling_name(name: str) -> str:
-    """Normalise a pooling name (case, numeric form), e.g. 'GEM-P3.0' -> 'gem-p3' (see POOLINGS)."""
-    return _canonical(*_parse(name))
+    """Normalise a pooling name (case, numeric form), e.g. 'GEM-P3.0' -> 'gem-p3'."""
+    pooling, param = parse_pooling(name)
+    return pooling.name(param)
 
 
-POOLINGS: dict[str, PoolFn] = {
-    "sum": sum_pool,
-    "spoc": spoc,
-    "mac": mac,
-    "mac2x2": mac2x2,
-    "crow": crow,
-    "crow-sw": crow_sw,
-    "crow-ssw": crow_ssw,
-    "gem-p3": gem,
-    "rmac-l3": rmac,
-}
+@functools.lru_cache(maxsize=256)
+def _function(canonical: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    pooling, param = parse_pooling(canonical)
 
-DEFAULT_POOLINGS: tuple[str, ...] = tuple(POOLINGS)
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return pooling.compute(FeatureMap(x), param)
 
-
-@functools.lru_cache(maxsize=128)
-def _build(canonical: str) -> PoolFn:
-    family, param = _parse(canonical)
-    if family == "gem":
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return gem(x, p=param)
-    elif family == "rmac":
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return rmac(x, levels=param)
-    elif family == "spoc":
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return spoc(x, s=param)
-    else:  # pragma: no cover - every fixed name is in POOLINGS
-        raise ValueError(_unknown_msg(canonical))
     fn.__name__ = fn.__qualname__ = canonical.replace("-", "_").replace(".", "_")
-    fn.__doc__ = f"Pooling {canonical!r}."
+    fn.__doc__ = f"Pooling {canonical!r}: {pooling.doc}."
     return fn
 
 
-def get_pooling(name: str) -> PoolFn:
-    """Return the pooling function for a (possibly parametrised) name (Babenko eq. 3, Comor eq. 1-3, Kalantidis eq. 1)."""
-    canonical = canonical_pooling_name(name)
-    if canonical in POOLINGS:
-        return POOLINGS[canonical]
-    return _build(canonical)
+def get_pooling(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The pooling function of a (possibly parametrised) name."""
+    return _function(canonical_pooling_name(name))
+
+
+#: The default poolings by name (name -> function of a (B, C, H, W) map).
+POOLINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {n: get_pooling(n)
+                                                                 for n in DEFAULT_POOLINGS}
 
 
 def pooled_dim(name: str, channels: int) -> int:
-    """Descriptor length for a pooling of a C-channel map: 4C for mac2x2 (Comor eq. 3), else C."""
-    return 4 * int(channels) if canonical_pooling_name(name) == "mac2x2" else int(channels)
+    """Descriptor length for a pooling of a C-channel map (4C for mac2x2, Comor eq. 3)."""
+    return parse_pooling(name)[0].dim_factor * int(channels)
 
 
 def pool_all(x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Compute several poolings of one map at once, sharing sums, maxima and CroW weights (Kalantidis eq. 3-6)."""
-    # Result keys are the names exactly as given; each value equals get_pooling(name)(x)
-    # because the shared pieces are computed by the same helpers as the single functions.
+    """Several poolings of one map at once, sharing sums, maxima and CroW weights; keys are
+    the names as given, and each value equals get_pooling(name)(x)."""
     names = list(names)
-    parsed = [(n, canonical_pooling_name(n)) for n in names]  # validate before any work
-    x = _prep(x)
-    cache: dict[str, object] = {}
-
-    def memo(key: str, make: Callable[[], object]):
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
-
-    quads = lambda: memo("quads", lambda: _quadrant_macs(x))  # noqa: E731
-    gmax = lambda: memo("mac", lambda: _spatial_max(x))  # noqa: E731
-    gsum = lambda: memo("sum", lambda: _spatial_sum(x))  # noqa: E731
-    cs = lambda: memo("crow_s", lambda: _crow_spatial(x))  # noqa: E731
-    cb = lambda: memo("crow_b", lambda: _crow_channel(x))  # noqa: E731
-    csum = lambda: memo("crow_ws", lambda: _crow_weighted_sum(x, cs()))  # noqa: E731
-    clamped = lambda: memo("gem_clamp", lambda: x.clamp(min=GEM_EPS))  # noqa: E731
-
+    parsed = [(n, parse_pooling(n)) for n in names]  # validate before any work
+    fmap = FeatureMap(x)
+    done: dict[tuple[str, float | int | None], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
-    results: dict[str, torch.Tensor] = {}
-    for given, canon in parsed:
-        if canon not in results:
-            family, param = _parse(canon)
-            if family == "sum":
-                r = gsum()
-            elif family == "mac":
-                r = gmax()
-            elif family == "mac2x2":
-                r = torch.cat(quads(), dim=1)
-            elif family == "crow":
-                r = cb() * csum()
-            elif family == "crow-sw":
-                r = csum()
-            elif family == "crow-ssw":
-                r = cb() * gsum()
-            elif family == "gem":
-                r = _gem_from_clamped(clamped(), param)
-            elif family == "rmac":
-                r = _rmac_from_mac(x, gmax(), param)
-            elif family == "spoc":
-                r = spoc(x, s=param)
-            else:  # pragma: no cover
-                raise ValueError(_unknown_msg(given))
-            results[canon] = r
-        out[given] = results[canon]
+    for given, (pooling, param) in parsed:
+        key = (pooling.family, param)
+        if key not in done:
+            done[key] = pooling.compute(fmap, param)
+        out[given] = done[key]
     return out
+
+
+# --------------------------------------------------------------------------- single functions
+
+
+def sum_pool(x: torch.Tensor) -> torch.Tensor:
+    """Sum pooling over H, W (Comor eq. 1; Kalantidis "uCroW")."""
+    return POOLINGS["sum"](x)
+
+
+def spoc(x: torch.Tensor, s: float = SPOC_DEFAULT_S) -> torch.Tensor:
+    """SPoC: centred-Gaussian weighted sum, sigma = s * min(H, W) / 2 (Babenko eq. 3-4)."""
+    return REGISTRY["spoc"].compute(FeatureMap(x), s)
+
+
+def mac(x: torch.Tensor) -> torch.Tensor:
+    """MAC: max over H, W (Comor eq. 2)."""
+    return POOLINGS["mac"](x)
+
+
+def mac2x2(x: torch.Tensor) -> torch.Tensor:
+    """MAC of the four quadrants, [TL | TR | BL | BR], shape (B, 4C) (Comor eq. 3)."""
+    return POOLINGS["mac2x2"](x)
+
+
+def crow(x: torch.Tensor) -> torch.Tensor:
+    """CroW: spatial (a=2, b=2) and sparsity channel weighting (Kalantidis eq. 1, 3-6)."""
+    return POOLINGS["crow"](x)
+
+
+def crow_sw(x: torch.Tensor) -> torch.Tensor:
+    """CroW spatial weighting only, uCroW+SW (Kalantidis eq. 3-4, Fig. 5b)."""
+    return POOLINGS["crow-sw"](x)
+
+
+def crow_ssw(x: torch.Tensor) -> torch.Tensor:
+    """CroW channel (sparsity-sensitive) weighting only, uCroW+SSW (Kalantidis eq. 6, Fig. 5b)."""
+    return POOLINGS["crow-ssw"](x)
+
+
+def gem(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """GeM: (mean_HW clamp(x, 1e-6)^p)^(1/p) (Radenovic et al. 2018, eq. 2)."""
+    return REGISTRY["gem"].compute(FeatureMap(x), p)
+
+
+def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """R-MAC: sum of L2-normalised regional MACs over L scales (Tolias et al. ICLR 2016)."""
+    return REGISTRY["rmac"].compute(FeatureMap(x), levels)
