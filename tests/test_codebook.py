@@ -22,7 +22,7 @@ from imgdb.numeric import l2_normalize
 from imgdb.codebooks.encoder import Encoder
 from imgdb.codebooks.fit import POST, PRESETS
 from imgdb.features.localfeat import device_masks, parse_local_spec, select_batch
-from imgdb.store import StoreWriter, open_read
+from imgdb.store import open_read
 
 EXT = "efficientnet_lite0-imagenet-orig"
 

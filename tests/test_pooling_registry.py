@@ -46,7 +46,7 @@ def test_a_registered_pooling_is_ingested_and_evaluated(rms_pooling, tmp_path: P
     from imgdb.ingest import IngestOptions, run_ingest
     from imgdb.store import open_read
 
-    photos = _photos(tmp_path / "photos")
+    _photos(tmp_path / "photos")
     db = tmp_path / "s.h5"
     summary = run_ingest([tmp_path / "photos"], db, IngestOptions(
         backbone="efficientnet_lite0", weights="none", layers="head", poolings="sum,rms",
