@@ -27,8 +27,9 @@ from . import journal, lock
 from .reader import check_exists, plain
 from .schema import (EXTRACTOR_FIELDS, FORMAT, FORMAT_VERSION, IMAGE_COLUMNS, IMAGE_TEXT,
                      STATE_COMPUTED, STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_LOST,
-                     STATUS_OK, USERBLOCK, create_array, create_extractor, create_layout,
-                     create_local, create_vectors, encode_path, now_iso)
+                     STATUS_OK, USERBLOCK, attr_text, create_array, create_extractor,
+                     create_layout, create_local, create_vectors, encode_path, now_iso,
+                     set_attr)
 
 BLOCK_BYTES = 64 << 20  # read this much per HDF5 call while scanning
 
@@ -58,6 +59,7 @@ class CheckReport:
     bytes_read: int = 0
     indexes: int = 0
     seconds: float = 0.0
+    pending: bool = False  # an interrupted commit that the next writer finishes (not damage)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -68,7 +70,7 @@ class CheckReport:
         return {"store": self.store, "ok": self.ok, "format_version": self.format_version,
                 "rows": self.rows, "datasets_checked": self.datasets,
                 "bytes_read": self.bytes_read, "indexes_checked": self.indexes,
-                "seconds": round(self.seconds, 3),
+                "seconds": round(self.seconds, 3), "pending_commit": self.pending,
                 "problems": [{"where": p.where, "what": p.what,
                               "rows": [list(r) for r in p.rows]} for p in self.problems]}
 
@@ -99,11 +101,15 @@ def scan(ds: h5py.Dataset, length: int | None = None) -> tuple[np.ndarray | None
     Returns (data with damaged rows zeroed, or None when nothing could be read; bool mask of
     damaged rows). A block that fails its checksum is re-read chunk by chunk to find the bad
     chunks."""
-    n = ds.shape[0] if length is None else min(length, ds.shape[0])
+    n = ds.shape[0] if length is None else length
+    have = min(n, ds.shape[0])  # rows past the dataset's end (a damaged shape) count as bad
     bad = np.zeros(n, bool)
+    bad[have:] = True
     if ds.chunks is None:
         try:
-            return ds[:n], bad
+            out = np.zeros((n,) + ds.shape[1:], dtype=ds.dtype)
+            out[:have] = ds[:have]
+            return out, bad
         except Exception:
             bad[:] = True
             return None, bad
@@ -111,8 +117,8 @@ def scan(ds: h5py.Dataset, length: int | None = None) -> tuple[np.ndarray | None
     chunk_rows = ds.chunks[0]
     row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
     block = max(chunk_rows, (BLOCK_BYTES // row_bytes) // chunk_rows * chunk_rows)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
+    for start in range(0, have, block):
+        stop = min(have, start + block)
         try:
             out[start:stop] = ds[start:stop]
             continue
@@ -172,17 +178,21 @@ def check_store(db: str | Path, verify_indexes: bool = True) -> CheckReport:
             report.problems.append(Problem("header", str(exc)))
             report.seconds = time.perf_counter() - started
             return report
+        view, size = None, header.committed
         try:
-            view = journal.read_view(db, fd)
+            p = journal.plan(db, fd, header)
+            view, size = journal.view_of(fd, p), p.size
         except UserError as exc:
             report.problems.append(Problem("journal", str(exc)))
-            view = None
-        if os.fstat(fd).st_size < header.committed:
-            report.problems.append(Problem("file", f"the file is shorter ({os.fstat(fd).st_size} "
-                                                   f"bytes) than its last commit "
-                                                   f"({header.committed} bytes): truncated"))
+        report.pending = header.state == journal.PENDING
+        file_size = os.fstat(fd).st_size
+        if view is None and file_size < size:
+            report.problems.append(Problem("file", f"the file is shorter ({file_size} bytes) "
+                                                   f"than its last commit ({size} bytes): "
+                                                   f"truncated"))
         try:
-            fh = h5py.File(view, "r") if view is not None else h5py.File(db, "r", locking=False)
+            fh = h5py.File(view, "r") if view is not None else \
+                h5py.File(lock.fd_path(fd, db), "r", locking=False)
         except Exception as exc:
             report.problems.append(Problem("HDF5", f"the file cannot be opened: "
                                                    f"{_first_line(exc)}"))
@@ -198,7 +208,7 @@ def check_store(db: str | Path, verify_indexes: bool = True) -> CheckReport:
 
 def _check_file(fh: h5py.File, db: Path, report: CheckReport, verify_indexes: bool) -> None:
     try:
-        if fh.attrs.get("format") != FORMAT:
+        if plain(fh.attrs.get("format", b"")) != FORMAT:
             report.problems.append(Problem("/", "not an imgdb store"))
             return
         report.format_version = int(fh.attrs.get("format_version", 0))
@@ -298,10 +308,16 @@ def _check_indexes(fh: h5py.File, db: Path, report: CheckReport) -> None:
         if len(rows) != int(attrs.get("items", -1)):
             report.problems.append(Problem(f"index {name}", "registry rows do not match its "
                                                             "item count"))
-        path = db.with_name(str(attrs["file"]))
+        try:
+            path = db.with_name(str(attrs["file"]))
+            size, digest = int(attrs["file_bytes"]), str(attrs["file_hash"])
+        except (KeyError, ValueError, TypeError) as exc:
+            report.problems.append(Problem(f"index {name}", f"registry entry incomplete: "
+                                                            f"{_first_line(exc)}"))
+            continue
         if not path.exists():
             continue  # missing: stale, not damaged (index ls says so)
-        problem = verify_file(path, int(attrs["file_bytes"]), str(attrs["file_hash"]), full=True)
+        problem = verify_file(path, size, digest, full=True)
         if problem:
             report.problems.append(Problem(f"index {name}", problem + "; rebuild it (imgdb "
                                                                       "index ls shows how)"))
@@ -317,6 +333,7 @@ class RepairReport:
     backup: str
     rows: int = 0
     lost_rows: int = 0
+    stale_rows: int = 0  # path intact, other facts damaged: recomputed by the next ingest
     pending_rows: dict[str, int] = field(default_factory=dict)  # extractor -> rows to recompute
     dropped: list[str] = field(default_factory=list)  # what could not be kept
     models: int = 0
@@ -337,8 +354,12 @@ class _Source:
         self.fh, self.version = fh, version
         if version == 1:
             self.rows = int(fh["images/path"].shape[0])
-        else:
+            return
+        try:
             self.rows = int(fh.attrs["rows"])
+        except Exception:  # the root attributes are damaged: the image table's length
+            self.rows = min(int(fh["images"][name].shape[0]) for name in IMAGE_COLUMNS
+                            if name in fh["images"])
 
 
 def _legacy_text(ds: h5py.Dataset, n: int) -> tuple[list[bytes | None], np.ndarray]:
@@ -354,18 +375,22 @@ def _legacy_text(ds: h5py.Dataset, n: int) -> tuple[list[bytes | None], np.ndarr
 
 
 def _read_images(src: _Source) -> tuple[dict[str, np.ndarray], list[bytes | None],
-                                        list[bytes | None], np.ndarray]:
-    """(columns, path bytes, error bytes, lost-row mask) of the source's image table."""
+                                        list[bytes | None], np.ndarray, np.ndarray]:
+    """(columns, path bytes, error bytes, lost rows, stale rows) of the source's image table.
+
+    A row whose path is damaged is lost (kept as a tombstone: ids stay dense); a row whose path
+    is intact but whose other facts are damaged is stale: kept, with its file facts reset so
+    that the next ingest sees the file as changed and recomputes it in place."""
     g = src.fh["images"]
     n = src.rows
-    lost = np.zeros(n, bool)
+    stale = np.zeros(n, bool)
     cols = {}
     for name, (dtype, fill) in IMAGE_COLUMNS.items():
         if name not in g:  # `failure` is new in format 2
             cols[name] = np.full(n, fill, dtype=dtype)
             continue
         values, bad = scan(g[name], n)
-        lost |= bad
+        stale |= bad
         cols[name] = values.astype(dtype) if values is not None else np.full(n, fill, dtype)
     if src.version == 1:
         paths, bad_p = _legacy_text(g["path"], n)
@@ -373,9 +398,16 @@ def _read_images(src: _Source) -> tuple[dict[str, np.ndarray], list[bytes | None
     else:
         paths, bad_p = _scan_ragged(g, "path", n, None)
         errors, bad_e = _scan_ragged(g, "error", n, None)
-    lost |= bad_p
+    lost = bad_p.copy()
+    stale &= ~lost
     errors = [e if not b else b"" for e, b in zip(errors, bad_e)]
-    return cols, paths, errors, lost
+    if stale.any():  # facts unknown: 'changed' for the next ingest (size -1 never matches)
+        cols["size"] = np.where(stale, -1, cols["size"])
+        cols["mtime"] = np.where(stale, 0.0, cols["mtime"])
+        cols["sha"] = np.where(stale, b"", cols["sha"]).astype("S32")
+        cols["status"] = np.where(stale, STATUS_OK, cols["status"]).astype(np.int8)
+        cols["failure"] = np.where(stale, 0, cols["failure"]).astype(np.int8)
+    return cols, paths, errors, lost, stale
 
 
 def _write_text(group: h5py.Group, name: str, values: list[bytes]) -> None:
@@ -398,7 +430,7 @@ def _copy_extractor(src: _Source, ext: str, out: h5py.File, lost: np.ndarray,
     try:
         settings = json.loads(g.attrs["settings"])
         revision = int(g.attrs.get("revision", 0))
-        created = g.attrs.get("created", now_iso())
+        created = attr_text(g.attrs.get("created", now_iso()))
     except Exception as exc:
         report.dropped.append(f"extractor {ext} (settings unreadable: {_first_line(exc)})")
         return
@@ -414,7 +446,7 @@ def _copy_extractor(src: _Source, ext: str, out: h5py.File, lost: np.ndarray,
         errors = [e if not b else b"" for e, b in zip(errors, bad_e)]
     redo = bad.copy()  # rows whose vectors must be computed again
     og = create_extractor(out, ext, settings, n)
-    og.attrs["created"] = created
+    set_attr(og, "created", created)
     for layer in sorted(k for k in g.keys() if k not in EXTRACTOR_FIELDS + ("computed",)):
         if not isinstance(g[layer], h5py.Group):
             continue
@@ -432,6 +464,7 @@ def _copy_extractor(src: _Source, ext: str, out: h5py.File, lost: np.ndarray,
         for key in sorted(src.fh["local"][ext].keys()):
             redo |= _copy_local(src.fh["local"][ext][key], out, ext, key, n, state)
     redo &= state == STATE_COMPUTED
+    redo |= bad & ~lost  # an unreadable state: computed again
     state[redo | lost] = STATE_PENDING
     og["state"][:] = state
     _write_text(og, "error", errors)
@@ -513,7 +546,7 @@ def _copy_models(src: _Source, out: h5py.File, report: RepairReport) -> None:
             create_array(mg, k, v)
         attrs.pop("complete", None)
         for k, v in attrs.items():
-            mg.attrs[k] = v
+            set_attr(mg, k, attr_text(v) if isinstance(v, (str, bytes)) else v)
         report.models += 1
 
 
@@ -540,22 +573,32 @@ def _copy_indexes(src: _Source, out: h5py.File, db: Path, report: RepairReport) 
         create_array(ig, "rows", np.asarray(rows, np.int64))
         attrs.pop("store_hash", None)
         for k, v in attrs.items():
-            ig.attrs[k] = v
+            set_attr(ig, k, attr_text(v) if isinstance(v, (str, bytes)) else v)
         report.indexes += 1
 
 
 def _open_source(db: Path, fd: int) -> tuple[h5py.File, int]:
-    """The damaged store's HDF5 file (journal applied when intact) and its format version."""
-    raw = os.pread(fd, 8, 0)
-    if raw == b"\x89HDF\r\n\x1a\n":
-        return h5py.File(db, "r", locking=False), 1
+    """The damaged store's HDF5 file (journals replayed when intact) and its format version."""
+    name = lock.fd_path(fd, db)
+    if os.pread(fd, 8, 0) == journal.HDF5_SIGNATURE:
+        return h5py.File(name, "r", locking=False), 1
     view = None
     try:
-        view = journal.read_view(db, fd)
+        view = journal.view_of(fd, journal.plan(db, fd))
     except UserError:
-        pass  # a damaged journal: salvage the file as it is
-    fh = h5py.File(view, "r") if view is not None else h5py.File(db, "r", locking=False)
+        pass  # a damaged or foreign header or journal: salvage the file as it is
+    fh = h5py.File(view, "r") if view is not None else h5py.File(name, "r", locking=False)
     return fh, int(fh.attrs.get("format_version", FORMAT_VERSION))
+
+
+def _backup_name(db: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = db.with_name(f"{db.name}.bak-{stamp}")
+    n = 1
+    while os.path.lexists(backup):
+        n += 1
+        backup = db.with_name(f"{db.name}.bak-{stamp}-{n}")
+    return backup
 
 
 def repair_store(db: str | Path) -> RepairReport:
@@ -565,14 +608,14 @@ def repair_store(db: str | Path) -> RepairReport:
     db = Path(db)
     check_exists(db)
     started = time.perf_counter()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    backup = db.with_name(f"{db.name}.bak-{stamp}")
     tmp = db.with_name(f".{db.name}.repair-{os.getpid()}")
-    for leftover in db.parent.glob(f".{db.name}.repair-*"):
-        leftover.unlink(missing_ok=True)  # of a killed repair
-    report = RepairReport(str(db), str(backup), bytes_before=db.stat().st_size)
-    held = lock.WriterLock.acquire(db, lambda fd: None)
+    held = lock.WriterLock.acquire(db, journal.read_pid)
+    report = RepairReport(str(db), "", bytes_before=db.stat().st_size)
     try:
+        prefix = f".{db.name}.repair-"
+        for leftover in os.listdir(db.parent):  # of a killed repair (we hold the lock now)
+            if leftover.startswith(prefix):
+                (db.parent / leftover).unlink(missing_ok=True)
         try:
             fh, version = _open_source(db, held.fd)
         except Exception as exc:
@@ -581,17 +624,34 @@ def repair_store(db: str | Path) -> RepairReport:
         report.upgraded = version == 1
         try:
             src = _Source(fh, version)
-            _build(src, tmp, db, report, LIBVER)
+            try:
+                _build(src, tmp, db, report, LIBVER)
+            except OSError as exc:
+                raise journal.os_error(tmp, exc) from None
         finally:
             fh.close()
         with held.exclusive():  # no reader mid-read while the name moves to the new file
+            backup = _backup_name(db)
+            report.backup = str(backup)
             try:
                 os.link(db, backup)
             except OSError:
                 import shutil
 
-                shutil.copy2(db, backup)
+                try:
+                    shutil.copy2(db, backup)
+                except OSError as exc:
+                    raise journal.os_error(backup, exc) from None
             os.replace(tmp, db)
+            try:
+                dfd = os.open(db.parent, os.O_RDONLY)
+                try:
+                    if journal.sync_enabled():
+                        os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -605,11 +665,11 @@ def repair_store(db: str | Path) -> RepairReport:
 def _build(src: _Source, tmp: Path, db: Path, report: RepairReport, libver: str) -> None:
     n = src.rows
     report.rows = n
-    cols, paths, errors, lost = _read_images(src)
+    cols, paths, errors, lost, stale = _read_images(src)
     with h5py.File(tmp, "w", libver=libver, userblock_size=USERBLOCK, locking=False) as out:
         create_layout(out)
         try:
-            out.attrs["created"] = src.fh.attrs.get("created", now_iso())
+            set_attr(out, "created", attr_text(src.fh.attrs.get("created", now_iso())))
         except Exception:
             pass
         g = out["images"]
@@ -624,13 +684,14 @@ def _build(src: _Source, tmp: Path, db: Path, report: RepairReport, libver: str)
         _write_text(g, "error", [b"lost in repair: its row was damaged" if lost[i]
                                  else (errors[i] or b"") for i in range(n)])
         report.lost_rows = int(lost.sum())
+        report.stale_rows = int(stale.sum())
         for ext in sorted(src.fh["descriptors"].keys()) if "descriptors" in src.fh else []:
-            _copy_extractor(src, ext, out, lost, report)
+            _copy_extractor(src, ext, out, lost | stale, report)
         _copy_models(src, out, report)
         _copy_indexes(src, out, db, report)
         out.attrs["rows"] = n
-        out.attrs["modified"] = now_iso()
-        out.attrs["repaired"] = now_iso()
+        set_attr(out, "modified", now_iso())
+        set_attr(out, "repaired", now_iso())
     fd = os.open(tmp, os.O_RDWR)
     try:
         journal.init_header(fd, os.fstat(fd).st_size)

@@ -64,7 +64,13 @@ def identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _same_file(path: Path, fd: int) -> bool:
+def fd_path(fd: int, path) -> str:
+    """A name for exactly the file open as `fd` (Linux /proc), else its path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
+
+
+def same_file(path: Path, fd: int) -> bool:
     """Does `path` still name the file open as `fd` (a repair may have swapped it)?"""
     try:
         st = os.stat(path)
@@ -91,39 +97,49 @@ def shared(path: Path) -> Iterator[int]:
     """Hold the commit lock shared for the duration of a read; yields a descriptor of the file.
 
     Nested and concurrent reads of the same file in one process share one hold, so a reader
-    never waits behind a writer that is itself waiting for this process's outer read.
+    never waits behind a writer that is itself waiting for this process's outer read. The
+    descriptor names the file that was locked (a repair that swapped the name meanwhile is
+    seen, and the new file is read instead).
     """
-    with _mutex:
-        entry = None
-        while entry is None:
-            fd = os.open(path, os.O_RDONLY)
+    entry = None
+    while entry is None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
             key = identity(fd)
-            if key in _readers:
+            with _mutex:
+                entry = _readers.get(key)
+                if entry is not None:
+                    entry.count += 1
+            if entry is not None:
                 os.close(fd)
-                entry = _readers[key]
                 break
-            try:
-                if _OFD:
-                    _poll(lambda: _ofd(fd, fcntl.F_RDLCK, TURNSTILE, False), "a commit", path)
-                    _poll(lambda: _ofd(fd, fcntl.F_RDLCK, COMMIT, False), "a commit", path)
-                    _ofd(fd, fcntl.F_UNLCK, TURNSTILE, False)
-                else:
-                    _poll(lambda: _flock(fd, fcntl.LOCK_SH), "a commit", path)
-            except BaseException:
+            if _OFD:
+                _poll(lambda: _ofd(fd, fcntl.F_RDLCK, TURNSTILE, False), "a commit", path)
+                _poll(lambda: _ofd(fd, fcntl.F_RDLCK, COMMIT, False), "a commit", path)
+                _ofd(fd, fcntl.F_UNLCK, TURNSTILE, False)
+            else:
+                _poll(lambda: _flock(fd, fcntl.LOCK_SH), "a commit", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same_file(path, fd):  # replaced meanwhile (repair): read the new file
+            os.close(fd)
+            continue
+        with _mutex:
+            entry = _readers.get(key)
+            if entry is None:
+                entry = _readers[key] = _Shared(fd)
+            else:  # another thread of this process got there first: share its hold
                 os.close(fd)
-                raise
-            if not _same_file(path, fd):  # replaced meanwhile (repair): read the new file
-                os.close(fd)
-                continue
-            entry = _readers[key] = _Shared(fd)
-        entry.count += 1
+            entry.count += 1
     try:
         yield entry.fd
     finally:
         with _mutex:
             entry.count -= 1
             if entry.count == 0:
-                _readers.pop(identity(entry.fd), None)
+                if _readers.get(identity(entry.fd)) is entry:
+                    del _readers[identity(entry.fd)]
                 os.close(entry.fd)  # closing the description releases its locks
 
 
@@ -140,7 +156,7 @@ class WriterLock:
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
-        self.fd = fd
+        self.fd: int | None = fd
         self.key = identity(fd)
         self._side: int | None = None
 
@@ -155,6 +171,12 @@ class WriterLock:
                 fd = os.open(path, os.O_RDWR)
             except PermissionError:
                 raise StoreError(f"store {path} is not writable by this user") from None
+            except FileNotFoundError:
+                raise StoreError(f"store {path} does not exist (it was removed or renamed "
+                                 f"meanwhile)") from None
+            except OSError as exc:
+                raise StoreError(f"cannot open store {path} for writing: "
+                                 f"{exc.strerror or exc}") from None
             lock = cls(path, fd)
             try:
                 got = lock._take_writer()
@@ -166,7 +188,7 @@ class WriterLock:
                 os.close(fd)
                 raise StoreError(f"store {path} is locked by PID {pid or '?'} (another imgdb "
                                  f"command is writing to it); wait for it to finish")
-            if _same_file(path, fd):
+            if same_file(path, fd):
                 with _mutex:
                     _writers.add(lock.key)
                 return lock
@@ -183,13 +205,17 @@ class WriterLock:
         self._side = side
         return True
 
+    def check_no_reader(self) -> None:
+        """A commit while this process reads the same store would wait for itself."""
+        with _mutex:
+            if self.key in _readers:
+                raise StoreError(f"store {self.path} is being read by this same process; a "
+                                 f"commit now would wait for itself (finish the read first)")
+
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the commit lock exclusively (waits for the reads in progress)."""
-        with _mutex:
-            if self.key in _readers:
-                raise RuntimeError("a commit was attempted while this process holds a read of "
-                                   "the same store (it would wait for itself)")
+        self.check_no_reader()
         if _OFD:
             _poll(lambda: _ofd(self.fd, fcntl.F_WRLCK, TURNSTILE, False), "readers", self.path)
             try:
@@ -208,15 +234,12 @@ class WriterLock:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def release(self) -> None:
+        if self.fd is None:
+            return
         with _mutex:
             _writers.discard(self.key)
         if self._side is not None:
             os.close(self._side)
             self._side = None
-        os.close(self.fd)  # drops every lock of this open file description
-
-
-def writer_active_here(fd: int) -> bool:
-    """Is this process the store's writer (so a read needs no shared lock)?"""
-    with _mutex:
-        return identity(fd) in _writers
+        fd, self.fd = self.fd, None
+        os.close(fd)  # drops every lock of this open file description

@@ -30,7 +30,7 @@ def plain(value):
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, bytes):
-        value = value.decode()
+        value = value.decode("utf-8", "replace")
     if isinstance(value, str) and value[:1] in "[{":
         try:
             return json.loads(value)
@@ -65,6 +65,8 @@ class _Guard:
                                                                               ValueError)):
             return False
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "filter returned failure" in first or "checksum" in first.lower():
+            first = "checksum mismatch"
         raise StoreDamaged(f"store {self.path} is damaged: {self.what} cannot be read ({first}); "
                            f"run imgdb check --db {self.path} for a full report, then imgdb "
                            f"repair --db {self.path}") from None
@@ -77,7 +79,7 @@ class StoreView:
         self.fh = fh
         self.path = path
         with guarded("the root attributes", path):
-            fmt = fh.attrs.get("format")
+            fmt = plain(fh.attrs.get("format", b""))
             if fmt != FORMAT:
                 raise StoreError(f"{path} is an HDF5 file but not an imgdb store")
             version = int(fh.attrs.get("format_version", 0))
@@ -402,6 +404,23 @@ def _utf8(raw: bytes) -> str:
     return bytes(raw).decode("utf-8", "replace")
 
 
+def open_file(path: Path, fd: int) -> h5py.File:
+    """The committed state of the store open as `fd` (its shared lock held): the file itself,
+    or, after an interrupted commit or a restart, the file with its journals replayed in
+    memory."""
+    try:
+        view = journal.view_of(fd, journal.plan(path, fd))
+    except OSError as exc:
+        raise StoreError(f"cannot read store {path}: {exc.strerror or exc}") from None
+    try:
+        if view is not None:
+            return h5py.File(view, "r")
+        return h5py.File(lock.fd_path(fd, path), "r", locking=False)
+    except OSError as exc:
+        raise StoreDamaged(f"cannot open store {path}: {str(exc).splitlines()[0]}; run "
+                           f"imgdb check --db {path}") from None
+
+
 @contextmanager
 def open_read(path: str | Path) -> Iterator[StoreView]:
     """Read a store under its shared lock (works while a writer runs: between its commits)."""
@@ -415,12 +434,7 @@ def open_read(path: str | Path) -> Iterator[StoreView]:
     except OSError as exc:
         raise StoreError(f"cannot open store {path}: {exc.strerror or exc}") from None
     try:
-        view = journal.read_view(path, fd)
-        try:
-            fh = h5py.File(view, "r") if view is not None else h5py.File(path, "r", locking=False)
-        except OSError as exc:
-            raise StoreDamaged(f"cannot open store {path}: {str(exc).splitlines()[0]}; run "
-                               f"imgdb check --db {path}") from None
+        fh = open_file(path, fd)
         try:
             yield StoreView(fh, path)
         finally:

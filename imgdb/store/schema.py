@@ -1,9 +1,12 @@
 """The store's file layout: every dataset path, dtype, fill value and chunking, in one place.
 
 Only the `imgdb.store` package reads or writes these paths. Every dataset is chunked and carries
-HDF5's fletcher32 checksum, and none uses a variable-length type (their bytes would live in the
-global heap, which has no checksum): text columns are ragged byte arrays (`<name>_data` plus
-row-aligned `<name>_start` / `<name>_len`), so any file name the OS gives is stored losslessly.
+HDF5's fletcher32 checksum, and nothing uses a variable-length type (their bytes would live in
+the global heap, which has no checksum): text columns are ragged byte arrays (`<name>_data` plus
+row-aligned `<name>_start` / `<name>_len`), so any file name the OS gives is stored losslessly,
+and text attributes are fixed-length byte strings (`set_attr`), kept in the object headers,
+which the file format version used here (`libver="latest"`) checksums like every other piece of
+metadata (superblock, B-trees, heaps).
 
 ```
 /                              attrs format, format_version, created, modified, rows
@@ -58,13 +61,37 @@ IMAGE_COLUMNS: dict[str, tuple[str, object]] = {
 }
 IMAGE_TEXT = ("path", "error")
 
-ROW_CHUNK = 4096
-BYTES_CHUNK = 1 << 16
+# Small chunks for row columns: a commit rewrites the partly filled last chunk of every
+# row-aligned column (in place, so through the journal); 1024 rows keep that to a few KiB.
+ROW_CHUNK = 1024
+BYTES_CHUNK = 1 << 14
 
 
 def now_iso() -> str:
     """UTC timestamp for provenance attributes."""
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def set_attr(obj, key: str, value) -> None:
+    """Store an attribute; text (and JSON of lists/dicts) as a fixed-length UTF-8 byte string,
+    which HDF5 keeps inside the checksummed object header (a `str` would go to the global heap,
+    which has no checksum)."""
+    if isinstance(value, (dict, list, tuple)):
+        value = json.dumps(value)
+    if isinstance(value, bytes) and not isinstance(value, np.bytes_):
+        value = np.bytes_(value)
+    elif isinstance(value, str):
+        value = np.bytes_(value.encode("utf-8", "surrogateescape"))
+    obj.attrs[key] = value
+
+
+def attr_text(value) -> str:
+    """A text attribute as str (fixed-length bytes, or a variable-length str of format 1)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +190,7 @@ class IndexEntry:
 
     @property
     def file(self) -> str:
-        return str(self.attrs["file"])
+        return attr_text(self.attrs["file"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,10 +251,11 @@ def create_ragged(group: h5py.Group, name: str, rows: int) -> None:
 
 def create_layout(fh: h5py.File) -> None:
     """The groups and datasets of an empty store."""
-    fh.attrs["format"] = FORMAT
+    created = now_iso()
+    set_attr(fh, "format", FORMAT)
     fh.attrs["format_version"] = FORMAT_VERSION
-    fh.attrs["created"] = now_iso()
-    fh.attrs["modified"] = fh.attrs["created"]
+    set_attr(fh, "created", created)
+    set_attr(fh, "modified", created)
     fh.attrs["rows"] = 0
     g = fh.create_group("images")
     for name, (dtype, fill) in IMAGE_COLUMNS.items():
@@ -245,8 +273,8 @@ def vector_chunk_rows(dim: int, itemsize: int = 4) -> int:
 
 def create_extractor(fh: h5py.File, extractor: str, settings: dict, rows: int) -> h5py.Group:
     g = fh["descriptors"].create_group(extractor)
-    g.attrs["settings"] = json.dumps(settings, sort_keys=True)
-    g.attrs["created"] = now_iso()
+    set_attr(g, "settings", json.dumps(settings, sort_keys=True))
+    set_attr(g, "created", now_iso())
     g.attrs["revision"] = 0
     _dataset(g, "state", (rows,), "i1", (ROW_CHUNK,), STATE_PENDING)
     create_ragged(g, "error", rows)
@@ -262,7 +290,7 @@ def create_vectors(group: h5py.Group, name: str, rows: int, dim: int,
 
 def create_local(fh: h5py.File, extractor: str, key: str, channels: int, rows: int) -> h5py.Group:
     g = fh.require_group("local").require_group(extractor).create_group(key)
-    _dataset(g, "features", (0, channels), "f2", (max(256, (1 << 17) // (2 * channels)), channels))
+    _dataset(g, "features", (0, channels), "f2", (max(32, (1 << 16) // (2 * channels)), channels))
     _dataset(g, "coords", (0, 2), "i2", (ROW_CHUNK, 2))
     _dataset(g, "start", (rows,), "i8", (ROW_CHUNK,), -1)
     _dataset(g, "count", (rows,), "i4", (ROW_CHUNK,), 0)

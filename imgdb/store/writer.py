@@ -1,16 +1,24 @@
 """Writing a store: one `StoreWriter` at a time; every change is an atomic, journaled commit.
 
 The writer holds the store's writer lock for its lifetime and the commit lock only inside a
-`transaction` (readers go on between commits). A transaction opens the HDF5 file over an
-in-memory overlay and `journal.commit` puts the changed bytes on disk all or nothing, so a kill,
-a full disk, a file-size limit or an I/O error leaves the store as it was before that commit.
+`transaction` (readers go on between commits). Its HDF5 file stays open over an in-memory
+`journal.Overlay` for the writer's whole life (metadata and chunk caches stay warm between
+commits); a transaction ends with an HDF5 flush into the overlay and `journal.commit` puts the
+changed bytes on disk all or nothing, so a kill, a full disk, a file-size limit or an I/O error
+leaves the store as it was before that commit. A transaction that raises discards the HDF5
+file (its memory holds the aborted changes) and the next one reopens it from the committed
+bytes.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import signal
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +27,14 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from ..errors import StoreError, UserError
+from ..errors import StoreDamaged, StoreError, UserError
 from . import journal, lock
 from .reader import StoreView, check_exists, plain
 from .schema import (FAILURE_NONE, IMAGE_COLUMNS, STATE_COMPUTED, STATE_PENDING, STATUS_OK,
                      USERBLOCK, ImageRow, ImageTable, ModelInfo, aligned_datasets, create_array,
                      create_extractor, create_layout, create_local, create_vectors, encode_path,
                      extractor_names, extractor_path, index_path, local_groups, model_group_path,
-                     now_iso)
+                     now_iso, set_attr)
 
 #: Kinds whose version numbers are unique in the whole store, not per descriptor.
 STORE_WIDE_NUMBERS = ("codebook",)
@@ -41,6 +49,20 @@ class RowUpdate:
     image: ImageRow
     state: int = STATE_COMPUTED  # the extractor's outcome (schema.STATE_*)
     error: str = ""  # why the extractor failed the row (extractor-level failures)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if journal.sync_enabled():
+            os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def create_store(path: Path) -> None:
@@ -61,10 +83,63 @@ def create_store(path: Path) -> None:
         except OSError:  # no hard links on this file system
             if not path.exists():
                 os.replace(tmp, path)
+        _fsync_dir(path)
     except OSError as exc:
-        raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from None
+        raise StoreError(f"cannot create store {path}: "
+                         f"{exc.strerror or str(exc).splitlines()[0]}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_open_writers: "weakref.WeakSet[StoreWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:  # before h5py's own exit hook closes files behind our back
+    for writer in list(_open_writers):
+        try:
+            writer.close()
+        except Exception:
+            pass
+
+
+@contextmanager
+def _no_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C back while a commit writes (it is raised right after): a commit is never
+    left half-known to the process that made it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda sig, frame: caught.append((sig, frame)))
+    except (ValueError, TypeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught and callable(old):
+            old(*caught[0])
+        elif caught and old == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+class _Completion(threading.Thread):
+    """Flush a written commit to disk, then apply it in place (result: its applied header, or
+    the error)."""
+
+    def __init__(self, fd: int, written) -> None:
+        super().__init__(name="imgdb-commit", daemon=False)
+        self.fd, self.written = fd, written
+        self.result: object = None
+
+    def run(self) -> None:
+        try:
+            self.result = journal.complete(self.fd, self.written)
+        except BaseException as exc:  # reported to the writer's next use
+            self.result = exc
 
 
 class StoreWriter:
@@ -84,25 +159,112 @@ class StoreWriter:
                                      f"{exc.strerror or exc}") from None
             create_store(self.path)
             self.created = True
-        self.lock = lock.WriterLock.acquire(self.path, self._holder)
+        self._fh: h5py.File | None = None
+        self._overlay: journal.Overlay | None = None
+        self._nodes: dict[str, object] = {}
+        self._job: _Completion | None = None
+        self._aligned_cache: list[h5py.Dataset] | None = None
+        self._in_transaction = False
+        self._broken: str | None = None
+        self._dirty = False  # committed (or recovered) in this session: close() marks it clean
+        self.lock = lock.WriterLock.acquire(self.path, journal.read_pid)
         try:
-            self.header = journal.recover(self.path, self.lock.fd)
-            self.header.pid = os.getpid()
-            journal.write_header(self.lock.fd, self.header)
-            with self.read():
-                pass  # validates format and version
+            try:
+                # only this writer writes headers: reading it needs no lock; replaying a
+                # killed writer's commit does (readers must not see it half done)
+                self.header = journal.read_header(self.lock.fd, self.path)
+                if not journal.plan(self.path, self.lock.fd, self.header).direct:
+                    with self.lock.exclusive():
+                        self.header = journal.recover(self.path, self.lock.fd)
+                # a store left unfinished (a killed writer) is tidied up at close
+                self._dirty = self.header.state != journal.CLEAN
+                journal.write_pid(self.lock.fd, os.getpid())
+            except OSError as exc:
+                raise journal.os_error(self.path, exc) from None
+            self._open()
         except BaseException:
+            self._discard()
             self.lock.release()
             raise
+        _open_writers.add(self)
 
-    def _holder(self, fd: int) -> int | None:
+    def _open(self) -> None:
+        """The HDF5 file over a fresh overlay of the committed bytes."""
+        self._settle()
+        if self._broken is not None:
+            raise StoreError(self._broken)
+        self._overlay = journal.Overlay(self.lock.fd, self.header.committed,
+                                        self._direct_end(self.header))
         try:
-            return journal.read_header(fd, self.path).pid
-        except UserError:
-            return None
+            self._fh = h5py.File(self._overlay, "r+", libver=LIBVER)
+        except OSError as exc:
+            self._overlay = None
+            raise StoreDamaged(f"cannot open store {self.path}: {str(exc).splitlines()[0]}; "
+                               f"run imgdb check --db {self.path}") from None
+        StoreView(self._fh, self.path)  # validates format and version
+
+    @staticmethod
+    def _direct_end(header: journal.Header) -> int:
+        """New bytes may go straight to the file up to the first journal a recovery may still
+        need (the last commit's, and the one before while the last one's flush runs)."""
+        end = 1 << 62
+        if header.state != journal.CLEAN:
+            for ref in (header.cur, header.prev):
+                if ref is not None and ref.end > header.committed:
+                    end = min(end, max(ref.offset, header.committed))
+        return end
+
+    def _node(self, path: str):
+        """A group or dataset of the open file, looked up once per HDF5 open."""
+        obj = self._nodes.get(path)
+        if obj is None:
+            obj = self._nodes[path] = self._fh[path]
+        return obj
+
+    def _aligned(self, fh: h5py.File) -> list[h5py.Dataset]:
+        if self._aligned_cache is None:
+            self._aligned_cache = list(aligned_datasets(fh))
+        return self._aligned_cache
+
+    def _discard(self) -> None:
+        """Drop the HDF5 file and every uncommitted change (HDF5's close writes go nowhere)."""
+        self._nodes.clear()
+        self._aligned_cache = None
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except Exception:
+                pass
+        self._overlay = None
 
     def close(self) -> None:
-        self.lock.release()
+        """Finish the last commit, mark the file clean and release the locks. Raises (after
+        releasing) when the last commit's flush to disk failed."""
+        if self.lock.fd is None:
+            return
+        _open_writers.discard(self)
+        failed = self._job is not None
+        error = None
+        try:
+            self._settle()
+            if failed and self._broken is not None:
+                error = self._broken
+            self._discard()
+            if self._dirty and self._broken is None:
+                try:
+                    with self.lock.exclusive():
+                        self.header = journal.finish(self.path, self.lock.fd, self.header)
+                except OSError as exc:  # consistent either way; the next writer tidies up
+                    error = (f"I/O error while flushing {self.path} to disk "
+                             f"({exc.strerror or exc}); what was committed can be read; run "
+                             f"imgdb check --db {self.path}")
+                except UserError:
+                    pass
+        finally:
+            self.lock.release()
+        if error:
+            raise StoreError(error)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -112,40 +274,134 @@ class StoreWriter:
 
     def discard_if_empty(self) -> None:
         """Remove a store this writer created and never filled (a failed first ingest)."""
-        if self.created:
-            with self.read() as view:
-                empty = view.rows == 0 and not view.extractors()
-            if empty:
+        if not self.created:
+            return
+        held = self.lock.fd is not None
+        other = None
+        try:
+            if not held:
+                try:
+                    other = lock.WriterLock.acquire(self.path, journal.read_pid)
+                except UserError:
+                    return  # someone else writes to it now: theirs
+                fd = other.fd
+            else:
+                fd = self.lock.fd
+            try:
+                header = journal.read_header(fd, self.path)
+                p = journal.plan(self.path, fd, header)
+                view = journal.view_of(fd, p)
+                fh = h5py.File(view, "r") if view is not None else \
+                    h5py.File(lock.fd_path(fd, self.path), "r", locking=False)
+                try:
+                    v = StoreView(fh, self.path)
+                    empty = v.rows == 0 and not v.extractors()
+                finally:
+                    fh.close()
+            except (OSError, UserError):
+                return
+            if empty and lock.same_file(self.path, fd):
                 self.path.unlink(missing_ok=True)
+        finally:
+            if other is not None:
+                other.release()
 
     # -- reading and transactions ---------------------------------------------------------------
     @contextmanager
     def read(self) -> Iterator[StoreView]:
         """A view of the committed state (no lock needed: only this writer commits)."""
-        try:
-            fh = h5py.File(self.path, "r", locking=False)
-        except OSError as exc:
-            raise StoreError(f"cannot open store {self.path}: {str(exc).splitlines()[0]}; run "
-                             f"imgdb check --db {self.path}") from None
-        try:
-            yield StoreView(fh, self.path)
-        finally:
-            fh.close()
+        if self._in_transaction:
+            raise RuntimeError("StoreWriter.read() inside a transaction")
+        self._usable()
+        if self._fh is None:
+            self._open()
+        yield StoreView(self._fh, self.path)
+
+    def _usable(self) -> None:
+        if self.lock.fd is None:
+            raise RuntimeError("the StoreWriter is closed")
+        if self._broken is not None:
+            raise StoreError(self._broken)
+
+    def _settle(self) -> None:
+        """Wait for the last commit's background flush-and-apply (see `transaction`)."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        job.join()
+        if self._overlay is not None:
+            self._overlay.under = {}
+        if isinstance(job.result, journal.Header):
+            self.header = job.result
+        else:  # the commit is in the file, but this writer must stop
+            self._broken = str(job.result)
+            self._discard()
 
     @contextmanager
     def transaction(self) -> Iterator[h5py.File]:
         """Open the store for writing; on a clean exit every change is committed atomically,
-        on an exception none is."""
-        with self.lock.exclusive():
-            self.header = journal.recover(self.path, self.lock.fd)
-            overlay = journal.Overlay(self.lock.fd, os.fstat(self.lock.fd).st_size)
-            fh = h5py.File(overlay, "r+", libver=LIBVER)
-            try:
-                yield fh
-                fh.attrs["modified"] = now_iso()
-            finally:
-                fh.close()
-            self.header = journal.commit(self.path, self.lock.fd, self.header, overlay)
+        on an exception none is.
+
+        The commit is written (journal and pending header: every later reader sees it) before
+        this returns; making it durable (the fsync) and applying it in place run on a thread
+        while the caller goes on (the writer reads the committed pages from memory meanwhile);
+        the next commit waits for it first.
+        """
+        if self._in_transaction:
+            raise RuntimeError("nested StoreWriter transactions")
+        self.lock.check_no_reader()
+        self._usable()
+        self._in_transaction = True
+        try:
+            with self.lock.exclusive():
+                if self._fh is None:
+                    self._open()
+                fh = self._fh
+                ok = False
+                try:
+                    yield fh
+                    set_attr(fh, "modified", now_iso())
+                    fh.flush()
+                    self._settle()  # the previous commit first (raises if it failed)
+                    self._usable()
+                    ok = True
+                except Exception:
+                    error = self._overlay.error if self._overlay is not None else None
+                    if error is not None:  # HDF5 reports a failed write in its own words
+                        raise journal.os_error(self.path, error) from None
+                    raise
+                finally:
+                    if not ok:
+                        self._discard()
+                with _no_interrupt():
+                    try:
+                        written = journal.commit(self.path, self.lock.fd, self.header,
+                                                 self._overlay)
+                    except BaseException:
+                        self._discard()
+                        raise
+                    if written is None:
+                        return
+                    self.header = written.pending
+                    self._dirty = True
+                    job = _Completion(self.lock.fd, written)
+                    direct_end = self._direct_end(written.pending)
+                    if journal.sync_enabled() and written.overlaid:
+                        self._overlay.rebase(written.pending.committed,
+                                             self._overlay.committed_pages(), direct_end)
+                        self._job = job
+                        job.start()
+                    else:
+                        job.run()
+                        self._overlay.rebase(written.pending.committed, direct_end=direct_end)
+                        if isinstance(job.result, journal.Header):
+                            self.header = job.result
+                        else:
+                            self._broken = str(job.result)
+                            self._discard()
+                            raise job.result
+        finally:
+            self._in_transaction = False
 
     def images(self) -> ImageTable:
         with self.read() as view:
@@ -170,6 +426,7 @@ class StoreWriter:
         rows resets every row to pending (all its datasets must stay complete). Returns whether
         anything was added."""
         with self.transaction() as fh:
+            self._aligned_cache = None  # datasets may be added
             n = int(fh.attrs["rows"])
             g = fh["descriptors"].get(extractor)
             if g is None:
@@ -180,7 +437,7 @@ class StoreWriter:
                 for key in ("layers", "poolings", "keep_local"):
                     if key in settings or key in old:
                         merged[key] = sorted(set(old.get(key, [])) | set(settings.get(key, [])))
-                g.attrs["settings"] = json.dumps(merged, sort_keys=True)
+                set_attr(g, "settings", json.dumps(merged, sort_keys=True))
             added = False
             for (layer, pooling), dim in dims.items():
                 lg = g.require_group(layer)
@@ -213,6 +470,7 @@ class StoreWriter:
         if not rows:
             return []
         with self.transaction() as fh:
+            node = self._node
             n = int(fh.attrs["rows"])
             ids, new_n = [], n
             for u in rows:
@@ -222,36 +480,44 @@ class StoreWriter:
                 else:
                     ids.append(u.row)
             ids_arr = np.asarray(ids, dtype=np.int64)
-            for ds in aligned_datasets(fh):
-                if ds.shape[0] < new_n:
+            if new_n > n:  # every row-aligned dataset has exactly `rows` rows
+                for ds in self._aligned(fh):
                     ds.resize(new_n, axis=0)
             put = _Putter(ids_arr)
-            _write_images(fh, put, rows)
+            _write_images(node, put, rows)
             changed = sorted(set(int(r) for r in file_changed))
             if extractor is not None:
-                g = fh[extractor_path(extractor)]
+                base = extractor_path(extractor)
                 state = np.array([u.state for u in rows], np.int8)
                 ok = state == STATE_COMPUTED
                 for (layer, pooling), vec in (vectors or {}).items():
-                    ds = g[layer][pooling]
+                    ds = node(f"{base}/{layer}/{pooling}")
                     vec = np.array(vec, dtype=ds.dtype)
                     vec[~ok] = np.nan
                     put(ds, vec)
-                put(g["state"], state)
-                _put_text(g, "error", put, [u.error.encode("utf-8", "replace") for u in rows])
+                put(node(f"{base}/state"), state)
+                _put_text(node, base, "error", put,
+                          [u.error.encode("utf-8", "replace") for u in rows])
                 if local:
-                    _write_local(fh, extractor, put, rows, ids, local, set(changed))
-                _bump(g)
-            if changed:  # files changed on disk: other extractors' vectors are outdated
+                    _write_local(node, extractor, put, rows, ids, local, set(changed))
+                _bump(node(base))
+            if changed:  # files changed on disk: other extractors' results are outdated
                 idx = np.asarray(changed, dtype=np.int64)
                 for other in extractor_names(fh):
                     if other == extractor:
                         continue
-                    og = fh[extractor_path(other)]
+                    og = node(extractor_path(other))
                     st = og["state"][idx]
                     if (st != STATE_PENDING).any():
                         og["state"][idx] = np.zeros(len(idx), np.int8)
                         _bump(og)
+                for lg in local_groups(fh):  # their kept cells too (dead space until repair)
+                    if lg.parent.name.split("/")[-1] == extractor:
+                        continue
+                    starts = lg["start"][idx]
+                    if (starts >= 0).any():
+                        lg["start"][idx] = np.full(len(idx), -1, np.int64)
+                        lg["count"][idx] = np.zeros(len(idx), np.int32)
             fh.attrs["rows"] = new_n
         return ids
 
@@ -262,10 +528,9 @@ class StoreWriter:
         with self.transaction() as fh:
             idx = np.array(sorted(set(int(r) for r in row_ids)), dtype=np.int64)
             put = _Putter(idx)
-            g = fh["images"]
-            put(g["status"], np.full(len(idx), status, np.int8))
-            put(g["failure"], np.full(len(idx), FAILURE_NONE, np.int8))
-            _put_text(g, "error", put, [error.encode()] * len(idx))
+            put(self._node("images/status"), np.full(len(idx), status, np.int8))
+            put(self._node("images/failure"), np.full(len(idx), FAILURE_NONE, np.int8))
+            _put_text(self._node, "images", "error", put, [error.encode()] * len(idx))
             for ext in extractor_names(fh):
                 _bump(fh[extractor_path(ext)])
 
@@ -301,8 +566,7 @@ class StoreWriter:
             full = dict(attrs, kind=kind, descriptor=descriptor, version=version,
                         created=now_iso())
             for key, value in full.items():
-                mg.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) \
-                    else value
+                set_attr(mg, key, value)
             g.attrs["next_version"] = number + 1
         return ModelInfo(kind, descriptor, version, {k: plain(_attr(v)) for k, v in full.items()})
 
@@ -323,7 +587,7 @@ class StoreWriter:
             g = reg.create_group(name)
             create_array(g, "rows", np.asarray(rows, dtype=np.int64))
             for k, v in attrs.items():
-                g.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                set_attr(g, k, v)
 
     def remove_index(self, name: str) -> None:
         with self.transaction() as fh:
@@ -355,27 +619,40 @@ class _Putter:
     def __call__(self, ds: h5py.Dataset, values: np.ndarray) -> None:
         values = np.asarray(values)[self.order]
         if self.contiguous:
-            ds[int(self.sorted[0]):int(self.sorted[-1]) + 1] = values
+            write_rows(ds, int(self.sorted[0]), values)
         else:
             ds[self.sorted] = values
 
 
-def _put_text(group: h5py.Group, name: str, put: _Putter, texts: list[bytes]) -> None:
+def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
+    """`ds[start:start + len(values)] = values` through HDF5's own call (h5py's selection
+    machinery costs more than the write of a commit's few rows)."""
+    values = np.ascontiguousarray(values, dtype=ds.dtype)
+    if values.shape[1:] != ds.shape[1:] or start + len(values) > ds.shape[0] or start < 0:
+        ds[start:start + len(values)] = values  # let h5py raise its usual error
+        return
+    if not len(values):
+        return
+    fspace = ds.id.get_space()
+    fspace.select_hyperslab((start,) + (0,) * (values.ndim - 1), values.shape)
+    ds.id.write(h5py.h5s.create_simple(values.shape), fspace, values)
+
+
+def _put_text(node, group: str, name: str, put: _Putter, texts: list[bytes]) -> None:
     """Append the bytes of each row's text and point its (start, len) at them."""
-    data = group[f"{name}_data"]
+    data = node(f"{group}/{name}_data")
     end = data.shape[0]
     lengths = np.array([len(t) for t in texts], np.int64)
     starts = end + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     total = int(lengths.sum())
     if total:
         data.resize(end + total, axis=0)
-        data[end:end + total] = np.frombuffer(b"".join(texts), np.uint8)
-    put(group[f"{name}_start"], np.where(lengths > 0, starts, 0))
-    put(group[f"{name}_len"], lengths.astype(np.int32))
+        write_rows(data, end, np.frombuffer(b"".join(texts), np.uint8))
+    put(node(f"{group}/{name}_start"), np.where(lengths > 0, starts, 0))
+    put(node(f"{group}/{name}_len"), lengths.astype(np.int32))
 
 
-def _write_images(fh: h5py.File, put: _Putter, rows: Sequence[RowUpdate]) -> None:
-    g = fh["images"]
+def _write_images(node, put: _Putter, rows: Sequence[RowUpdate]) -> None:
     cols = {
         "size": np.array([u.image.size for u in rows], np.int64),
         "mtime": np.array([u.image.mtime for u in rows], np.float64),
@@ -386,25 +663,26 @@ def _write_images(fh: h5py.File, put: _Putter, rows: Sequence[RowUpdate]) -> Non
         "failure": np.array([u.image.failure for u in rows], np.int8),
     }
     for name in IMAGE_COLUMNS:
-        put(g[name], cols[name])
+        put(node(f"images/{name}"), cols[name])
     new = [u.row is None for u in rows]
     # a row's path never changes: write it for new rows only (rewrites keep their bytes)
     if all(new):
-        _put_text(g, "path", put, [encode_path(u.image.path) for u in rows])
+        _put_text(node, "images", "path", put, [encode_path(u.image.path) for u in rows])
     elif any(new):
         sub = [u for u in rows if u.row is None]
         ids = put.sorted[np.argsort(put.order)]  # ids in update order
         sub_put = _Putter(np.asarray([i for i, u in zip(ids, rows) if u.row is None]))
-        _put_text(g, "path", sub_put, [encode_path(u.image.path) for u in sub])
-    _put_text(g, "error", put, [u.image.error.encode("utf-8", "replace") for u in rows])
+        _put_text(node, "images", "path", sub_put, [encode_path(u.image.path) for u in sub])
+    _put_text(node, "images", "error", put,
+              [u.image.error.encode("utf-8", "replace") for u in rows])
 
 
-def _write_local(fh: h5py.File, extractor: str, put: _Putter, rows: Sequence[RowUpdate],
+def _write_local(node, extractor: str, put: _Putter, rows: Sequence[RowUpdate],
                  ids: list[int], local: dict[str, list], changed: set[int]) -> None:
     """Append the kept cells of each computed row as a new segment of the flat arrays; a row
     recomputed only because the extractor gained a dataset keeps its (identical) segment."""
     for key, sets in local.items():
-        kg = fh["local"][extractor][key]
+        kg = node(f"local/{extractor}/{key}")
         starts = np.full(len(rows), -1, np.int64)
         counts = np.zeros(len(rows), np.int32)
         grids = np.zeros((len(rows), 2), np.int32)
@@ -426,7 +704,7 @@ def _write_local(fh: h5py.File, extractor: str, put: _Putter, rows: Sequence[Row
                 ds = kg[name]
                 old_end = ds.shape[0]
                 ds.resize(end, axis=0)
-                ds[old_end:end] = data
+                write_rows(ds, old_end, data)
         put(kg["start"], starts)
         put(kg["count"], counts)
         put(kg["grid"], grids)
@@ -434,3 +712,4 @@ def _write_local(fh: h5py.File, extractor: str, put: _Putter, rows: Sequence[Row
 
 __all__ = ["StoreWriter", "RowUpdate", "create_store", "STORE_WIDE_NUMBERS", "local_groups",
            "STATUS_OK"]
+
