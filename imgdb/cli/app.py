@@ -632,6 +632,11 @@ def eval_(
 
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit 1."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8: their own bytes
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         result = app(prog_name="imgdb", standalone_mode=False)
         if isinstance(result, int) and result:

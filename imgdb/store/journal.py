@@ -783,12 +783,20 @@ class CommitIncomplete(StoreError):
     applied in place; the next opener finishes it. The writer that raised it must stop."""
 
 
-def _place(after: int, length: int, avoid: JournalRef | None) -> int:
-    """Where a journal goes: at or after `after`, not overlapping `avoid`."""
-    at = -(-after // ALIGN) * ALIGN
-    if avoid is not None and at < avoid.end and avoid.offset < at + length:
-        at = -(-avoid.end // ALIGN) * ALIGN
-    return at
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _place(data_end: int, gap: int, length: int, avoid: JournalRef | None, limit) -> int:
+    """Where a journal goes: past the data, not over `avoid` (the journal a recovery may still
+    need); preferably `gap` bytes on (room for the next commits' new bytes to go straight to
+    the file), else as low as possible; within the file-size limit when it can be."""
+    candidates = [_align(data_end + gap), _align(data_end)]
+    if avoid is not None:
+        candidates.append(_align(avoid.end))
+    free = [c for c in candidates if not _overlaps(c, c + length, avoid)]
+    fitting = [c for c in free if limit == resource.RLIM_INFINITY or c + length <= limit]
+    return (fitting or free)[0]
 
 
 def _overlaps(a: int, b: int, ref: JournalRef | None) -> bool:
@@ -836,9 +844,7 @@ def commit(path, fd: int, header: Header, overlay: Overlay) -> Written | None:
     bufs, length, crc = journal_buffers(seq, new_size, runs, (t_off, t_len))
     gap = max(MIN_GAP, 4 * (new_size - old))
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:  # leave no gap the file-size limit cannot afford
-        gap = max(0, min(gap, limit - max(old, new_size) - length - ALIGN))
-    at = _place(max(old, new_size) + gap, length, keep)
+    at = _place(max(old, new_size), gap, length, keep, limit)
     check_room(path, max(end_before, at + length), length + (64 << 10))
     pending = Header(seq=seq, state=PENDING, committed=new_size, prev_size=old,
                      cur=JournalRef(at, length, crc, sealed=not t_len), prev=keep, boot=_BOOT)

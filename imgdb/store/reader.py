@@ -47,6 +47,28 @@ def check_exists(path: Path) -> None:
         raise StoreError(f"--db {path} is a directory; give a file name such as photos.h5")
 
 
+def hdf5_error(exc: BaseException) -> bool:
+    """Did HDF5 (through h5py) raise this: damaged metadata, a failed checksum, a bad read?"""
+    if not isinstance(exc, (OSError, KeyError, RuntimeError, ValueError, TypeError)) or \
+            isinstance(exc, UserError):
+        return False
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    # raised by h5py's compiled layer from an HDF5 error stack (its Python layer raises for
+    # mistakes in the call, such as shapes that do not broadcast)
+    name = last.tb_frame.f_code.co_filename if last is not None else ""
+    return name.startswith("h5py") and name.endswith(".pyx")
+
+
+def damaged(path: Path, exc: BaseException, what: str = "it") -> StoreDamaged:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "filter returned failure" in first or "checksum" in first.lower():
+        first = "checksum mismatch" + (" in its metadata" if "metadata" in first else "")
+    return StoreDamaged(f"store {path} is damaged: {what} cannot be read ({first}); run imgdb "
+                        f"check --db {path} for a full report, then imgdb repair --db {path}")
+
+
 def guarded(what: str, path: Path):
     """Turn an HDF5 read failure (checksum, structure) into StoreDamaged naming `what`."""
     return _Guard(what, path)
@@ -64,12 +86,7 @@ class _Guard:
                                                                               RuntimeError,
                                                                               ValueError)):
             return False
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "filter returned failure" in first or "checksum" in first.lower():
-            first = "checksum mismatch"
-        raise StoreDamaged(f"store {self.path} is damaged: {self.what} cannot be read ({first}); "
-                           f"run imgdb check --db {self.path} for a full report, then imgdb "
-                           f"repair --db {self.path}") from None
+        raise damaged(self.path, exc, self.what) from None
 
 
 class StoreView:
@@ -151,11 +168,12 @@ class StoreView:
         return extractor_names(self.fh)
 
     def _extractor(self, extractor: str) -> h5py.Group:
-        g = self.fh["descriptors"].get(extractor)
-        if g is None:
+        top = self.fh["descriptors"]
+        if extractor not in top:  # (`get` would take damage for absence)
             raise StoreError(f"the store has no extractor {extractor!r}; run imgdb info to list "
                              f"them")
-        return g
+        with guarded(f"extractor {extractor}", self.path):
+            return top[extractor]
 
     def settings(self, extractor: str) -> dict:
         """The extraction settings recorded with an extractor."""
@@ -437,10 +455,15 @@ def open_read(path: str | Path) -> Iterator[StoreView]:
         fh = open_file(path, fd)
         try:
             yield StoreView(fh, path)
+        except Exception as exc:  # damaged metadata met anywhere in the read: name it
+            if hdf5_error(exc):
+                raise damaged(path, exc) from None
+            raise
         finally:
             fh.close()
     finally:
         held.__exit__(None, None, None)
 
 
-__all__ = ["StoreView", "open_read", "plain", "guarded", "check_exists", "EXTRACTOR_FIELDS"]
+__all__ = ["StoreView", "open_read", "plain", "guarded", "check_exists", "EXTRACTOR_FIELDS",
+           "hdf5_error", "damaged"]

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import StoreDamaged, StoreError, UserError
 from . import journal, lock
-from .reader import StoreView, check_exists, plain
+from .reader import StoreView, check_exists, damaged, hdf5_error, plain
 from .schema import (FAILURE_NONE, IMAGE_COLUMNS, STATE_COMPUTED, STATE_PENDING, STATUS_OK,
                      USERBLOCK, ImageRow, ImageTable, ModelInfo, aligned_datasets, create_array,
                      create_extractor, create_layout, create_local, create_vectors, encode_path,
@@ -315,7 +315,12 @@ class StoreWriter:
         self._usable()
         if self._fh is None:
             self._open()
-        yield StoreView(self._fh, self.path)
+        try:
+            yield StoreView(self._fh, self.path)
+        except Exception as exc:
+            if hdf5_error(exc):
+                raise damaged(self.path, exc) from None
+            raise
 
     def _usable(self) -> None:
         if self.lock.fd is None:
@@ -365,10 +370,12 @@ class StoreWriter:
                     self._settle()  # the previous commit first (raises if it failed)
                     self._usable()
                     ok = True
-                except Exception:
+                except Exception as exc:
                     error = self._overlay.error if self._overlay is not None else None
                     if error is not None:  # HDF5 reports a failed write in its own words
                         raise journal.os_error(self.path, error) from None
+                    if hdf5_error(exc):
+                        raise damaged(self.path, exc) from None
                     raise
                 finally:
                     if not ok:
