@@ -536,7 +536,7 @@ def _reader_check(args: tuple, res: Result, batch: int) -> int:
     elif args[0] == "query":
         n = len(data["queries"][0]["results"])
     else:
-        n = data["n_database"] if "n_database" in data else data["database"]
+        n = data["database_images"]
     assert n % batch == 0, (args, n)  # ... and never a part of one
     return n
 
@@ -699,4 +699,138 @@ def test_full_small_file_system(tmp_path: Path) -> None:
         done = json.loads(ok(Result(**steps[key])).out)
         assert done["failed"] == 0 and done["unchanged"] >= rows and done["ok"] > 0
         assert table(db) == table(reference)  # no lost row, no duplicate, the same vectors
+        assert check_store(db).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 of every writing command: at each kind of store write, and at random moments
+
+
+_KILL_DRIVER = r"""
+import atexit, os, signal, sys, threading
+kill_at, calls, mutex = int(os.environ["IMGDB_TEST_KILL_AT"]), [0], threading.Lock()
+def counted(real):
+    def call(*args):
+        with mutex:
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+    return call
+for name in ("pwrite", "pwritev", "fsync", "ftruncate", "replace", "link"):
+    setattr(os, name, counted(getattr(os, name)))
+atexit.register(lambda: sys.stderr.write(f"WRITES {calls[0]}\n"))
+from imgdb.cli import main
+sys.argv = ["imgdb"] + sys.argv[1:]
+main()
+"""
+
+
+def _models(db: Path) -> dict:
+    with open_read(db) as view:
+        return {m.id: {k: v for k, v in m.attrs.items() if k not in ("created", "seconds")}
+                for m in view.models()}
+
+
+def _latest(db: Path, kind: str) -> dict:
+    with open_read(db) as view:
+        m = [m for m in view.models(kind)][-1]
+        arrays = view.model_arrays(m)
+        return {"descriptor": m.descriptor, "dims": m.attrs.get("dims"),
+                "arrays": {k: np.round(v.astype(float), 5).tolist() for k, v in arrays.items()}}
+
+
+def _encoding(db: Path) -> dict:
+    with open_read(db) as view:
+        d = view.descriptor("efficientnet_lite0-none-orig+cb1-democratic/block5/vlad")
+        return {"state": view.state(d.extractor).tolist(),
+                "v": np.round(view.vectors(d), 5).tolist()}
+
+
+def _indexes(db: Path) -> dict:
+    from imgdb.retrieval.index import list_indexes
+
+    with open_read(db) as view:
+        found = {s.name: (s.problem, s.attrs["items"]) for s in list_indexes(view, db, True)}
+    files = sorted(p.name for p in db.parent.glob(f"{db.name}.*.ann"))
+    return {"registry": found, "files": files}
+
+
+def _query_raw(db: Path) -> str:
+    name = "efficientnet_lite0-none-orig.head.sum.raw"
+    return ok(imgdb("query", "--db", db, "--id", "4", "--index", name, "--json")).out \
+        .replace(str(db), "DB")
+
+
+WRITING = {
+    "ingest": (lambda db, extra: ["ingest", extra, "--db", db, *NET, "--keep-local", "block5",
+                                  "--batch-size", "4", "--commit-seconds", "0"],
+               lambda db: table(db)),
+    "fit pca": (lambda db, extra: ["fit", "pca", "--db", db, "--descriptor", HEAD_SUM,
+                                   "--dims", "3"], lambda db: _latest(db, "pca")),
+    "fit codebook": (lambda db, extra: ["fit", "codebook", "--db", db, "--local", "block5",
+                                        "--method", "vlad", "--k", "3", "--no-rotate",
+                                        "--quiet"], lambda db: _latest(db, "codebook")),
+    "encode": (lambda db, extra: ["encode", "--db", db, "--codebook", "v1", "--aggregate",
+                                  "democratic"], _encoding),
+    "index build": (lambda db, extra: ["index", "build", "--db", db, "--descriptor", HEAD_SUM,
+                                       "--trees", "3"],
+                    lambda db: (_indexes(db), _query_raw(db))),
+    "models --remove": (lambda db, extra: ["models", "--db", db, "--remove",
+                                           "codebook/efficientnet_lite0-none-orig/block5/v1"],
+                        _models),
+    "index rm": (lambda db, extra: ["index", "rm", INDEX, "--db", db], _indexes),
+    "repair": (lambda db, extra: ["repair", "--db", db],
+               lambda db: (table(db), _models(db), _indexes(db))),
+}
+KILLS = {"count": 0}
+
+
+def _driver(args: list, kill_at: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), IMGDB_TEST_KILL_AT=str(kill_at))
+    return subprocess.run([sys.executable, "-c", _KILL_DRIVER, *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(WRITING))
+def test_kill_9_of_every_writing_command(tmp_path: Path, full_store: Path, command: str) -> None:
+    build, signature = WRITING[command]
+    extra = tmp_path / "more"
+    make_photos(extra, 12, seed=4)
+    # the uninterrupted run: its result, its store writes, its duration
+    ref = copy_store(full_store, tmp_path / "ref")
+    started = time.monotonic()
+    done = _driver(build(ref, extra), 0)
+    duration = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    writes = int(done.stderr.split("WRITES ")[-1].split()[0])
+    want = signature(ref)
+    rng = random.Random(command)
+    points = sorted(set(np.linspace(1, writes, num=min(writes, 5)).round().astype(int)))
+    plans = [("write", int(p)) for p in points] + \
+        [("time", rng.uniform(0.3, 1.0) * duration) for _ in range(2)]
+    for i, (how, when) in enumerate(plans):
+        db = copy_store(full_store, tmp_path / f"k{i}")
+        if how == "write":
+            proc = _driver(build(db, extra), when)
+            killed = proc.returncode == -signal.SIGKILL
+        else:
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            p = subprocess.Popen([sys.executable, "-m", "imgdb", *map(str, build(db, extra))],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            time.sleep(when)
+            killed = p.poll() is None
+            p.kill()
+            p.wait()
+        KILLS["count"] += killed
+        with open_read(db) as view:  # opens after the kill
+            assert view.rows >= 12
+        report = check_store(db)
+        assert report.ok, (command, how, when, [q.line() for q in report.problems])
+        rerun = imgdb(*build(db, extra))
+        if rerun.code != 0:  # the killed run had finished its work: a one-line 'nothing to do'
+            text = rerun.one_line_error()
+            assert command in ("models --remove", "index rm") and "no " in text, text
+        assert signature(db) == want, (command, how, when)
         assert check_store(db).ok

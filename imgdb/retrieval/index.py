@@ -216,14 +216,21 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
 
 
 def remove_index(db: Path, name: str) -> None:
+    """The file first, then the registry entry: a kill in between leaves an entry whose file
+    is missing (listed as stale), which the rerun removes; a file left by an older version
+    (no entry) is removed too."""
     db = Path(db)
     with StoreWriter(db, create=False) as writer:
         with writer.read() as view:
-            entry = view.index(name)
-        writer.remove_index(name)
-    path = registered_file(db, entry)
-    path.unlink(missing_ok=True)
-    _stamp_path(path).unlink(missing_ok=True)
+            known = name in [e.name for e in view.indexes()]
+            path = registered_file(db, view.index(name)) if known else index_file(db, name)
+        if not known and not path.exists():
+            with writer.read() as view:
+                view.index(name)  # raises: no such index
+        path.unlink(missing_ok=True)
+        _stamp_path(path).unlink(missing_ok=True)
+        if known:
+            writer.remove_index(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,35 +2,40 @@
 
 HDF5 updates a file in place and keeps no journal, so a write that fails half-way (disk full, a
 file-size limit, an I/O error, a kill, a power cut) can leave metadata that no longer parses.
-Here the writer's HDF5 file sits on an :class:`Overlay`, a file object whose reads come from the
-file and whose writes stay in memory. At a commit HDF5 flushes into the overlay, and
-:func:`commit` knows every byte that changed. It writes them like a database with a redo log:
+Here the writer's HDF5 file sits on an :class:`Overlay`, a file object that keeps every change
+of the bytes in use (below the committed end) in memory as pages; new bytes (past the end) go
+straight to the file's free space there, which no committed state uses. At a commit HDF5
+flushes into the overlay and :func:`commit` writes the changes like a database with a redo log:
 
 1. refuse, before writing anything, a commit that cannot fit (free space, `ulimit -f`);
-2. write a *journal* (every changed byte: the in-place pages and the new bytes past the end)
-   past the end of the data, where no committed state and no journal still needed lies;
-3. point a header slot at it (state *pending*) and flush to disk: the commit is now durable
-   (this is the only fsync of a commit);
-4. apply the journal (write the bytes to their places) and record in the other header slot
-   that it was applied (state *applied*, with the boot it happened in).
+2. write a *journal* of the in-place pages past the data, away from the journal a recovery may
+   still need, and a *pending* header pointing at it: the commit is now visible to every
+   process (a reader replays the journal in memory);
+3. :func:`complete`: *seal* the header with the CRC-32 of the new bytes, fsync (the commit's
+   durable point, its only fsync), apply the pages in place, and record in the other header
+   slot that they are applied (with the boot they were applied in). The writer runs this on a
+   thread while its caller goes on; its next commit waits for it.
 
-A failure before step 3 completes leaves the previous state (the journal is cut off again and
-the header restored); after it, the commit is kept and a later opener finishes it.
+A failure in 1-2 restores the header slot and cuts the journal off: nothing committed. After 2,
+the commit stands; a failure in 3 stops the writer and the next opener finishes the commit.
 
 Why one fsync suffices. The header is two 224-byte slots in HDF5's user block; the valid slot
 with the highest (commit number, state) wins, so a torn header write falls back to the other
-slot. A pending header names the journal of its commit (*cur*) and of the commit before (*prev*),
-with their CRC-32s. Journals are placed so that a commit's writes never touch *prev* before
-its own header is durable, and the bytes of commit k are applied only after the fsync of
-commit k, which also made commit k-1's apply durable. So whoever opens the file replays, in
-memory (a reader) or in place (the writer): *prev* if it is still intact, then *cur*; if *cur*
-fails its CRC, the crash came before step 3 completed and *prev* alone gives the state before.
-An *applied* header in the current boot means the bytes are in place (the page cache holds
-them even when the disk does not yet), so readers open the file directly; after a reboot they
-replay. When the writer closes it flushes, marks the file *clean* and cuts the journals off.
+slot. A pending header names its commit's journal (*cur*) and the previous commit's (*prev*),
+each with its CRC-32 and, once sealed, the CRC-32 of that commit's new bytes. Nothing that a
+recovery from the last durable header may need is written over before the next fsync: new
+bytes go only below the first journal still needed, journals go past both, and the pages of
+commit k are applied only after the fsync of commit k, which also made commit k-1's pages
+durable. So whoever opens the file replays, in memory (a reader) or in place (the writer):
+*prev* if it is still intact, then *cur*; if *cur* fails its checks (or was never sealed and
+the machine restarted since) the crash came before its durable point, and *prev* alone gives the
+state before it. An *applied* header of the current boot means the bytes are in place (the page
+cache holds them even when the disk does not yet): readers open the file directly. When the
+writer closes it flushes, marks the file *clean* (the other slot) and cuts the journals off.
+Power cuts at every point of a commit are simulated in tests/test_store.py.
 
-`IMGDB_SYNC=off` skips the fsyncs: commits stay atomic against kills, full disks and I/O
-errors (the page cache keeps write order for every later process) but not against power loss.
+`IMGDB_SYNC=off` skips the fsyncs and the seal: commits stay atomic against kills, full disks
+and I/O errors (the page cache keeps write order for every later process), not power loss.
 """
 
 from __future__ import annotations
@@ -910,8 +915,3 @@ def finish(path, fd: int, header: Header) -> Header:
     _sync(fd)
     os.ftruncate(fd, header.committed)
     return clean
-
-
-def describe(header: Header) -> str:
-    return (f"commit {header.seq} ({STATE_NAMES[header.state]}), {header.committed} bytes"
-            + (f", journal at {header.cur.offset}" if header.cur else ""))

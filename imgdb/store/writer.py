@@ -65,8 +65,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_dead_leftovers(path: Path, infix: str) -> None:
+    """Temporary files of killed processes (`.NAME<infix>PID`) whose process is gone."""
+    prefix = f".{path.name}{infix}"
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):] if name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                (path.parent / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
 def create_store(path: Path) -> None:
     """Create an empty store at `path` atomically (nothing is left if this is interrupted)."""
+    _remove_dead_leftovers(path, ".creating-")
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         with h5py.File(tmp, "w", libver=LIBVER, userblock_size=USERBLOCK, locking=False) as fh:
