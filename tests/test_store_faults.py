@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgdb.store import StoreWriter, journal, lock, open_read
+from imgdb.store import journal, lock, open_read
 from imgdb.store.check import check_store
 
 ROOT = Path(__file__).resolve().parents[1]
