@@ -6,7 +6,6 @@ import io
 import os
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,11 +21,15 @@ COIL = DATA / "coil20" / "images"
 
 def run_cli(*args: str, check: bool | None = True, env: dict | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m imgdb ARGS` in a fresh process, as a user would."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "imgdb", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    """Run `imgdb ARGS` as a user would, through the script's own entry point (imgdb.cli.run:
+    parsing, one-line errors, exit codes) but in this process, which saves an interpreter and
+    torch start per command; `timeout` is not enforced. Tests of process behaviour (kill -9,
+    Ctrl-C, what is imported) start `python -m imgdb` themselves."""
+    from conftest import invoke
+
+    result = invoke(*args, env=env)
+    proc = subprocess.CompletedProcess(["imgdb", *map(str, args)], result.code, result.stdout,
+                                       result.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"imgdb {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

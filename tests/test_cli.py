@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import run_cli
 from imgdb.completions import SHELLS, completion_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +23,30 @@ def test_light_commands_do_not_import_torch(tmp_path: Path) -> None:
         assert proc.stdout.strip().endswith("ok"), (args, proc.stdout, proc.stderr)
 
 
-def test_help_lists_commands() -> None:
-    out = run_cli("--help").stdout
-    for command in ("ingest", "info", "fit", "models", "index", "query"):
-        assert command in out
+def test_help_lists_commands(cli) -> None:
+    result = cli("--help")
+    assert result.code == 0
+    for command in ("ingest", "info", "check", "repair", "fit", "encode", "models", "index",
+                    "query", "eval"):
+        assert command in result.stdout
+
+
+def test_every_command_has_help(cli) -> None:
+    """Each command's --help works and shows its example (the app is assembled from the
+    command modules' register functions)."""
+    from imgdb.cli.app import app
+    from typer.main import get_command
+
+    group = get_command(app)
+    paths = []
+    for name, command in group.commands.items():
+        subcommands = getattr(command, "commands", None)
+        paths += [(name, sub) for sub in subcommands] if subcommands else [(name,)]
+    assert len(paths) >= 13
+    for path in paths:
+        result = cli(*path, "--help")
+        assert result.code == 0 and "Usage: imgdb " + " ".join(path) in result.stdout, path
+        assert "Example: imgdb " in " ".join(result.stdout.split()), path
 
 
 def test_committed_completions_are_current() -> None:

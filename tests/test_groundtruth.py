@@ -297,7 +297,7 @@ def test_ukbench() -> None:
 def test_csv(tmp_path: Path) -> None:
     path = tmp_path / "gt.csv"
     path.write_text("\ufeffquery,relevant,junk\n"
-                    "imgs/q.jpg,a.jpg;b.png c,j.jpg\n"
+                    "imgs/q.jpg,a.jpg;b.png;c,j.jpg\n"
                     "q.jpg,d;q.jpg\n"
                     "\n"
                     "# a comment\n"
@@ -311,8 +311,8 @@ def test_csv(tmp_path: Path) -> None:
                                      ("s", "s", [], []), ("v1.2", "v1.2", ["x.y"], [])]
     assert gt.setups()[""][0] == (frozenset("abcd"), frozenset("j"))
     no_header = tmp_path / "plain.csv"
-    no_header.write_text("q,a b\n")
-    assert load_csv(no_header).queries[0].labels["positive"] == {"a", "b"}
+    no_header.write_text("q,a b;c\n")  # lists split on ';' only: names keep their spaces
+    assert load_csv(no_header).queries[0].labels["positive"] == {"a b", "c"}
     bad = tmp_path / "bad.csv"
     bad.write_text("query,relevant\nonlyone\n")
     with pytest.raises(UserError, match="line 2"):

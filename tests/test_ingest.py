@@ -151,7 +151,7 @@ def test_clear_errors_and_exit_codes(tmp_path: Path) -> None:
     assert missing.stderr.strip().count("\n") == 0 and "imgdb ingest" in missing.stderr
     bad_backbone = run_cli("ingest", str(tmp_path), "--db", str(tmp_path / "x.h5"),
                            "--backbone", "alexnet", check=False)
-    assert bad_backbone.returncode == 1 and "efficientnet_lite0" in bad_backbone.stderr
+    assert bad_backbone.returncode == 2 and "efficientnet_lite0" in bad_backbone.stderr
     assert "Traceback" not in bad_backbone.stderr
     nothing = run_cli("ingest", str(tmp_path / "no such folder"), "--db", str(tmp_path / "n.h5"),
                       "--weights", "none", check=False)
@@ -161,7 +161,7 @@ def test_clear_errors_and_exit_codes(tmp_path: Path) -> None:
     assert usage.returncode == 2
     layer = run_cli("ingest", str(tmp_path), "--db", str(tmp_path / "x.h5"), "--weights", "none",
                     "--layers", "conv9_9", check=False)
-    assert layer.returncode == 1 and "pool5" in layer.stderr
+    assert layer.returncode == 2 and "pool5" in layer.stderr
 
 
 def test_second_writer_is_refused(tmp_path: Path) -> None:

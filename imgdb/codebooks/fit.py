@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from ..store import LocalInfo, ModelInfo, StoreView, StoreWriter, open_read
 from .encoder import AGGREGATES, Encoder, method
 from .tensors import l2_normalize
@@ -72,10 +72,10 @@ def resolve_options(o: CodebookOptions) -> dict:
     method(o.method)
     preset = o.preset or DEFAULT_PRESET[o.method]
     if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; use {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {preset!r}; use {', '.join(PRESETS)}")
     p_method, p_k, p_d = PRESETS[preset]
     if p_method != o.method:
-        raise UserError(f"preset {preset} is a {p_method} setting, not {o.method}")
+        raise UsageError(f"preset {preset} is a {p_method} setting, not {o.method}")
     power, rotate, drop, keep = POST[preset]
     rotate = rotate if o.rotate is None else o.rotate
     out = {
@@ -88,9 +88,9 @@ def resolve_options(o: CodebookOptions) -> dict:
         "max_features": o.max_features, "seed": o.seed,
     }
     if (out["drop"] or out["keep"]) and not out["rotate"]:
-        raise UserError("--drop and --dims apply to the rotation; they need --rotate")
+        raise UsageError("--drop and --dims apply to the rotation; they need --rotate")
     if out["k"] < 1:
-        raise UserError("--k must be at least 1")
+        raise UsageError("--k must be at least 1")
     return out
 
 

@@ -8,14 +8,13 @@ computed over what exists.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from ..numeric import l2_normalize
 from ..retrieval.pca import training_vectors
 from ..retrieval.whitening import Identity, PCAWhitening
@@ -269,6 +268,9 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
         else:
             chosen = [view.descriptor(d) for d in opts.descriptors]
     gt = load_ground_truth(gt_path, opts.protocol, images=paths, group_regex=opts.group_regex)
+    if opts.query_mode != "full" and not any(q.bbox for q in gt.queries):
+        raise UsageError(f"--query {opts.query_mode} crops the queries to their boxes, but this "
+                         f"{gt.protocol} ground truth has none")
     result = EvalResult(gt.protocol, gt.source, 0, 0)
     qv = None
     qs = None
@@ -312,93 +314,3 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                                              positions[setup]))
                 result.rankings[(info.name, label, dims)] = top
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# presentation
-
-
-def _column(cell: Cell) -> str:
-    dims = "full" if cell.whitening == "none" else f"{cell.dims}"
-    return dims + (f" {cell.setup}" if cell.setup else "")
-
-
-def result_rows(result: EvalResult) -> tuple[list[str], list[tuple[str, dict[str, float]]]]:
-    """The paper-style table: methods as rows, dims (x setups) as columns; values mAP (or N-S)."""
-    columns: list[str] = []
-    rows: dict[str, dict[str, float]] = {}
-    for c in result.cells:
-        col = _column(c)
-        if col not in columns:
-            columns.append(col)
-        method = (f"{c.descriptor} ({c.dims}-D)" if c.whitening == "none"
-                  else f"{c.descriptor} [{c.whitening}]")
-        rows.setdefault(method, {})[col] = c.ns if c.ns is not None else c.summary.mAP
-    return columns, list(rows.items())
-
-
-def render_table(result: EvalResult, title: str) -> str:
-    columns, rows = result_rows(result)
-    metric = "N-S score (max 4)" if result.protocol == "ukbench" else "mAP"
-    width = max([len("method")] + [len(r[0]) for r in rows])
-    head = f"{'method':<{width}}  " + "  ".join(f"{c:>12}" for c in columns)
-    lines = [f"{title}: {metric}, {result.n_queries} queries, {result.n_database} database images"]
-    lines += [head, "-" * len(head)]
-    for method, values in rows:
-        cells = []
-        for c in columns:
-            v = values.get(c)
-            cells.append(f"{'':>12}" if v is None or (isinstance(v, float) and math.isnan(v))
-                         else f"{v:>12.4f}")
-        lines.append(f"{method:<{width}}  " + "  ".join(cells))
-    if result.protocol == "roxford":
-        mp = [c for c in result.cells]
-        lines.append("")
-        lines.append("mP@1,5,10 per setup: " + "; ".join(
-            f"{c.descriptor.split('/', 1)[-1]} {c.dims} {c.setup}: "
-            + "/".join(f"{c.summary.mP.get(k, float('nan')):.3f}" for k in KS) for c in mp[:6])
-            + (" ..." if len(mp) > 6 else ""))
-    notes = []
-    if result.skipped_queries:
-        notes.append(f"{len(result.skipped_queries)} queries skipped (first: "
-                     f"{result.skipped_queries[0][0]}: {result.skipped_queries[0][1]})")
-    empty = max((c.summary.n_empty for c in result.cells), default=0)
-    if empty:
-        notes.append(f"{empty} queries without positives excluded")
-    if result.missing_positives:
-        notes.append(f"{result.missing_positives} ground-truth positives are not in the store "
-                     f"(metrics over what exists)")
-    if notes:
-        lines.append("")
-        lines += [f"note: {n}" for n in notes]
-    return "\n".join(lines)
-
-
-def result_json(result: EvalResult) -> dict:
-    return {
-        "protocol": result.protocol, "ground_truth": result.gt_source,
-        "database_images": result.n_database, "queries": result.n_queries,
-        "skipped_queries": [{"query": q, "reason": r} for q, r in result.skipped_queries],
-        "missing_positives": result.missing_positives,
-        "results": [{
-            "descriptor": c.descriptor, "whitening": c.whitening, "dims": c.dims, "setup": c.setup,
-            "mAP": _num(c.summary.mAP), "mP": {str(k): _num(v) for k, v in c.summary.mP.items()},
-            "ns_score": _num(c.ns) if c.ns is not None else None,
-            "queries_evaluated": c.summary.n_queries - c.summary.n_empty,
-            "queries_without_positives": c.summary.n_empty,
-        } for c in result.cells],
-    }
-
-
-def _num(v: float | None) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-
-def result_csv(result: EvalResult) -> str:
-    lines = ["descriptor,whitening,dims,setup,mAP,mP@1,mP@5,mP@10,ns_score"]
-    for c in result.cells:
-        mp = [c.summary.mP.get(k, float("nan")) for k in KS]
-        lines.append(",".join([c.descriptor, c.whitening, str(c.dims), c.setup,
-                               f"{c.summary.mAP:.6f}", *(f"{v:.6f}" for v in mp),
-                               "" if c.ns is None else f"{c.ns:.6f}"]))
-    return "\n".join(lines) + "\n"

@@ -354,20 +354,26 @@ _CSV_HEADERS = frozenset({"query", "queries", "query_image", "image", "name"})
 
 
 def _names(field_value: str) -> list[str]:
-    return [_name_key(v) for v in re.split(r"[;\s]+", field_value.strip()) if v]
+    """The image keys of one CSV field: names separated by ';' only (a name may hold spaces)."""
+    return [_name_key(v) for v in field_value.split(";") if v.strip()]
 
 
 def load_csv(path: str | Path) -> GroundTruth:
-    """Rows `query,relevant[,junk]` (header optional); the relevant and junk fields may each list
-    several names separated by ';' or spaces; rows of the same query accumulate. The query is
-    never its own positive (it is left out of its ranking)."""
+    """Rows `query,relevant[,junk]` (RFC 4180: a field holding ',' or '"' is quoted, '""' is a
+    quote; header optional); the relevant and junk fields may each list several names separated
+    by ';' (names keep their inner spaces); rows of the same query accumulate. The query is
+    never its own positive (it is left out of its ranking). Bytes that are not UTF-8 are kept
+    as Python keeps them in file names (surrogateescape), so such names match the store's."""
     path = Path(path)
     relevant: dict[str, set[str]] = {}
     junk: dict[str, set[str]] = defaultdict(set)
     first = True
+    reader = None
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-            for lineno, row in enumerate(csv.reader(fh), 1):
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+            reader = csv.reader(fh, strict=True)
+            for row in reader:
+                lineno = reader.line_num
                 if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                     continue
                 if first:
@@ -380,9 +386,13 @@ def load_csv(path: str | Path) -> GroundTruth:
                 q = _name_key(row[0])
                 relevant.setdefault(q, set()).update(_names(row[1]))
                 if len(row) > 2:
-                    junk[q].update(_names(" ".join(row[2:])))
+                    junk[q].update(_names(";".join(row[2:])))
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except csv.Error as exc:
+        line = reader.line_num if reader is not None else 0
+        raise UserError(f"{path} line {line}: not valid CSV ({exc}); quote a field that "
+                        f"holds ',' or '\"' as \"...\" and double its quotes") from None
     if not relevant:
         raise UserError(f"{path} holds no query rows (expected query,relevant[,junk])")
     queries = [Query(q, q, None, {"positive": frozenset(relevant[q] - {q}),

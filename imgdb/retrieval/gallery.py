@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+from ..errors import UserError
 from .search import QueryResult
 
 THUMB = 240
@@ -65,7 +66,14 @@ def write_gallery(results: list[QueryResult], out: Path, title: str) -> None:
         parts.append("</div>")
     parts.append("</body></html>")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("\n".join(parts), encoding="utf-8", errors="backslashreplace")
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            tmp.unlink()  # never leave the temporary file behind
+        except OSError:
+            pass
+        raise UserError(f"cannot write the gallery {out}: {exc.strerror or exc}") from None

@@ -1,0 +1,80 @@
+"""`imgdb ingest`: images -> network -> every pooled descriptor, into the store."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..errors import UsageError, UserError
+from .choices import Backbone, Precision
+from .options import (BackboneOpt, BatchSize, CommitSeconds, Db, Device, Json,
+                      KeepLocal, Layers, MaxPixels, NameList, Paths, Poolings, PrecisionOpt,
+                      Quiet, Scales, Size, Weights, Workers)
+from .render import emit, ingest_output
+
+
+def _check_layers(backbone: str, layers: Optional[NameList], keep_local: List[str]) -> None:
+    """Layers and --keep-local layers must be taps of the backbone (exit 2 naming them)."""
+    from ..features.backbones import get_backbone, parse_layers
+
+    net = get_backbone(backbone)
+    wanted = [*(layers or ()), *(spec.partition(":")[0] for spec in keep_local)]
+    if wanted:
+        try:
+            parse_layers(net, ",".join(wanted))
+        except UserError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def ingest(
+    paths: Paths,
+    db: Db,
+    backbone: BackboneOpt = Backbone.vgg16,
+    weights: Weights = "imagenet",
+    layers: Layers = None,
+    pooling: Poolings = None,
+    size: Size = "max:1024",
+    scales: Scales = "1",
+    device: Device = "auto",
+    batch_size: BatchSize = 16,
+    workers: Workers = min(8, os.cpu_count() or 1),
+    precision: PrecisionOpt = Precision.fp32,
+    max_pixels: MaxPixels = 120_000_000,
+    commit_seconds: CommitSeconds = 2.0,
+    keep_local: KeepLocal = [],  # noqa: B006 (typer reads the default; never mutated)
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Retry every failed file (transient failures such as permissions "
+                               "or memory are retried anyway).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any image failed.")] = False,
+    quiet: Quiet = False,
+    as_json: Json = False,
+) -> None:
+    """Decode images, run the network once per batch, store every pooled descriptor.
+
+    Example: imgdb ingest ~/photos --db photos.h5 --backbone efficientnet_lite0
+    """
+    from ..ingest import IngestOptions, run_ingest
+    from .progress import ProgressReporter
+
+    local = [spec for specs in keep_local for spec in specs]
+    _check_layers(backbone.value, layers, local)
+    options = IngestOptions(backbone=backbone.value, weights=weights,
+                            layers=",".join(layers) if layers else None,
+                            poolings=",".join(pooling) if pooling else None,
+                            size=size, scales=tuple(scales), device=device, batch_size=batch_size,
+                            workers=workers, precision=precision.value, max_pixels=max_pixels,
+                            commit_seconds=commit_seconds,
+                            keep_local=tuple(dict.fromkeys(local)), retry_failed=retry_failed)
+    reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
+    with reporter:
+        summary = run_ingest(paths, db, options, progress=reporter.update, on_start=reporter.start)
+    emit(ingest_output(summary), as_json, quiet=quiet)
+    if strict and summary.failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `imgdb ingest`."""
+    app.command()(ingest)
