@@ -302,7 +302,7 @@ def heat_rgba(values: np.ndarray, signed: bool = False) -> np.ndarray:
         out[..., 0] = np.where(t > 0, 230, 30)
         out[..., 1] = 40
         out[..., 2] = np.where(t > 0, 30, 230)
-        out[..., 3] = np.round(np.sqrt(np.abs(t)) * 230).astype(np.uint8)
+        out[..., 3] = np.round(np.abs(t) * 230).astype(np.uint8)
         return out
     lo, hi = float(values.min()), float(values.max())
     t = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -342,5 +342,111 @@ def describe_map(m: ExplanationMap) -> str:
             f"{i['cells_sum']:.4f} + bias {i['bias']:.4f} = similarity {i['similarity']:.4f}")
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# `imgdb explain`: the maps of a query image against a result, as PNG overlays and a page
+
+_MAP_TITLES = {
+    ("crow", "query"): "CroW spatial weights of the query",
+    ("crow", "result"): "CroW spatial weights of the result",
+    ("similarity", "query"): "similarity map: query cells against the result's descriptor",
+    ("similarity", "result"): "similarity map: result cells against the query's descriptor",
+    ("occlusion", "query"): "occlusion map: similarity drop when a grey patch hides the query",
+}
+
+
+def write_explanations(db, image, out, result: int | None = None, index: str | None = None,
+                       descriptor: str | None = None, pca: str | None = None,
+                       patch: int | None = None, stride: int | None = None, batch: int = 16,
+                       device: str = "auto") -> dict:
+    """Compute the maps of `image` against a stored `result` (default: its best match other
+    than itself), write PNG overlays, `maps.npz` (the arrays) and `index.html` into `out`."""
+    import html
+    import os
+    from pathlib import Path
+
+    from ..digest import file_digest
+    from ..features.images import load_query_image
+    from ..store import open_read
+    from .search import plan_query
+
+    db, image, out = Path(db), Path(os.path.abspath(image)), Path(out)
+    if not image.is_file():
+        raise UserError(f"query image {image} does not exist")
+    with open_read(db) as view:
+        plan = plan_query(view, db, index, descriptor, pca, exact=True)
+        ex = Explainer.for_descriptor(view, plan.descriptor, plan.model, device)
+        info = view.descriptor(plan.descriptor)
+        rows, raw = view.valid_vectors(info)
+        if not len(rows):
+            raise UserError(f"descriptor {info.name} has no stored vectors; run imgdb ingest")
+        shas = view.column("sha", rows)
+        paths = view.paths()
+        settings = ex.describer.base
+    query_image = ex.describer.load(image)
+    q = ex.vector(query_image)
+    stored = ex.transform.transform(raw)
+    position = {int(r): i for i, r in enumerate(rows)}
+    if result is None:
+        own = file_digest(image).encode()
+        order = np.argsort(-(stored @ q), kind="stable")
+        others = [int(rows[i]) for i in order if shas[i] != own]
+        if not others:
+            raise UserError("the store holds no other image to explain a match with; give "
+                            "--result ID")
+        result = others[0]
+    elif int(result) not in position:
+        raise UserError(f"image id {result} is not an ingested image of this store with "
+                        f"{info.name} (ids 0..{len(paths) - 1}; see imgdb info)")
+    result = int(result)
+    r = stored[position[result]]
+    result_image = load_query_image(paths[result], settings)
+    maps: list[tuple[str, ExplanationMap, np.ndarray]] = [
+        ("query", ex.crow_map(query_image), query_image.pixels[0]),
+        ("result", ex.crow_map(result_image), result_image.pixels[0])]
+    notes = []
+    try:
+        maps.append(("query", ex.similarity_map(query_image, r), query_image.pixels[0]))
+        maps.append(("result", ex.similarity_map(result_image, q), result_image.pixels[0]))
+    except UserError as exc:
+        notes.append(str(exc))
+    maps.append(("query", ex.occlusion_map(query_image, r, patch, stride, batch),
+                 query_image.pixels[0]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "query.png").write_bytes(png_bytes(query_image.pixels[0]))
+    (out / "result.png").write_bytes(png_bytes(result_image.pixels[0]))
+    written, arrays = [], {}
+    for on, m, base in maps:
+        name = f"{m.kind}-{on}"
+        (out / f"{name}.png").write_bytes(png_bytes(overlay(base, m.pixels, m.signed)))
+        arrays[name] = m.pixels
+        arrays[f"{name}-grid"] = m.grid
+        written.append({"map": m.kind, "on": on, "file": str(out / f"{name}.png"),
+                        "text": describe_map(m),
+                        **{k: v for k, v in m.info.items() if isinstance(v, (int, float, str))}})
+    np.savez_compressed(out / "maps.npz", **arrays)
+    similarity = float(q @ r)
+    figures = "".join(
+        f"<figure><img src='{Path(w['file']).name}' alt='{html.escape(w['map'])}'>"
+        f"<figcaption><b>{html.escape(_MAP_TITLES[(w['map'], w['on'])])}</b><br>"
+        f"{html.escape(w['text'])}</figcaption></figure>" for w in written)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>imgdb explain</title>"
+            f"<style>body{{font-family:system-ui,sans-serif;margin:24px}}figure{{display:inline-"
+            f"block;margin:8px;vertical-align:top;max-width:420px}}img{{max-width:400px}}"
+            f"figcaption{{font-size:13px}}</style></head><body><h1>Why {html.escape(paths[result])}"
+            f" matches {html.escape(str(image))}</h1><p>{html.escape(info.name)}, model "
+            f"{html.escape(plan.model or 'none')}: similarity {similarity:.4f}</p>"
+            f"<figure><img src='query.png' alt='query'><figcaption>query (as the network saw "
+            f"it)</figcaption></figure><figure><img src='result.png' alt='result'><figcaption>"
+            f"result: image {result}</figcaption></figure><br>{figures}"
+            + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</body></html>")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return {"query": str(image), "result": result, "result_path": paths[result],
+            "descriptor": info.name, "model": plan.model or "none", "similarity": similarity,
+            "maps": written, "arrays": str(out / "maps.npz"), "html": str(out / "index.html"),
+            "notes": notes}
+
+
 __all__ = ["Explainer", "ExplanationMap", "upsample", "heat_rgba", "overlay", "png_bytes",
-           "describe_map"]
+           "describe_map", "write_explanations"]
