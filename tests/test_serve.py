@@ -435,6 +435,16 @@ def page(server):
         browser.close()
 
 
+def until(page, expression: str, timeout: float = 180.0) -> None:
+    """Poll a JavaScript expression from here (Playwright's in-page polling evaluates strings,
+    which the page's Content-Security-Policy forbids, as it should)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {expression}")
+        time.sleep(0.1)
+
+
 def _thumbnails_loaded(page) -> bool:
     return page.evaluate("""() => {
         const imgs = [...document.querySelectorAll('#results figure img')];
@@ -444,49 +454,51 @@ def _thumbnails_loaded(page) -> bool:
 
 def test_browser_upload_click_box_and_maps(page, store, tmp_path: Path) -> None:
     db = store["db"]
-    page.wait_for_function("document.querySelectorAll('#choice option').length >= 2")
+    until(page, "document.querySelectorAll('#choice option').length >= 2")
     assert page.title() == "imgdb"
     page.fill("#k", "6")
     # upload -> ranked thumbnails that load
     page.set_input_files("#file", str(store["queries"] / "cat crop.jpg"))
-    page.wait_for_function("document.querySelectorAll('#results figure').length === 6")
-    page.wait_for_function("""() => [...document.querySelectorAll('#results figure img')]
+    until(page, "document.querySelectorAll('#results figure').length === 6")
+    until(page, """() => [...document.querySelectorAll('#results figure img')]
                               .every(i => i.complete && i.naturalWidth > 0)""")
     assert _thumbnails_loaded(page)
     ids = [int(x) for x in page.eval_on_selector_all("#results figure",
                                                       "fs => fs.map(f => f.dataset.id)")]
     assert ids == [i for i, _ in cli_query(db, str(store["queries"] / "cat crop.jpg"), "-k", "6")]
     assert "ms" in page.inner_text("#status")
-    # click a result -> it becomes the query; it finds itself first
+    # click a result -> it becomes the query: the ranking of that stored image
     second = ids[1]
     page.click(f"#results figure[data-id='{second}'] img")
-    page.wait_for_function(f"document.querySelector('#results figure')?.dataset.id === "
-                           f"'{second}' && document.querySelector('#query-caption')"
-                           f".textContent.includes('stored image {second}')")
-    page.wait_for_function("""() => [...document.querySelectorAll('#results figure img')]
-                              .every(i => i.complete && i.naturalWidth > 0)""")
+    until(page, f"document.querySelector('#query-caption').textContent"
+                f".includes('stored image {second}')")
+    shown = [int(x) for x in page.eval_on_selector_all("#results figure",
+                                                        "fs => fs.map(f => f.dataset.id)")]
+    assert shown == [i for i, _ in cli_query(db, "--id", str(second), "-k", "6")]
+    until(page, """() => [...document.querySelectorAll('#results figure img')]
+                          .every(i => i.complete && i.naturalWidth > 0)""")
     # draw a box on the query -> a box query
     page.set_input_files("#file", str(store["queries"] / "cat crop.jpg"))
-    page.wait_for_function("document.querySelector('#query-caption').textContent"
+    until(page, "document.querySelector('#query-caption').textContent"
                            ".includes('uploaded')")
-    page.wait_for_function("document.getElementById('query-img').naturalWidth > 0")
+    until(page, "document.getElementById('query-img').naturalWidth > 0")
     box = page.locator("#query-img").bounding_box()
     page.mouse.move(box["x"] + 10, box["y"] + 10)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=5)
     page.mouse.up()
-    page.wait_for_function("document.querySelector('#query-caption').textContent.includes('box')")
+    until(page, "document.querySelector('#query-caption').textContent.includes('box')")
     assert page.is_visible("#box") and page.is_visible("#clear-box")
-    page.wait_for_function("document.querySelectorAll('#results figure').length === 6")
+    until(page, "document.querySelectorAll('#results figure').length === 6")
     # the maps of a result, as overlays
     page.click("#results figure:first-child button.maps")
     page.wait_for_selector("#maps", state="visible")
     page.click("#maps button[data-map='similarity'][data-on='query']")
-    page.wait_for_function("""() => { const l = document.getElementById('map-query-layer');
+    until(page, """() => { const l = document.getElementById('map-query-layer');
         return l.src.startsWith('blob:') && l.complete && l.naturalWidth > 0; }""")
     assert "share of the similarity" in page.inner_text("#map-query-text")
     page.click("#maps button[data-map='crow'][data-on='result']")
-    page.wait_for_function("""() => { const l = document.getElementById('map-result-layer');
+    until(page, """() => { const l = document.getElementById('map-result-layer');
         return l.src.startsWith('blob:') && l.complete && l.naturalWidth > 0; }""")
     assert "CroW" in page.inner_text("#map-result-text")
     layer = page.locator("#map-query-layer").bounding_box()
@@ -494,3 +506,24 @@ def test_browser_upload_click_box_and_maps(page, store, tmp_path: Path) -> None:
     assert abs(layer["width"] - base["width"]) < 2 and abs(layer["height"] - base["height"]) < 2
     page.screenshot(path=str(tmp_path / "maps.png"))
     assert page.errors == []
+
+
+def test_serve_command_line_errors(store, tmp_path: Path) -> None:
+    code = ("import sys\nfrom imgdb.cli import main\nsys.argv = ['imgdb'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    for args in (["serve", "--help"], ["explain", "--help"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert proc.stdout.strip().endswith("ok"), (args, proc.stdout, proc.stderr)
+    missing = run_cli("serve", "--db", str(tmp_path / "none.h5"), check=False)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert "does not exist" in missing.stderr
+    with __import__("socket").socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = run_cli("serve", "--db", str(store["db"]), "--port", str(port), check=False)
+    assert taken.returncode == 1 and "choose another --port" in taken.stderr
+    assert "Traceback" not in taken.stderr
+    bad = run_cli("serve", "--db", str(store["db"]), "--port", "70000", check=False)
+    assert bad.returncode == 2

@@ -122,8 +122,8 @@ def _int(text, name: str, default: int, lo: int, hi: int) -> int:
 
 
 def _row(text) -> int:
-    text = str(text).strip()
-    if not text.isdigit() or len(text) > 12:
+    text = str(text)
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
         raise RequestError(f"an image id is a whole number >= 0, not {text[:40]!r}", 400)
     return int(text)
 

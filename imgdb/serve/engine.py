@@ -132,7 +132,10 @@ class Engine:
     def __init__(self, db: str | Path, descriptor: str | None = None, index: str | None = None,
                  device: str = "auto", max_pixels: int = 40_000_000, max_batch: int = 8,
                  linger: float = 0.03, warm: bool = True) -> None:
+        from ..store.reader import check_exists
+
         self.db = Path(db)
+        check_exists(self.db)
         self.device = device
         self.max_pixels = int(max_pixels)
         self._lock = threading.RLock()
@@ -180,8 +183,7 @@ class Engine:
                                           None if model == "none" else model, entry.name))
                     index_state[entry.name] = status.stale
                     index_attrs[entry.name] = status.attrs
-                indexed = {c.descriptor for c in choices}
-                choices += [Choice(d, d, None, None) for d in descriptors if d not in indexed]
+                choices += [Choice(d, d, None, None) for d in descriptors]  # exact, raw + L2
                 state = StoreState(
                     signature=before, rows=view.rows, paths=view.paths(),
                     sha=view.column("sha"), status=view.column("status"),
@@ -205,6 +207,9 @@ class Engine:
                     state.index_state.get(name, "removed") is not None
                     or _index_identity(self.db, state.index_attrs.get(name)) != searcher.index_file):
                 del self._searchers[key]
+            elif name is not None and searcher.ann is None and \
+                    state.index_state.get(name, "removed") is None:
+                del self._searchers[key]  # the index it stood in for is usable again
         for key, describer in list(self._describers.items()):
             if state.settings.get(key) != describer.settings:
                 del self._describers[key]

@@ -40,17 +40,21 @@ function form() {
   return f;
 }
 
+let latest = 0;  // only the answer to the latest request is shown
+
 async function runQuery() {
   if (!state.query) return;
+  const query = state.query, ticket = ++latest;
   status("searching…");
-  let r;
+  let r, data;
   try {
     r = await fetch("/query", {method: "POST", body: form()});
+    data = await r.json();
   } catch (e) {
-    status(`the server did not answer (${e})`, true);
+    if (ticket === latest) status(`the server did not answer (${e})`, true);
     return;
   }
-  const data = await r.json();
+  if (ticket !== latest) return;
   if (!r.ok) {
     status(data.error || `error ${r.status}`, true);
     return;
@@ -61,7 +65,7 @@ async function runQuery() {
   status(`${data.results.length} results · ${how} · ${Math.round(t.total_ms || 0)} ms` +
          (data.search.note ? ` · ${data.search.note}` : ""));
   $("query-caption").textContent =
-    (state.query.kind === "upload" ? `uploaded image` : `stored image ${state.query.id}`) +
+    (query.kind === "upload" ? `uploaded image` : `stored image ${query.id}`) +
     ` (${data.query.width}×${data.query.height}, ${data.query.source})` +
     (data.query.bbox ? ` · box ${data.query.bbox.map(Math.round).join(",")}` : "");
   $("clear-box").hidden = !state.box;
@@ -115,7 +119,10 @@ function queryId(id) {
 
 // drop / pick
 const drop = $("drop");
-$("file").addEventListener("change", (e) => queryFile(e.target.files[0]));
+$("file").addEventListener("change", (e) => {
+  queryFile(e.target.files[0]);
+  e.target.value = "";  // picking the same file again searches again
+});
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
