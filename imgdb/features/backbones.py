@@ -18,6 +18,7 @@ from torch import nn
 
 from ..digest import file_digest
 from ..errors import UserError
+from . import effnet_lite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,9 +43,14 @@ class Backbone:
     imagenet_mean: tuple[float, float, float] | None = None  # preprocessing with imagenet weights
     imagenet_std: tuple[float, float, float] | None = None
     convert_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    #: builds the inference stages from a state dict without the reference library (optional)
+    lean: Callable[[dict[str, torch.Tensor]], list[tuple[str, nn.Module]]] | None = None
+    layers: tuple[str, ...] | None = None  # tap names, when known without building
 
     def layer_names(self) -> list[str]:
         """All tap names of this backbone, shallow to deep (built on the meta device: no memory)."""
+        if self.layers is not None:
+            return list(self.layers)
         with torch.device("meta"):
             model = self.build()
         return [name for name, _ in self.stages(model)]
@@ -141,7 +147,7 @@ _TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head"
 
 def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], stage_depths: list[int]
                                  ) -> dict[str, torch.Tensor]:
-    """Rename `efficientnet_pytorch` keys to timm's `tf_efficientnet_lite*` (DESIGN.md sec.4)."""
+    """Rename `efficientnet_pytorch` keys to timm's `tf_efficientnet_lite*` (docs/design.md §4)."""
     flat = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
     out: dict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
@@ -165,15 +171,12 @@ def _effnet_build(variant: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _effnet_convert(variant: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not any(k.startswith("_blocks.") for k in state):
-            return state  # already timm naming
-        with torch.device("meta"):
-            model = _effnet_build(variant)()
-        return efficientnet_pytorch_to_timm(state, [len(s) for s in model.blocks])
-
-    return convert
+def effnet_convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`efficientnet_pytorch`-named weights -> timm names (timm-named ones pass through); the
+    stage depths come from the weights themselves, so timm is not imported."""
+    if not any(k.startswith("_blocks.") for k in state):
+        return state
+    return efficientnet_pytorch_to_timm(state, effnet_lite.efficientnet_pytorch_stage_depths(state))
 
 
 def _effnet_imagenet(variant: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -192,7 +195,7 @@ def _effnet_imagenet(variant: str) -> Callable[[], dict[str, torch.Tensor]]:
                 f"(or use --weights none / --weights FILE)"
             ) from None
         path = getattr(module, cls).get_model_file_path()
-        return _effnet_convert(variant)(torch.load(path, map_location="cpu", weights_only=True))
+        return effnet_convert(torch.load(path, map_location="cpu", weights_only=True))
 
     return load
 
@@ -216,10 +219,12 @@ BACKBONES: dict[str, Backbone] = {
                           _torchvision_imagenet("googlenet"), imagenet_mean=HALF, imagenet_std=HALF),
     "efficientnet_lite0": Backbone("efficientnet_lite0", _effnet_build("lite0"), _effnet_stages,
                                    ("block6", "head"), HALF, HALF, _effnet_imagenet("lite0"),
-                                   convert_state_dict=_effnet_convert("lite0")),
+                                   convert_state_dict=effnet_convert, lean=effnet_lite.build,
+                                   layers=effnet_lite.LAYERS),
     "efficientnet_lite2": Backbone("efficientnet_lite2", _effnet_build("lite2"), _effnet_stages,
                                    ("block6", "head"), HALF, HALF, _effnet_imagenet("lite2"),
-                                   convert_state_dict=_effnet_convert("lite2")),
+                                   convert_state_dict=effnet_convert, lean=effnet_lite.build,
+                                   layers=effnet_lite.LAYERS),
 }
 
 
@@ -273,42 +278,103 @@ def stored_weights(settings: dict) -> WeightsChoice:
     return weights
 
 
-def load_network(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
-    """Build the network with the chosen weights, in eval mode on the CPU.
+def _load_state(backbone: Backbone, weights: WeightsChoice) -> dict[str, torch.Tensor] | None:
+    """The state dict `weights` names (None for random weights), in the reference's naming."""
+    if weights.kind == "imagenet":
+        return backbone.imagenet_state_dict()
+    if weights.kind != "file":
+        return None
+    try:
+        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read weights file {weights.path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {weights.path} does not hold a state_dict")
+    state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+    if backbone.convert_state_dict is not None:
+        state = backbone.convert_state_dict(state)
+    return state
 
-    Random weights (`none`) are seeded so that every process builds the same network: a query
-    must see the same extractor as the ingest that filled the store.
-    """
+
+def _random_model(backbone: Backbone) -> nn.Module:
+    """Random weights, seeded so that every process builds the same network (a query must
+    see the same extractor as the ingest that filled the store)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        return backbone.build()
+
+
+def _check_fit(backbone: Backbone, model: nn.Module, missing: list[str]) -> None:
+    # classifier heads are irrelevant for retrieval; everything the stages use must load
+    used = {k for name, module in backbone.stages(model) for k in _prefixed_keys(model, module)}
+    bad = sorted(k for k in missing if k in used)
+    if bad:
+        raise WeightsError(
+            f"weights for {backbone.name} do not fit the network: {len(bad)} missing tensors "
+            f"(first: {bad[0]}); check --backbone matches the weights"
+        )
+
+
+def load_network(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
+    """The reference network (torchvision's or timm's module) with the chosen weights, in eval
+    mode on the CPU. Extraction uses `inference_stages`, which tests compare with this."""
+    state = _load_state(backbone, weights)
+    if state is None:
+        return _random_model(backbone).eval()
+    with torch.device("meta"):  # no random init of tensors that are about to be replaced
         model = backbone.build()
-    if weights.kind == "imagenet":
-        state = backbone.imagenet_state_dict()
-    elif weights.kind == "file":
-        try:
-            state = torch.load(weights.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsError(f"cannot read weights file {weights.path}: {exc}") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise WeightsError(f"weights file {weights.path} does not hold a state_dict")
-        state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
-        if backbone.convert_state_dict is not None:
-            state = backbone.convert_state_dict(state)
-    else:
-        state = None
-    if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # classifier heads are irrelevant for retrieval; everything the stages use must load
-        used = {k for name, module in backbone.stages(model) for k in _prefixed_keys(model, module)}
-        bad = sorted(k for k in missing if k in used)
-        if bad:
-            raise WeightsError(
-                f"weights for {backbone.name} do not fit the network: {len(bad)} missing tensors "
-                f"(first: {bad[0]}); check --backbone matches the weights"
-            )
+    try:
+        missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise WeightsError(f"weights for {backbone.name} do not fit the network: "
+                           f"{str(exc).splitlines()[-1].strip()}; check --backbone matches the "
+                           f"weights") from None
+    _check_fit(backbone, model, missing)
     return model.eval()
+
+
+def inference_stages(backbone: Backbone, weights: WeightsChoice) -> list[tuple[str, nn.Module]]:
+    """The stages extraction runs: `(tap name, module)`, eval mode, CPU, BatchNorm folded into
+    the convolutions (equal to the reference within float rounding)."""
+    if backbone.lean is not None:
+        state = _load_state(backbone, weights)
+        if state is None:
+            state = _random_model(backbone).state_dict()
+        try:
+            stages = backbone.lean(state)
+        except KeyError as exc:
+            raise WeightsError(f"weights for {backbone.name} do not fit the network: missing "
+                               f"{exc.args[0]}; check --backbone matches the weights") from None
+    else:
+        stages = backbone.stages(load_network(backbone, weights))
+        for _, module in stages:
+            fold_batchnorm(module)
+    for _, module in stages:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return stages
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d among a module's children (the
+    torchvision ResNet / GoogLeNet / Sequential pattern, whose forward calls them in that
+    order) into the convolution, in place; returns how many were folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    children = list(module.named_children())
+    for (name_a, a), (name_b, b) in zip(children, children[1:]):
+        if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) \
+                and b.num_features == a.out_channels and b.track_running_stats:
+            setattr(module, name_a, fuse_conv_bn_eval(a.eval(), b.eval()))
+            setattr(module, name_b, nn.Identity())
+            folded += 1
+    for _, child in module.named_children():
+        folded += fold_batchnorm(child)
+    return folded
 
 
 def _prefixed_keys(model: nn.Module, module: nn.Module) -> set[str]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import pooling as pooling_mod
-from .backbones import Backbone, WeightsChoice, load_network, preprocessing
+from .backbones import Backbone, WeightsChoice, inference_stages, preprocessing
 from ..errors import UserError
 from ..numeric import l2_normalize
 from .localfeat import LocalSet, LocalSpec, region_cells, select_batch
@@ -58,8 +58,7 @@ class FeatureExtractor:
         for p in self.poolings:
             pooling_mod.get_pooling(p)  # validate early
         self.device = device
-        model = load_network(backbone, weights)
-        stages = backbone.stages(model)
+        stages = inference_stages(backbone, weights)
         names = [name for name, _ in stages]
         deepest = max(names.index(layer) for layer in layers)
         self.stages = nn.ModuleList([module for _, module in stages[: deepest + 1]]).to(device).eval()
