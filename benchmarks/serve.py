@@ -154,23 +154,37 @@ def multipart(fields: dict, file: bytes | None) -> tuple[bytes, str]:
 
 
 class Client:
+    """One keep-alive connection (reopened once when the server closed an idle one)."""
+
     def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+    def _send(self, method: str, path: str, body: bytes | None = None,
+              headers: dict | None = None):
+        for attempt in (0, 1):
+            try:
+                self.conn.request(method, path, body, headers or {})
+                resp = self.conn.getresponse()
+                return resp, resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+                if attempt:
+                    raise
 
     def query(self, fields: dict, file: bytes | None = None) -> tuple[float, dict]:
         body, ctype = multipart(fields, file)
         t = time.perf_counter()
-        self.conn.request("POST", "/query", body, {"Content-Type": ctype})
-        resp = self.conn.getresponse()
-        data = json.loads(resp.read())
+        resp, raw = self._send("POST", "/query", body, {"Content-Type": ctype})
         elapsed = time.perf_counter() - t
+        data = json.loads(raw)
         if resp.status != 200:
             raise SystemExit(f"query failed: {resp.status} {data}")
         return elapsed, data
 
     def get(self, path: str) -> dict:
-        self.conn.request("GET", path)
-        return json.loads(self.conn.getresponse().read())
+        return json.loads(self._send("GET", path)[1])
 
 
 def start_server(db: Path) -> tuple[subprocess.Popen, int]:

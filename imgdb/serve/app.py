@@ -351,6 +351,7 @@ def serve(db: Path, host: str = "127.0.0.1", port: int = 8000, descriptor: str |
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # connections wait in the backlog until the server accepts them
     except OSError as exc:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another "

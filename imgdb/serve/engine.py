@@ -389,7 +389,10 @@ class Engine:
         token = secrets.token_hex(12)
         with self._lock:
             self._queries[token] = QueryImage(token, extractor, image, row)
-            while len(self._queries) > 64:
+            # the latest 64 queries, within 256 MiB of pixels (for their maps)
+            while len(self._queries) > 1 and (
+                    len(self._queries) > 64 or sum(sum(p.nbytes for p in q.image.pixels)
+                                                   for q in self._queries.values()) > 256 << 20):
                 self._queries.popitem(last=False)
         return token
 
