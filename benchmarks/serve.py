@@ -126,18 +126,33 @@ class Bare:
         self.describer.describe(self.image)  # build and warm
         self.describer.describe_many([self.image] * 4)
 
-    def forward(self) -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # the server runs its forwards in a worker thread; torch's OpenMP team behaves
+        # differently there than in the main thread when the cores are oversubscribed, so both
+        # are timed and the faster one is the reference
+        self.worker = ThreadPoolExecutor(max_workers=1)
+
+    def _forward(self) -> float:
         t = time.perf_counter()
         self.describer.describe(self.image)
         return time.perf_counter() - t
 
-    def batch4_images_per_s(self, repeats: int) -> float:
+    def forward(self) -> tuple[float, float]:
+        """(main thread, worker thread) seconds of one forward."""
+        return self._forward(), self.worker.submit(self._forward).result()
+
+    def _batch4(self, repeats: int) -> float:
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             self.describer.describe_many([self.image] * 4)
             times.append(time.perf_counter() - t)
         return 4 / statistics.median(times)
+
+    def batch4_images_per_s(self, repeats: int) -> float:
+        """The better of the main thread and a worker thread."""
+        return max(self._batch4(repeats), self.worker.submit(self._batch4, repeats).result())
 
 
 def multipart(fields: dict, file: bytes | None) -> tuple[bytes, str]:
@@ -212,10 +227,14 @@ def serve_timings(db: Path, query: Path, repeats: int, seconds: float) -> dict:
         c = Client(port)
         for _ in range(3):
             c.query({"k": "10"}, data)  # warm
-        one, forward = [], []
+        one, forward, forward_main, forward_thread = [], [], [], []
         for _ in range(repeats):
-            forward.append(bare.forward())
+            main_s, thread_s = bare.forward()
+            forward_main.append(main_s)
+            forward_thread.append(thread_s)
             one.append(c.query({"k": "10"}, data)[0])
+        forward = forward_main if statistics.median(forward_main) <= \
+            statistics.median(forward_thread) else forward_thread
         _, sample = c.query({"k": "10"}, data)
         ids = [c.query({"k": "10", "id": str(i)})[0] for i in range(0, 10000, 10000 // repeats)]
         b4_before = bare.batch4_images_per_s(max(3, repeats // 4))
@@ -247,6 +266,8 @@ def serve_timings(db: Path, query: Path, repeats: int, seconds: float) -> dict:
         proc.terminate()
         proc.wait(timeout=30)
     return {"forward_p50_ms": statistics.median(forward) * 1000,
+            "forward_main_thread_p50_ms": statistics.median(forward_main) * 1000,
+            "forward_worker_thread_p50_ms": statistics.median(forward_thread) * 1000,
             "input": f"{bare.image.pixels[0].shape[1]}x{bare.image.pixels[0].shape[0]}",
             "threads": torch.get_num_threads(),
             "batch4_images_per_s": (b4_before + b4_after) / 2,
@@ -331,7 +352,9 @@ def write_results(out: Path, db: Path, bare: dict, served: dict, cold: dict, loa
         "",
         "| measure | value | target | |",
         "| --- | --- | --- | --- |",
-        f"| bare network forward of the query (describe, p50) | {bare['forward_p50_ms']:.0f} ms | | |",
+        f"| bare network forward of the query (describe, p50; the faster of main thread "
+        f"{bare['forward_main_thread_p50_ms']:.0f} ms and a worker thread "
+        f"{bare['forward_worker_thread_p50_ms']:.0f} ms) | {bare['forward_p50_ms']:.0f} ms | | |",
         f"| warm new-image query, 1 client, HTTP round trip p50 | "
         f"{served['one_client_p50_ms']:.0f} ms ({ratio:.2f}x the forward; p90 "
         f"{served['one_client_p90_ms']:.0f} ms) | <= 1.3x and < 300 ms | "

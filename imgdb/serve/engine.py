@@ -131,7 +131,7 @@ class Engine:
 
     def __init__(self, db: str | Path, descriptor: str | None = None, index: str | None = None,
                  device: str = "auto", max_pixels: int = 40_000_000, max_batch: int = 8,
-                 linger: float = 0.03, warm: bool = True) -> None:
+                 linger: float = 0.05, warm: bool = True) -> None:
         from ..store.reader import check_exists
 
         self.db = Path(db)
@@ -322,19 +322,17 @@ class Engine:
 
     def warm(self) -> None:
         """Load the default searcher and network and run one forward (first queries are fast)."""
-        searcher = self.searcher(self.default)
-        extractor = self.default.descriptor.split("/")[0]
-        describer = self.describer(extractor)
-        info = self.state().settings[extractor]
-        from ..features.images import SizePolicy
-
-        side = SizePolicy.parse(describer.base["size"]).target(512, 384)
-        probe = np.full((side[1], side[0], 3), 128, np.uint8)
         from types import SimpleNamespace
 
+        from ..features.images import SizePolicy
+
+        self.searcher(self.default)
+        extractor = self.default.descriptor.split("/")[0]
+        describer = self.describer(extractor)
+        width, height = SizePolicy.parse(describer.base["size"]).target(512, 384)
+        probe = np.full((height, width, 3), 128, np.uint8)
         image = SimpleNamespace(pixels=[probe] * len(describer.base["scales"]))
         self._forward(extractor, [(image, self._pair(self.default))])
-        del searcher, info
 
     @staticmethod
     def _pair(choice: Choice) -> tuple[str, str]:
