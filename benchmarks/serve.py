@@ -2,11 +2,11 @@
 
 Run: python benchmarks/serve.py [--work DIR] [--rows 10000] [--out benchmarks/RESULTS-serve.md]
 
-1. A 10,000-row store, EfficientNet-Lite0 (packaged ImageNet weights), `--size max:512`: a few
-   hundred real photos (../shared/data: Oxford, COIL-20; scikit-image's samples) are ingested,
+1. A 10,000-row store, EfficientNet-Lite0 (packaged ImageNet weights), `--size max:512`: the
+   repository's 315 real photos (tests/data: Oxford, COIL-20; scikit-image's samples) are ingested,
    then their rows are replicated with StoreWriter up to --rows (the query path reads vectors,
    models and the index, not pixels: copies cost it the same as distinct photos). PCA-whitening
-   to 256-D and an Annoy index on head/gem-p3.
+   to 128-D (fewer than the distinct photos) and an Annoy index on head/gem-p3.
 2. `imgdb serve` in its own process, queried over HTTP (multipart uploads of a photo that is not
    in the store): 1 client sequentially (p50 latency), 4 concurrent clients (queries/s), and
    stored-id queries (p50); beside each, the bare network in this process on the same image
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("IMGDB_TEST_DATA", ROOT.parent / "shared" / "data"))
+DATA = ROOT / "tests" / "data"  # the repository's real photos (tests/data/README.md)
 DESC = "head/gem-p3"
 QUERY_NAME = "radcliffe_camera_000519.jpg"  # held out of the store: a new image
 
@@ -54,10 +54,10 @@ def photos(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     query = None
     sources = sorted((DATA / "oxford5k" / "images").glob("*.jpg"))
-    sources += sorted((DATA / "oxford5k" / "query_crops_landmark_labelled").glob("*.jpg"))
-    sources += sorted((DATA / "coil20" / "images").glob("*.png"))[::8]  # 180 views
+    sources += sorted((DATA / "oxford5k" / "query_crops").glob("*.jpg"))
+    sources += sorted((DATA / "coil20" / "images").glob("*.png"))
     if not sources:
-        raise SystemExit(f"no photos under {DATA} (set IMGDB_TEST_DATA)")
+        raise SystemExit(f"no photos under {DATA}")
     for src in sources:
         if src.name == QUERY_NAME:
             query = folder.parent / src.name
@@ -106,7 +106,7 @@ def build(work: Path, rows: int) -> tuple[Path, Path]:
     cli("ingest", str(work / "photos"), "--db", str(db), "--backbone", "efficientnet_lite0",
         "--size", "max:512", "--layers", "head", "--pooling", "gem-p3", "--quiet")
     replicate(db, rows)
-    cli("fit", "pca", "--db", str(db), "--descriptor", DESC, "--dims", "256")
+    cli("fit", "pca", "--db", str(db), "--descriptor", DESC, "--dims", "128")
     cli("index", "build", "--db", str(db), "--descriptor", DESC, "--pca", "v1")
     return db, query
 
@@ -297,7 +297,7 @@ def cold_query(db: Path, query: Path, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/imgdb-serve-bench"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/imgdb-serve-bench-v2"))
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -347,7 +347,7 @@ def write_results(out: Path, db: Path, bare: dict, served: dict, cold: dict, loa
         f"({bare['threads']} threads). One run of `python benchmarks/serve.py`.",
         "",
         f"Store: {rows:,} rows, EfficientNet-Lite0 (ImageNet), `max:512`, descriptor "
-        f"`{DESC}`, PCA-whitening to 256-D, Annoy index (50 trees). Query: "
+        f"`{DESC}`, PCA-whitening to 128-D, Annoy index (50 trees). Query: "
         f"`{QUERY_NAME}` (not in the store), network input {bare['input']}.",
         "",
         "| measure | value | target | |",

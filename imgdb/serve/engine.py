@@ -68,7 +68,7 @@ class Searcher:
     note: str | None = None  # why an index is not used
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        if self.ann is not None:
+        if self.matrix is None:
             return self.ann(queries, k)
         sims = queries @ self.matrix.T
         out = []
@@ -84,7 +84,7 @@ class Searcher:
         item = self.position.get(int(row))
         if item is None:
             return None
-        if self.ann is not None:
+        if self.matrix is None:
             return np.asarray(self.ann.ann.get_item_vector(item), np.float32)
         return self.matrix[item]
 
@@ -280,8 +280,15 @@ class Engine:
                     status = usable_index(view, self.db, choice.index)
                     ann = AnnoySearcher(view, self.db, choice.index)
                     rows = ann.rows
+                    matrix = None
+                    if len(rows) <= AnnoySearcher.DEFAULT_SEARCH_K:
+                        # Annoy would inspect every item anyway at its search budget: the same
+                        # vectors searched by one matrix product give the same (exact) answer
+                        matrix = np.array([ann.ann.get_item_vector(i) for i in range(len(rows))],
+                                          np.float32).reshape(len(rows), -1)
                     return Searcher(choice, transform, revision,
                                     _index_identity(self.db, status.attrs), ann=ann, rows=rows,
+                                    matrix=matrix,
                                     position={int(r): i for i, r in enumerate(rows)})
                 except (UserError, StoreDamaged) as exc:
                     from ..retrieval.index import check_index
