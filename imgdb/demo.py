@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     run("query", str(query), "--db", str(db), "--descriptor", "block5:max/temb", "--exact", "-k", "3")
     # every photo with its edited copies is a group: mAP of each descriptor, the papers' table
     run("eval", "--db", str(db), "--group-regex", r"^([a-z_]+)", "--descriptor", "all")
+    print("\nsearch the demo store in a browser: run this, then open http://127.0.0.1:8000/ (drop a "
+          "photo, click a result, draw a box, open a result's maps; needs the serve extra)")
+    print(f"{shlex.quote(sys.executable)} -m imgdb serve --db {shlex.quote(str(db))}", flush=True)
 
 
 if __name__ == "__main__":

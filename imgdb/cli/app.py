@@ -4,8 +4,8 @@ Exit codes: 0 done, 1 the request cannot be done (`UserError`), 2 bad usage (a v
 refused, or a `UsageError` found later), 130 interrupted. Anything else is a bug: one line that
 says so (`--debug` shows the traceback).
 
-Commands live in one module per group (ingest, store, fit, index, query, evaluate); each has a
-`register(app)` that adds its commands. Heavy imports (torch, the network code) happen inside
+Commands live in one module per group (ingest, store, fit, index, query, evaluate, serve);
+each has a `register(app)` that adds its commands. Heavy imports (torch, the network code) happen inside
 the commands that need them, so `imgdb --help`, `imgdb info` and friends start fast.
 """
 
@@ -17,7 +17,7 @@ from typing import Annotated, Sequence
 import typer
 
 from ..errors import UsageError, UserError
-from . import evaluate, fit, index, ingest, query, store
+from . import evaluate, fit, index, ingest, query, serve, store
 from .render import escape
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 #: The command groups, in the order `imgdb --help` lists them.
-COMMAND_MODULES = (ingest, store, fit, index, query, evaluate)
+COMMAND_MODULES = (ingest, store, fit, index, query, evaluate, serve)
 
 _STATE = {"debug": False}
 

@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DEFAULT_MAX_PIXELS",
     "load_query_image",
+    "decode_query_bytes",
     "DEFAULT_MIN_SIDE",
     "Discovery",
     "discover",
@@ -64,10 +65,23 @@ _ALLOWED_FORMATS = (
 )
 
 
+_PLUGINS = ("JpegImagePlugin", "PngImagePlugin", "GifImagePlugin", "BmpImagePlugin",
+            "TiffImagePlugin", "WebPImagePlugin", "PpmImagePlugin", "IcoImagePlugin",
+            "PcxImagePlugin", "SgiImagePlugin", "QoiImagePlugin", "Jpeg2KImagePlugin",
+            "AvifImagePlugin")
+
+
 @functools.lru_cache(maxsize=1)
 def _open_formats() -> tuple[str, ...]:
-    """The allowed formats this Pillow build can read (plugins register on Image.init())."""
-    Image.init()
+    """The allowed formats this Pillow build can read. Only their plugins are imported (each
+    registers itself): Image.init() would import all forty, a cost every cold query pays."""
+    import importlib
+
+    for name in _PLUGINS:
+        try:
+            importlib.import_module(f"PIL.{name}")
+        except ImportError:  # not in this Pillow build
+            pass
     return tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
 
 
@@ -403,6 +417,22 @@ def load_query_image(path: str | Path, settings: dict,
         raise UserError(f"cannot use query image {path}: {exc}") from None
 
 
+def decode_query_bytes(data: bytes, settings: dict,
+                       crop: tuple[float, float, float, float] | None = None,
+                       max_pixels: int | None = None) -> DecodedImage:
+    """The bytes of a query image (an upload) decoded exactly as ingest decoded the store's (its
+    extractor `settings`); `max_pixels` lowers the store's pixel limit. Any failure is an
+    ImageError with a one-line reason."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    limit = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
+    if max_pixels is not None:
+        limit = min(limit, int(max_pixels))
+    sha = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return _decode(data, 0.0, sha, SizePolicy.parse(settings["size"]),
+                   _check_scales(settings["scales"]), limit, DEFAULT_MIN_SIDE, crop)
+
+
 def load_image(
     path: str | Path,
     policy: SizePolicy,
@@ -434,13 +464,13 @@ def load_image(
         raise ImageError("empty file (0 bytes)")
     sha = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
-        return _decode(data, st, sha, policy, scales, max_pixels, min_side, crop)
+        return _decode(data, st.st_mtime, sha, policy, scales, max_pixels, min_side, crop)
     except ImageError as e:  # the file facts travel with the error (the store records them)
         e.file_size, e.mtime, e.sha = len(data), st.st_mtime, sha
         raise
 
 
-def _decode(data: bytes, st: os.stat_result, sha: str, policy: SizePolicy,
+def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
             scales: tuple[float, ...], max_pixels: int, min_side: int,
             crop: tuple[float, float, float, float] | None) -> DecodedImage:
     """The decoding half of load_image (bytes in memory -> pixels at each scale)."""
@@ -511,7 +541,7 @@ def _decode(data: bytes, st: os.stat_result, sha: str, policy: SizePolicy,
         raise ImageError(_classify(e), transient=isinstance(e, MemoryError)) from None
 
     return DecodedImage(
-        pixels=pixels, width=w, height=h, file_size=len(data), mtime=st.st_mtime, sha=sha
+        pixels=pixels, width=w, height=h, file_size=len(data), mtime=mtime, sha=sha
     )
 
 

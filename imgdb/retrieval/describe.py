@@ -78,6 +78,43 @@ class QueryDescriber:
             out = {k: v for k, v in out.items() if k in self.wanted}
         return out
 
+    def network(self):
+        """The feature extractor (built on first use): for explanation maps, which need the
+        feature maps themselves."""
+        return self._network()
+
+    def describe_many(self, images: Sequence, pairs: Sequence[tuple[str, str]] | None = None
+                      ) -> list[dict[tuple[str, str], np.ndarray]]:
+        """Several decoded images -> one {(layer, pooling): raw vector} each, as `describe` gives
+        it; images of equal size share one forward per scale, as ingest batches them. `pairs`
+        (default: all this describer computes) selects the poolings to compute."""
+        if self.encoding is not None or not images:
+            return [self.describe(image) for image in images]
+        import torch
+
+        from ..features import pooling as pooling_mod
+        from ..features.extract import merge_scales
+
+        net = self._network()
+        pairs = tuple(pairs) if pairs else tuple((l, p) for l in net.layers for p in net.poolings)
+        by_layer: dict[str, list[str]] = {}
+        for layer, pooling in pairs:
+            by_layer.setdefault(layer, []).append(pooling)
+        per_image: list[list[dict]] = [[] for _ in images]
+        for s in range(len(images[0].pixels)):
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, image in enumerate(images):
+                groups.setdefault(image.pixels[s].shape, []).append(i)
+            for members in groups.values():
+                batch = torch.from_numpy(np.stack([images[i].pixels[s] for i in members]))
+                maps = net.feature_maps(batch)
+                pooled = {(layer, name): vec.cpu().numpy()
+                          for layer, names in by_layer.items()
+                          for name, vec in pooling_mod.pool_all(maps[layer].float(), names).items()}
+                for j, i in enumerate(members):
+                    per_image[i].append({k: v[j] for k, v in pooled.items()})
+        return [{k: merge_scales([o[k] for o in outs]) for k in pairs} for outs in per_image]
+
     def vector(self, path: str | Path, layer: str, pooling: str, crop: Region | None = None
                ) -> np.ndarray:
         """One raw vector of one image file."""

@@ -1,0 +1,379 @@
+"""The HTTP face of `imgdb serve` (FastAPI on uvicorn): one page, a JSON API, store images by id.
+
+Routes: `GET /` (the page), `GET /static/{app.js,style.css}`, `GET /info`, `POST /query`
+(multipart or urlencoded form: `image` file or `id`; `k`, `bbox`, `qe`, `index`), `GET
+/images/{id}?size=thumb|full`, `GET /queries/{token}/image`, `GET /explain`. Errors are JSON
+`{"error": "one line"}` with a 4xx status. Safe by default: binds the loopback address, checks
+the Host header against it (no DNS rebinding), serves only images that are rows of the store
+(by id, re-encoded as JPEG, and only while the file still holds what was ingested), limits
+request bytes and image pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import math
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from ..errors import StoreDamaged, StoreError, UserError
+from .engine import MAX_K, MAX_QE, Engine, RequestError, array_jpeg, explain
+
+STATIC = Path(__file__).with_name("static")
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                               "style-src 'self'; script-src 'self'; object-src 'none'; "
+                               "frame-ancestors 'none'",
+}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Limits:
+    def __init__(self, max_upload_bytes: int = 32 << 20) -> None:
+        self.max_upload_bytes = int(max_upload_bytes)
+
+
+class _Guard:
+    """ASGI middleware: request bodies over the limit are refused (413) by their declared length
+    or, when streamed, once they pass it; Host must be an allowed name; security headers."""
+
+    def __init__(self, app, limit: int, hosts: list[str] | None) -> None:
+        self.app, self.limit, self.hosts = app, limit, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        if self.hosts is not None:
+            host = headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.hosts:
+                return await _send_error(send, 400, f"host {host!r} is not served here "
+                                                    f"(allowed: {', '.join(self.hosts)})")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_error(send, 413, f"request body over the limit of "
+                                                f"{self.limit // (1 << 20)} MiB")
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                extra = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                message = dict(message, headers=list(message.get("headers", [])) + extra)
+            await send(message)
+
+        await self.app(scope, limited, with_headers)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _int(text, name: str, default: int, lo: int, hi: int) -> int:
+    if text is None or text == "":
+        return default
+    if isinstance(text, UploadFile):
+        raise RequestError(f"{name} must be a number, not a file", 400)
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise RequestError(f"{name} must be an integer from {lo} to {hi}, not {str(text)[:40]!r}",
+                           400) from None
+    if not lo <= value <= hi:
+        raise RequestError(f"{name} must be from {lo} to {hi}, not {value}", 400)
+    return value
+
+
+def _row(text) -> int:
+    text = str(text)
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise RequestError(f"an image id is a whole number >= 0, not {text[:40]!r}", 400)
+    return int(text)
+
+
+def _bbox(text) -> tuple[float, float, float, float] | None:
+    if text is None or text == "":
+        return None
+    if isinstance(text, UploadFile):
+        raise RequestError("bbox must be x1,y1,x2,y2, not a file", 400)
+    try:
+        box = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise RequestError("bbox must be x1,y1,x2,y2 in pixels of the upright image", 400)
+    x1, y1, x2, y2 = box
+    if min(box) < 0 or x2 <= x1 or y2 <= y1:
+        raise RequestError("bbox needs 0 <= x1 < x2 and 0 <= y1 < y2", 400)
+    return box
+
+
+def create_app(engine: Engine, limits: Limits | None = None,
+               allowed_hosts: list[str] | None = None):
+    """The ASGI app around an engine (`allowed_hosts` None: any Host header)."""
+    limits = limits or Limits()
+    app = FastAPI(title="imgdb", docs_url=None, redoc_url=None, openapi_url=None)
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request, exc: StoreError):
+        return _error(503 if not isinstance(exc, StoreDamaged) else 500, str(exc))
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, exc: UserError):
+        return _error(409, str(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request, exc):
+        return _error(413, f"request body over the limit of "
+                           f"{limits.max_upload_bytes // (1 << 20)} MiB")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail) if exc.status_code != 404 else
+                      f"not found: {request.url.path[:80]}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path"))
+        return _error(400, f"bad {where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        if name not in STATIC_FILES:
+            raise RequestError(f"not found: /static/{name[:40]}", 404)
+        return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name])
+
+    @app.get("/info")
+    async def info():
+        return await asyncio.to_thread(engine.info)
+
+    @app.get("/images/{image_id}")
+    async def image(image_id: str, size: str = "thumb"):
+        row = _row(image_id)
+        data = await asyncio.to_thread(engine.picture, row, size)
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=60"})
+
+    @app.get("/queries/{token}/image")
+    async def query_picture(token: str):
+        q = engine.query_image(token)
+        data = await asyncio.to_thread(array_jpeg, q.image.pixels[0])
+        return Response(data, media_type="image/jpeg")
+
+    @app.post("/query")
+    async def query(request: Request):
+        started = time.perf_counter()
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except BodyTooLarge:
+            raise
+        except Exception as exc:
+            raise RequestError(f"the request is not a readable form ({type(exc).__name__}); "
+                               f"send multipart/form-data with image=FILE or id=N", 400) from None
+        upload = form.get("image")
+        id_text = form.get("id")
+        k = _int(form.get("k"), "k", 10, 1, MAX_K)
+        qe = _int(form.get("qe"), "qe", 0, 0, MAX_QE)
+        bbox = _bbox(form.get("bbox"))
+        key = form.get("index") or form.get("descriptor")
+        if isinstance(key, UploadFile):
+            raise RequestError("index must be a name, not a file", 400)
+        choice = await asyncio.to_thread(engine.choice, key or None)
+        extractor = choice.descriptor.split("/")[0]
+        pair = Engine._pair(choice)
+        if (upload is None or upload == "") == (id_text is None or id_text == ""):
+            raise RequestError("give an image file (image=FILE) or a stored id (id=N), one of "
+                               "them", 400)
+        if upload is not None and upload != "" and not isinstance(upload, UploadFile):
+            raise RequestError("image must be a file upload (multipart/form-data)", 400)
+        searcher = await asyncio.to_thread(engine.searcher, choice)
+        timing: dict[str, float] = {}
+        token, raw, vector, row, source = None, None, None, None, "store"
+        width = height = None
+        if id_text not in (None, ""):
+            row = _row(id_text)
+            engine.check_row(row, extractor)
+            state = engine.state()
+            width, height = int(state.width[row]), int(state.height[row])
+            if bbox is None:
+                vector = searcher.vector(row)
+                if vector is None:
+                    raw = await asyncio.to_thread(engine.raw_vector, choice, row)
+            else:
+                source = "extracted"
+                with engine.batcher.announce():
+                    t0 = time.perf_counter()
+                    decoded = await asyncio.to_thread(engine.load_row, row, extractor, bbox)
+                    timing["decode_ms"] = (time.perf_counter() - t0) * 1000
+                    future = engine.batcher.submit(extractor, (decoded, pair))
+                t0 = time.perf_counter()
+                raw = await asyncio.wrap_future(future)
+                timing["forward_ms"] = (time.perf_counter() - t0) * 1000
+                token = engine.keep_query(extractor, decoded)
+        else:
+            data = await upload.read()
+            if len(data) > limits.max_upload_bytes:
+                raise BodyTooLarge
+            future = None
+            with engine.batcher.announce():
+                t0 = time.perf_counter()
+                decoded = await asyncio.to_thread(engine.decode, data, extractor, bbox)
+                timing["decode_ms"] = (time.perf_counter() - t0) * 1000
+                stored = engine.stored_row(decoded.sha, extractor) if bbox is None else None
+                if stored is None:
+                    future = engine.batcher.submit(extractor, (decoded, pair))
+            width, height = decoded.width, decoded.height
+            if future is None:  # the same file is in the store: its stored vector
+                vector = searcher.vector(stored)
+                if vector is None:
+                    raw = await asyncio.to_thread(engine.raw_vector, choice, stored)
+            else:
+                source = "extracted"
+                t0 = time.perf_counter()
+                raw = await asyncio.wrap_future(future)
+                timing["forward_ms"] = (time.perf_counter() - t0) * 1000
+            token = engine.keep_query(extractor, decoded, stored)
+            row = stored
+        t0 = time.perf_counter()
+        if vector is None:
+            vector = searcher.transform.transform(raw[None])[0]
+        hits, searcher = engine.search(choice, vector, k, qe)
+        timing["search_ms"] = (time.perf_counter() - t0) * 1000
+        timing["total_ms"] = (time.perf_counter() - started) * 1000
+        return {
+            "query": {"source": source, "id": row, "token": token,
+                      "image": f"/queries/{token}/image" if token else f"/images/{row}?size=full",
+                      "width": width, "height": height, "bbox": list(bbox) if bbox else None},
+            "search": {"key": choice.key, "descriptor": choice.descriptor,
+                       "model": choice.model or "none", "index": choice.index if
+                       searcher.ann is not None else None, "exact": searcher.ann is None,
+                       "note": searcher.note},
+            "k": k, "qe": qe, "results": engine.results(hits),
+            "timing_ms": {name: round(v, 2) for name, v in timing.items()},
+        }
+
+    @app.get("/explain")
+    async def explain_map(result: str, map: str = "similarity", on: str = "query",
+                          query: str | None = None, query_id: str | None = None,
+                          index: str | None = None, patch: str | None = None,
+                          stride: str | None = None, style: str = "layer"):
+        from ..retrieval.explain import describe_map, heat_rgba, overlay, png_bytes
+
+        if style not in ("layer", "overlay"):
+            raise RequestError("style must be layer or overlay", 400)
+        choice = await asyncio.to_thread(engine.choice, index)
+        q = engine.query_image(query) if query else None
+        row = _row(query_id) if query_id not in (None, "") else None
+        patch_px = _int(patch, "patch", 0, 0, 4096) or None
+        stride_px = _int(stride, "stride", 0, 0, 4096) or None
+        future = engine.explain_pool.submit(explain, engine, map, on, choice, _row(result), q,
+                                            row, patch_px, stride_px)
+        m, base = await asyncio.wrap_future(future)
+        picture = overlay(base, m.pixels, m.signed) if style == "overlay" else \
+            heat_rgba(m.pixels, m.signed)
+        numbers = {k: v for k, v in m.info.items() if isinstance(v, (int, float, str))}
+        header = json.dumps({"map": m.kind, "on": on, "text": describe_map(m), **numbers})
+        return Response(png_bytes(picture), media_type="image/png",
+                        headers={"X-Imgdb-Map": header, "Cache-Control": "no-store"})
+
+    return _Guard(app, limits.max_upload_bytes, allowed_hosts)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(db: Path, host: str = "127.0.0.1", port: int = 8000, descriptor: str | None = None,
+          index: str | None = None, device: str = "auto", max_upload_mb: int = 32,
+          max_pixels: int = 40_000_000, announce: Callable[[str], None] | None = None) -> None:
+    """Load everything, bind, print the address, serve until Ctrl-C."""
+    import uvicorn
+
+    announce = announce or (lambda line: print(line, flush=True))
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot bind to host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)  # connections wait in the backlog until the server accepts them
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another "
+                        f"--port") from None
+    engine = Engine(db, descriptor, index, device, max_pixels)
+    hosts = None
+    if _is_loopback(host):
+        hosts = sorted(set(LOOPBACK_NAMES + [host]))
+    else:
+        print(f"warning: serving on {host}: every image of the store is visible to whoever "
+              f"reaches this address", file=sys.stderr, flush=True)
+    app = create_app(engine, Limits(max_upload_mb << 20), hosts)
+    real_port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    state = engine.state()
+    announce(f"serving {db} ({int(state.valid[engine.default.descriptor.split('/')[0]].sum())} "
+             f"images, {engine.default.key}) at http://{shown}:{real_port}/ (Ctrl-C to stop)")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
