@@ -628,6 +628,41 @@ def eval_(
 
 
 # --------------------------------------------------------------------------------------------
+# merge
+
+
+@app.command()
+def merge(
+    shards: List[Path] = typer.Argument(..., metavar="STORE...",
+                                        help="Stores to join (appended in this order)."),
+    db: Path = DbOption,
+    quiet: bool = QuietOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Join stores of the same extractor settings into --db (created if absent).
+
+    Rows are appended in the order the stores are given; a path --db already holds is not
+    added again (merging twice adds nothing). Models and indexes are not merged.
+
+    Example: imgdb merge part1.h5 part2.h5 --db photos.h5
+    """
+    from ..store.merge import merge_stores
+    from .progress import ProgressReporter
+
+    reporter = ProgressReporter(enabled=not quiet and not as_json, description="merge")
+    with reporter:
+        summary = merge_stores(shards, db, progress=lambda done, total: (
+            reporter.start(total), reporter.update(done, total)))
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+        return
+    if summary.ignored and not quiet:
+        _err("not merged (codebook encodings belong to one store's codebook; run imgdb encode "
+             "on the merged store): " + ", ".join(summary.ignored))
+    typer.echo(summary.line())
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:
