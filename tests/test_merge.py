@@ -18,27 +18,11 @@ from helpers import run_cli
 from imgdb.errors import UserError
 from imgdb.store import STATUS_FAILED, StoreWriter, open_read
 from imgdb.store.merge import merge_stores
-from synth import EXTRACTOR, make_photos, make_store
+from synth import EXTRACTOR, make_photos, make_store, snapshot
 
 FAST = ["--backbone", "efficientnet_lite0", "--weights", "none", "--size", "original",
         "--pooling", "sum,mac,gem-p3", "--layers", "head", "--keep-local", "block5:max",
         "--quiet", "--workers", "1"]
-
-
-def snapshot(db: Path) -> dict:
-    """Everything row-aligned a store holds, by path (local features per row)."""
-    with open_read(db) as view:
-        table = view.images()
-        out = {"paths": table.path, "sha": table.sha.tolist(), "size": table.size.tolist(),
-               "status": table.status.tolist(), "error": table.error,
-               "extractors": {e: view.settings(e) for e in view.extractors()},
-               "state": {e: view.state(e).tolist() for e in view.extractors()},
-               "vectors": {d.name: view.vectors(d) for d in view.descriptors()}, "local": {}}
-        for info in view.local_sets():
-            rows = range(view.rows)
-            got = {r: (f.astype(np.float32), c) for r, f, c in view.iter_local(info, rows)}
-            out["local"][info.name] = [got.get(r) for r in rows]
-    return out
 
 
 @pytest.mark.slow

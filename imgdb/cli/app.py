@@ -87,6 +87,21 @@ def ingest(
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any image failed."),
     quiet: bool = QuietOption,
     as_json: bool = JsonOption,
+    engine: str = typer.Option("local", "--engine",
+                               help="local (this process) or ray (Ray Data: decoding in CPU "
+                                    "tasks, the network in one actor per GPU or CPU slot; "
+                                    "pip install 'imgdb[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address",
+                                          help="With --engine ray: the cluster (auto, "
+                                               "ray://HOST:10001); default RAY_ADDRESS or a new "
+                                               "local cluster."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0,
+                                                    help="With --engine ray: GPUs per network "
+                                                         "actor (default 1 when the cluster has "
+                                                         "GPUs, else 0)."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", min=0.01,
+                                          help="With --engine ray: CPUs per network actor "
+                                               "(its torch threads)."),
 ) -> None:
     """Decode images, run the network once per batch, store every pooled descriptor.
 
@@ -107,9 +122,23 @@ def ingest(
                             commit_seconds=commit_seconds,
                             keep_local=tuple(k for spec in keep_local for k in spec.split(",") if k),
                             retry_failed=retry_failed)
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("--engine must be local or ray")
+    if engine == "local" and (address or gpus_per_worker is not None or cpus_per_worker != 1.0):
+        raise typer.BadParameter("--address, --gpus-per-worker and --cpus-per-worker go with "
+                                 "--engine ray")
     reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
     with reporter:
-        summary = run_ingest(paths, db, options, progress=reporter.update, on_start=reporter.start)
+        if engine == "ray":
+            from ..ingest.ray_executor import RayOptions, run_ray_ingest
+
+            summary = run_ray_ingest(paths, db, options,
+                                     RayOptions(address=address, gpus_per_worker=gpus_per_worker,
+                                                cpus_per_worker=cpus_per_worker),
+                                     progress=reporter.update, on_start=reporter.start)
+        else:
+            summary = run_ingest(paths, db, options, progress=reporter.update,
+                                 on_start=reporter.start)
     if as_json:
         typer.echo(json.dumps({
             "store": summary.store, "extractor": summary.extractor,
@@ -120,6 +149,7 @@ def ingest(
             "seconds": round(summary.seconds, 3),
             "failures": [{"path": p, "error": e} for p, e in summary.failures],
             "problems": [{"path": p, "error": e} for p, e in summary.problems],
+            **({"engine": summary.engine} if getattr(summary, "engine", None) else {}),
         }, indent=2))
     else:
         if not quiet:
@@ -425,6 +455,9 @@ def index_build(
     trees: int = typer.Option(50, "--trees", min=1, help="Annoy trees (more: better recall)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (builds are reproducible)."),
     as_json: bool = JsonOption,
+    shards: int = typer.Option(1, "--shards", min=1,
+                               help="Split the rows into N Annoy files built in parallel "
+                                    "processes (one logical index; queries search every shard)."),
 ) -> None:
     """Build an Annoy index of a descriptor under a model; written atomically and registered.
 
@@ -432,13 +465,14 @@ def index_build(
     """
     from ..retrieval.index import build_index
 
-    info = build_index(db, descriptor, pca, name, trees, seed)
+    info = build_index(db, descriptor, pca, name, trees, seed, shards=shards)
     if as_json:
         typer.echo(json.dumps({"name": info.name, **info.attrs}, indent=2))
     else:
         a = info.attrs
+        where = a["file"] if shards == 1 else f"{shards} shards {a['file']} ..."
         typer.echo(f"index {info.name}: {a['items']} items x {a['dims']} dims, {a['trees']} trees, "
-                   f"model {a['model']}, built in {a['build_seconds']:.2f}s -> {a['file']}")
+                   f"model {a['model']}, built in {a['build_seconds']:.2f}s -> {where}")
 
 
 @index_app.command("ls")
@@ -463,8 +497,9 @@ def index_ls(db: Path = DbOption, as_json: bool = JsonOption) -> None:
         a = i.attrs
         state = ("current" if i.problem is None else f"STALE: {i.stale}" if i.stale
                  else f"DAMAGED: {i.damaged}")
+        shards = f" shards={a['shards']}" if int(a.get("shards", 1)) > 1 else ""
         typer.echo(f"{i.name}  {a['descriptor']} model={a['model']} items={a['items']} "
-                   f"dims={a['dims']} trees={a['trees']}  {state}")
+                   f"dims={a['dims']} trees={a['trees']}{shards}  {state}")
 
 
 @index_app.command("rm")
