@@ -149,7 +149,7 @@ def ingest(
             "seconds": round(summary.seconds, 3),
             "failures": [{"path": p, "error": e} for p, e in summary.failures],
             "problems": [{"path": p, "error": e} for p, e in summary.problems],
-            **({"engine": summary.engine} if getattr(summary, "engine", None) else {}),
+            **({"engine": summary.engine} if summary.engine else {}),
         }, indent=2))
     else:
         if not quiet:

@@ -456,7 +456,7 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
                                     unchanged=unchanged,
                                     problems=[(str(p), r) for p, r in found.problems])
             summary.count(work)
-            summary.engine = {"engine": "ray"}
+            summary.engine["engine"] = "ray"
             if missing:
                 writer.set_status(missing, STATUS_MISSING, "file no longer exists")
                 summary.missing = len(missing)
@@ -639,15 +639,20 @@ def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # rows come back in discovery order
-    items = pa.table({
-        "seq": pa.array(todo, pa.int64()),
-        "path": pa.array([str(work[s].path) for s in todo], pa.string()),
-        "row": pa.array([-1 if work[s].row is None else work[s].row for s in todo], pa.int64()),
-        "reason": pa.array([work[s].reason for s in todo], pa.string()),
-        "known": pa.array([_known(table, work[s].row) for s in todo], pa.string()),
-    })
-    blocks = max(1, min(len(todo) // max(1, batch), 4 * max(1, actors) + 8))
-    ds = ray.data.from_arrow(items).repartition(blocks)
+    # blocks of a few hundred work items: many decode tasks in flight, none of them long
+    per_block = max(batch, min(1024, -(-len(todo) // (4 * max(1, actors) + 8))))
+    blocks = []
+    for lo in range(0, len(todo), per_block):
+        part = todo[lo:lo + per_block]
+        blocks.append(pa.table({
+            "seq": pa.array(part, pa.int64()),
+            "path": pa.array([str(work[s].path) for s in part], pa.string()),
+            "row": pa.array([-1 if work[s].row is None else work[s].row for s in part],
+                            pa.int64()),
+            "reason": pa.array([work[s].reason for s in part], pa.string()),
+            "known": pa.array([_known(table, work[s].row) for s in part], pa.string()),
+        }))
+    ds = ray.data.from_arrow(blocks)
     sift = any(s.mask == "sift" for s in local_specs)
     # Decoding tasks reserve the memory their decoded pixels take. That is also what keeps
     # Ray Data from fusing them into the actors (their resources differ): decoding stays in
