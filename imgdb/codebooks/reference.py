@@ -1,6 +1,6 @@
 """Paper-literal codebook embeddings and aggregations: the reference the fast paths are tested against.
 
-The formulas of the reference papers are the specification (DESIGN.md section 3, "Codebook
+The formulas of the reference papers are the specification (docs/design.md §3, "Codebook
 methods"); every function names the equation it implements.
 
 * Hoang et al. 2017, "Selective deep convolutional features for image retrieval" (MM'17):
@@ -140,11 +140,11 @@ def fisher_vector(features, gmm_weights, means, covariances_diag):
 
 
 def democratic_weights(phi, n_iter: int = 10):
-    """Democratic aggregation weights lambda (…, N), exactly as DESIGN.md section 3 writes it.
+    """Democratic aggregation weights lambda (…, N), exactly as docs/design.md §3 writes it.
 
     Jegou & Zisserman 2014 sec. 3 (Hoang sec. 4.3 psi_d; the authors' ``qdemocratic`` /
     ``sinkhornm`` with reg = 0.5 and 10 iterations).  With the embedded vectors as the rows of
-    ``phi`` (N, D) (DESIGN's Phi has them as columns):
+    ``phi`` (N, D) (the design note's Phi has them as columns):
 
         G = max(phi phi^T, 0)                (N x N Gram matrix, negatives clipped)
         lambda = 1

@@ -126,7 +126,7 @@ class TembModel:
       training sets).  ``eigenvalues`` keeps the floored values.
 
     ``transform(features)`` -> (N, n_components): phi -> centre -> whiten -> per-vector L2
-    (DESIGN.md 3: "centred by the training mean embedding and whitened ..., each embedded
+    (docs/design.md §3: "centred by the training mean embedding and whitened ..., each embedded
     vector L2-normalised").  ``n_components=None`` keeps all D (Hoang/J&Z do not reduce here;
     dimensions are dropped after aggregation, see :func:`post_process`).  The floor tail is
     clamped to n_components - 1 (with tiny D and the default 32 that means no whitening,
@@ -232,7 +232,7 @@ def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
 
     Returns arrays ``mean`` (D,), ``projection`` (dims, D), ``eigenvalues`` (dims,).  With
     ``whiten`` the projection rows are the principal axes divided by sqrt(eigenvalue)
-    (PCA-whitening, DESIGN.md); ``whiten=False`` is a pure rotation, as the authors' code.
+    (PCA-whitening, docs/design.md §3); ``whiten=False`` is a pure rotation, as the authors' code.
     ``dims`` defaults to D: when there are fewer training vectors than dimensions, the axes
     beyond the data's rank complete an orthonormal basis and their eigenvalues are floored at
     the smallest kept (non-null) eigenvalue, like the authors' ``learn_rn``.  ``rel_floor``
@@ -271,7 +271,7 @@ def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
 
 def post_process(agg, rotation_model: dict[str, np.ndarray] | None = None,
                  power: float | None = 0.5, drop_first: int = 0) -> np.ndarray:
-    """Final image vectors (Hoang sec. 4.4; DESIGN.md 3): power-law -> L2 -> rotation
+    """Final image vectors (Hoang sec. 4.4; docs/design.md §3): power-law -> L2 -> rotation
     (``(x - mean) @ projection.T``, from :func:`fit_rotation`) -> drop the first
     ``drop_first`` components (128 for T-emb, :data:`HOANG_TEMB_DROP`) -> L2.
 

@@ -4,7 +4,7 @@ Images are identified by their *key*: the file name without directories and with
 extension (`/data/oxford/all_souls_000013.jpg` -> `all_souls_000013`). The Oxford/Paris gt files
 and the revisitop pickles already name images that way.
 
-Layouts read here (DESIGN.md section 6):
+Layouts read here (docs/design.md §7):
 
 * the official Oxford5k / Paris6k gt folders (`<q>_query.txt`, `_good`, `_ok`, `_junk`);
 * the pickle layout of cnnimageretrieval-pytorch / revisitop (`imlist`, `qimlist`, `gnd`), read

@@ -147,7 +147,7 @@ _TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head"
 
 def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], stage_depths: list[int]
                                  ) -> dict[str, torch.Tensor]:
-    """Rename `efficientnet_pytorch` keys to timm's `tf_efficientnet_lite*` (DESIGN.md sec.4)."""
+    """Rename `efficientnet_pytorch` keys to timm's `tf_efficientnet_lite*` (docs/design.md §4)."""
     flat = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
     out: dict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():

@@ -2,7 +2,7 @@
 
 A *local key* names what is kept: `LAYER` (every cell) or `LAYER:MASK` with MASK one of `max`,
 `sum`, `sift` (Hoang et al. sec. 3.2). Selection runs on the network's device for a whole
-batch; only the kept cells travel to the host, as float16 (DESIGN.md section 5).
+batch; only the kept cells travel to the host, as float16 (docs/design.md §3, §5).
 """
 
 from __future__ import annotations
