@@ -197,9 +197,11 @@ def timed_build(db: Path, trees: int) -> dict:
 
     annoy.AnnoyIndex = Stamped
     try:
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         info = build_index(db, DESCRIPTOR, "none", trees=trees, seed=0)
         t1 = time.perf_counter()
+        cpu = time.process_time() - cpu0
     finally:
         annoy.AnnoyIndex = original
     phases = {
@@ -209,7 +211,7 @@ def timed_build(db: Path, trees: int) -> dict:
         "save_s": marks["save1"] - marks["save0"],
         "after_save_s": t1 - marks["save1"],  # file digest, registry write
     }
-    return {"name": info.name, "seconds": round(t1 - t0, 2),
+    return {"name": info.name, "seconds": round(t1 - t0, 2), "cpu_seconds": round(cpu, 2),
             "phases": {k: round(v, 2) for k, v in phases.items()},
             "file_bytes": int(info.attrs["file_bytes"]), "items": int(info.attrs["items"]),
             "trees": trees, "reused": False}
@@ -375,9 +377,16 @@ def sharded(db: Path, trees: int, counts: list[int], queries: np.ndarray, truth:
         name = f"bench-{n}-shards"
         log(f"building {n} shards: build_index(trees={trees}, seed=0, shards={n}) "
             f"({min(n, os.cpu_count() or 1)} processes at once)")
+        import resource
+
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         info = build_index(db, DESCRIPTOR, "none", name, trees=trees, seed=0, shards=n)
         secs = time.perf_counter() - t0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (time.process_time() - cpu0 + kids1.ru_utime - kids0.ru_utime
+               + kids1.ru_stime - kids0.ru_stime)  # this process + the shard builders
         log(f"  built in {secs:.1f}s, shard items {info.attrs['shard_items']}")
         with open_read(db) as view:
             transform, _ = post_processor(view, DESCRIPTOR, None)
@@ -390,7 +399,8 @@ def sharded(db: Path, trees: int, counts: list[int], queries: np.ndarray, truth:
                 hits = search(transform.transform(q[None].astype(np.float32)), K)[0]
                 lat.append((time.perf_counter() - t) * 1e3)
                 found.append([r for r, _ in hits])
-        r = {"shards": n, "build_s": round(secs, 2), "jobs": info.attrs["build_jobs"],
+        r = {"shards": n, "build_s": round(secs, 2), "cpu_s": round(cpu, 2),
+             "jobs": info.attrs["build_jobs"],
              "file_bytes": int(sum(info.attrs["shard_bytes"])),
              "recall_at_10": recall(found, truth), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
         log(f"  recall@10 {r['recall_at_10']:.4f}, p50 {r['p50_ms']:.2f} ms, "
