@@ -348,7 +348,7 @@ class RowCopier:
                 _put_text(g, "path", sub, [encode_path(block.paths[i])
                                            for i in np.flatnonzero(new)])
             _put_text(g, "error", put, block.errors)
-            for ext, shape in self.extractors.items():
+            for ext in self.extractors:
                 eg = fh[extractor_path(ext)]
                 put(eg["state"], block.states[ext])
                 _put_text(eg, "error", put, block.ext_errors[ext])
