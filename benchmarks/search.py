@@ -10,13 +10,13 @@ real descriptors, which have much lower intrinsic dimension. Queries are held ou
 way with another random stream, never stored.
 
 What is measured (each with the code path named):
-  build     imgdb.index.build_index(db, descriptor, "none", trees=T, seed=0), wall time, with a
+  build     imgdb.retrieval.index.build_index(db, descriptor, "none", trees=T, seed=0), wall time, with a
             phase breakdown (add_item loop incl. HDF5 reads / Annoy build / save / rest) taken by
             timestamping a subclass of annoy.AnnoyIndex (patched into the annoy module).
   warm      in-process, loaded once as `imgdb query` does: open_read -> plan_query ->
-            post_processor -> imgdb.search._searcher; then each query is timed as run_queries
-            does it (transform.transform + search(q, k)) -> p50 / p99 / mean ms.
-  exact     imgdb.index.topk_exact through _searcher with no index (what `imgdb query --exact`
+            post_processor -> imgdb.retrieval.search._searcher; then each query is timed as
+            run_queries does it (transform.transform + search(q, k)) -> p50 / p99 / mean ms.
+  exact     imgdb.retrieval.index.topk_exact through _searcher with no index (what `imgdb query --exact`
             runs), one query at a time, for a few queries: it streams the whole store.
   recall@10 Annoy (as above) against exact top-10 computed in numpy on the same L2-normalised
             vectors (one chunked pass over the store for all queries). Optionally also with
@@ -24,11 +24,16 @@ What is measured (each with the code path named):
   CLI       wall time of `imgdb query --id 0 --db STORE -k 10` (fresh process; the OS page
             cache is warm from the runs above), of `python -c "import imgdb.cli"`, and whether
             torch ends up in sys.modules after each.
+  shards    with --shards N[,M...]: build_index(..., shards=N) (N Annoy files built by parallel
+            processes, `imgdb index build --shards N`), its build wall time, and recall@10 and
+            latency of imgdb.retrieval.index.AnnoySearcher over all shards (top-k merged) with
+            the CLI's default search_k, against the same exact top-10 as the single index.
 
 Examples:
   python benchmarks/search.py --n 100000
   python benchmarks/search.py --store /tmp/bench1m.h5 --keep-store --out results.json
   python benchmarks/search.py --store /tmp/bench1m.h5 --reuse-index --queries 200
+  python benchmarks/search.py --n 1000000 --shards 2,4 --cli-repeats 0 --out shards.json
 """
 
 from __future__ import annotations
@@ -82,7 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Extra Annoy search_k values for a recall/latency sweep that the CLI "
                         "does not expose; '' to skip (default 2000,10000,50000; Annoy's own "
                         "default is k * trees).")
-    p.add_argument("--cli-repeats", type=int, default=3, help="Runs of each CLI timing (3).")
+    p.add_argument("--cli-repeats", type=int, default=3,
+                   help="Runs of each CLI timing (3; 0 skips the CLI timings).")
+    p.add_argument("--shards", default="",
+                   help="Also build sharded indexes with these shard counts, e.g. 2,4 (one "
+                        "process per shard, at most one per CPU), and compare with the single "
+                        "index: build time, recall@10, latency ('' skips).")
     p.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = p.parse_args(argv)
     if args.n < K or args.dims < 2 or args.clusters < 1 or args.queries < 1:
@@ -116,13 +126,13 @@ def draw(rng: np.random.Generator, c: np.ndarray, m: int, noise: float) -> np.nd
 
 def ensure_store(args: argparse.Namespace, db: Path) -> dict:
     """Create the synthetic store, or check that an existing one was made with these params."""
-    from imgdb.store import STATUS_OK, ImageRow, StoreWriter, extractor_attrs, open_read
+    from imgdb.store import STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read
 
     params = bench_params(args)
     if db.exists():
-        with open_read(db) as fh:
+        with open_read(db) as view:
             try:
-                found = extractor_attrs(fh, EXTRACTOR).get("bench")
+                found = view.settings(EXTRACTOR).get("bench")
             except Exception:  # noqa: BLE001 - any store without our extractor
                 found = None
         if found != params:
@@ -139,8 +149,8 @@ def ensure_store(args: argparse.Namespace, db: Path) -> dict:
         for i, start in enumerate(range(0, args.n, args.chunk)):
             stop = min(args.n, start + args.chunk)
             vecs = draw(np.random.default_rng([args.seed, 1, i]), c, stop - start, args.noise)
-            rows = [(None, ImageRow(f"/synthetic/{j:08d}.jpg", 1, 0.0, "0" * 32, 64, 64,
-                                    STATUS_OK)) for j in range(start, stop)]
+            rows = [RowUpdate(None, ImageRow(f"/synthetic/{j:08d}.jpg", 1, 0.0, "0" * 32, 64,
+                                             64, STATUS_OK)) for j in range(start, stop)]
             writer.commit(EXTRACTOR, rows, {(LAYER, POOLING): vecs})
             if i % 5 == 4 or stop == args.n:
                 log(f"  store: {stop}/{args.n} rows, {time.perf_counter() - started:.1f}s")
@@ -161,7 +171,7 @@ def timed_build(db: Path, trees: int) -> dict:
     """build_index with a phase breakdown from a timestamping AnnoyIndex subclass."""
     import annoy
 
-    from imgdb.index import build_index
+    from imgdb.retrieval.index import build_index
 
     marks: dict[str, float] = {}
     original = annoy.AnnoyIndex
@@ -187,9 +197,11 @@ def timed_build(db: Path, trees: int) -> dict:
 
     annoy.AnnoyIndex = Stamped
     try:
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         info = build_index(db, DESCRIPTOR, "none", trees=trees, seed=0)
         t1 = time.perf_counter()
+        cpu = time.process_time() - cpu0
     finally:
         annoy.AnnoyIndex = original
     phases = {
@@ -199,7 +211,7 @@ def timed_build(db: Path, trees: int) -> dict:
         "save_s": marks["save1"] - marks["save0"],
         "after_save_s": t1 - marks["save1"],  # file digest, registry write
     }
-    return {"name": info.name, "seconds": round(t1 - t0, 2),
+    return {"name": info.name, "seconds": round(t1 - t0, 2), "cpu_seconds": round(cpu, 2),
             "phases": {k: round(v, 2) for k, v in phases.items()},
             "file_bytes": int(info.attrs["file_bytes"]), "items": int(info.attrs["items"]),
             "trees": trees, "reused": False}
@@ -207,26 +219,26 @@ def timed_build(db: Path, trees: int) -> dict:
 
 def read_only_pass(db: Path) -> float:
     """Seconds to stream + L2-normalise every vector as build_index does, without Annoy."""
-    from imgdb.index import iter_valid
+    from imgdb.retrieval.whitening import Identity
     from imgdb.store import open_read
-    from imgdb.whitening import Identity
 
     t = time.perf_counter()
     ident = Identity()
-    with open_read(db) as fh:
-        for _, raw in iter_valid(fh, DESCRIPTOR):
+    with open_read(db) as view:
+        for _, raw in view.iter_valid(view.descriptor(DESCRIPTOR)):
             ident.transform(raw)
     return time.perf_counter() - t
 
 
 def existing_index(db: Path, trees: int) -> dict | None:
-    from imgdb.index import list_indexes
+    from imgdb.retrieval.index import list_indexes
     from imgdb.store import open_read
 
-    with open_read(db) as fh:
-        for info in list_indexes(fh, db):
+    with open_read(db) as view:
+        for info in list_indexes(view, db):
             if info.stale is None and info.attrs["trees"] == trees \
-                    and info.attrs["descriptor"] == DESCRIPTOR:
+                    and info.attrs["descriptor"] == DESCRIPTOR \
+                    and int(info.attrs.get("shards", 1)) == 1:
                 return {"name": info.name, "seconds": info.attrs.get("build_seconds"),
                         "phases": None, "file_bytes": int(info.attrs["file_bytes"]),
                         "items": int(info.attrs["items"]), "trees": trees, "reused": True}
@@ -243,16 +255,15 @@ def pct(values: list[float], q: float) -> float:
 
 def exact_top10(db: Path, queries: np.ndarray) -> tuple[np.ndarray, float]:
     """(Q, 10) exact row ids by cosine on L2-normalised vectors, one chunked pass over the store."""
-    from imgdb.index import iter_valid
+    from imgdb.numeric import l2_normalize
     from imgdb.store import open_read
-    from imgdb.whitening import l2_normalize
 
     t = time.perf_counter()
     qn = l2_normalize(queries)
     best_s = np.full((len(qn), K), -np.inf, np.float32)
     best_r = np.full((len(qn), K), -1, np.int64)
-    with open_read(db) as fh:
-        for rows, raw in iter_valid(fh, DESCRIPTOR):
+    with open_read(db) as view:
+        for rows, raw in view.iter_valid(view.descriptor(DESCRIPTOR)):
             sims = qn @ l2_normalize(raw).T
             s = np.concatenate([best_s, sims], axis=1)
             r = np.concatenate([best_r, np.broadcast_to(rows, sims.shape)], axis=1)
@@ -268,26 +279,25 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
 
 
 def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dict:
-    from imgdb.index import post_processor
-    from imgdb.store import content_hash
-    from imgdb.search import QueryPlan, _searcher, plan_query
-    from imgdb.store import open_read, read_images, resolve_descriptor
+    from imgdb.retrieval.pca import post_processor
+    from imgdb.retrieval.search import QueryPlan, _searcher, plan_query
+    from imgdb.store import open_read
 
     out: dict = {}
-    with open_read(db) as fh:
+    with open_read(db) as view:
         t = time.perf_counter()
-        plan = plan_query(fh, db, None, None, None, False)  # what `imgdb query --id 0` does
+        plan = plan_query(view, db, None, None, None, False)  # what `imgdb query --id 0` does
         out["plan_query_s"] = time.perf_counter() - t
-        info = resolve_descriptor(fh, plan.descriptor)
-        transform, _ = post_processor(fh, info.name, plan.model)
+        info = view.descriptor(plan.descriptor)
+        transform, _ = post_processor(view, info.name, plan.model)
         t = time.perf_counter()
-        search = _searcher(fh, db, plan, info.name, transform, None)  # the CLI default search_k
+        search = _searcher(view, db, plan, info, transform, None)  # the CLI default search_k
         out["searcher_load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        content_hash(fh, EXTRACTOR)
+        view.content_hash(EXTRACTOR)
         out["content_hash_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        read_images(fh)
+        view.images()
         out["read_images_s"] = time.perf_counter() - t
 
         def one(q: np.ndarray, fn) -> tuple[list[int], float]:
@@ -308,7 +318,7 @@ def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dic
         log(f"warm Annoy queries: p50 {out['latency_ms']['p50']:.3f} ms, "
             f"p99 {out['latency_ms']['p99']:.3f} ms over {len(lat)}")
 
-        exact = _searcher(fh, db, QueryPlan(plan.descriptor, None, None), info.name, transform, None)
+        exact = _searcher(view, db, QueryPlan(plan.descriptor, None, None), info, transform, None)
         ex_ids, ex_ms = [], []
         for q in queries[:args.exact_queries]:
             found, ms = one(q, exact)
@@ -325,15 +335,15 @@ def search_k_sweep(db: Path, name: str, queries: np.ndarray, truth: np.ndarray,
     """Recall/latency at larger search_k on the same index file (not reachable from the CLI)."""
     from annoy import AnnoyIndex
 
-    from imgdb.index import index_path
+    from imgdb.numeric import l2_normalize
+    from imgdb.retrieval.index import registered_file
     from imgdb.store import open_read
-    from imgdb.whitening import l2_normalize
 
-    with open_read(db) as fh:
-        reg = fh["indexes"][name]
-        rows = reg["rows"][()]
-        ann = AnnoyIndex(int(reg.attrs["dims"]), str(reg.attrs["metric"]))
-    ann.load(str(index_path(db, name)))
+    with open_read(db) as view:
+        entry = view.index(name)
+        rows = view.index_rows(name)
+        ann = AnnoyIndex(int(entry.attrs["dims"]), str(entry.attrs["metric"]))
+    ann.load(str(registered_file(db, entry)))
     out = []
     for sk in values:
         lat, found = [], []
@@ -347,6 +357,56 @@ def search_k_sweep(db: Path, name: str, queries: np.ndarray, truth: np.ndarray,
         log(f"search_k={sk}: recall@10 {r['recall_at_10']:.3f}, p50 {r['p50_ms']:.2f} ms")
         out.append(r)
     ann.unload()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded indexes
+
+
+def sharded(db: Path, trees: int, counts: list[int], queries: np.ndarray, truth: np.ndarray
+            ) -> list[dict]:
+    """Build a sharded index per count; recall@10 and latency of AnnoySearcher over its shards
+    with the CLI's default search_k (what `imgdb query` does with that index)."""
+    from imgdb.retrieval.index import AnnoySearcher, build_index, remove_index
+    from imgdb.retrieval.pca import post_processor
+    from imgdb.store import open_read
+
+    out = []
+    for n in counts:
+        name = f"bench-{n}-shards"
+        log(f"building {n} shards: build_index(trees={trees}, seed=0, shards={n}) "
+            f"({min(n, os.cpu_count() or 1)} processes at once)")
+        import resource
+
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        info = build_index(db, DESCRIPTOR, "none", name, trees=trees, seed=0, shards=n)
+        secs = time.perf_counter() - t0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (time.process_time() - cpu0 + kids1.ru_utime - kids0.ru_utime
+               + kids1.ru_stime - kids0.ru_stime)  # this process + the shard builders
+        log(f"  built in {secs:.1f}s, shard items {info.attrs['shard_items']}")
+        with open_read(db) as view:
+            transform, _ = post_processor(view, DESCRIPTOR, None)
+            search = AnnoySearcher(view, db, name)
+            found, lat = [], []
+            for q in queries[:20]:
+                search(transform.transform(q[None].astype(np.float32)), K)
+            for q in queries[:len(truth)]:
+                t = time.perf_counter()
+                hits = search(transform.transform(q[None].astype(np.float32)), K)[0]
+                lat.append((time.perf_counter() - t) * 1e3)
+                found.append([r for r, _ in hits])
+        r = {"shards": n, "build_s": round(secs, 2), "cpu_s": round(cpu, 2),
+             "jobs": info.attrs["build_jobs"],
+             "file_bytes": int(sum(info.attrs["shard_bytes"])),
+             "recall_at_10": recall(found, truth), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+        log(f"  recall@10 {r['recall_at_10']:.4f}, p50 {r['p50_ms']:.2f} ms, "
+            f"p99 {r['p99_ms']:.2f} ms")
+        out.append(r)
+        remove_index(db, name)
     return out
 
 
@@ -415,7 +475,7 @@ def cleanup(db: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from imgdb.index import DEFAULT_TREES
+    from imgdb.retrieval.index import DEFAULT_TREES
 
     trees = args.trees or DEFAULT_TREES
     own = args.store is None
@@ -460,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
             res[key] = round(warm[key], 4)
         sweep = [int(v) for v in args.search_k.split(",") if v.strip()]
         res["search_k_sweep"] = search_k_sweep(db, build["name"], queries, truth, sweep) if sweep else []
-        res["cli"] = cli_timings(db, args.cli_repeats)
+        counts = [int(v) for v in args.shards.split(",") if v.strip()]
+        res["sharded"] = sharded(db, trees, counts, queries, truth) if counts else []
+        res["cli"] = cli_timings(db, args.cli_repeats) if args.cli_repeats > 0 else None
     finally:
         if own and not args.keep_store:
             cleanup(db)
@@ -475,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     row = [args.n, args.dims, trees, b["seconds"], f"{b['file_bytes'] / 2**20:.0f}",
            f"{lat['p50']:.3f}", f"{lat['p99']:.3f}", f"{lat['mean']:.3f}",
            f"{res['recall_at_10']:.3f}", f"{statistics.median(res['exact_ms_per_query']):.0f}"
-           if res["exact_ms_per_query"] else "-", f"{c['query_wall_median_s']:.2f}"]
+           if res["exact_ms_per_query"] else "-", f"{c['query_wall_median_s']:.2f}" if c else "-"]
     widths = [max(len(str(h)), len(str(v))) for h, v in zip(hdr, row)]
     print("  ".join(str(h).rjust(w) for h, w in zip(hdr, widths)))
     print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
@@ -489,10 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     for s in res["search_k_sweep"]:
         print(f"  search_k={s['search_k']:>6} (imgdb query --search-k): recall@10 "
               f"{s['recall_at_10']:.3f}, p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms")
-    print(f"CLI: {c['command']}: {', '.join(f'{s:.2f}' for s in c['query_wall_s'])} s "
-          f"(python -c pass {c['python_pass_s']:.2f} s, import imgdb.cli {c['import_cli_s']:.2f} s); "
-          f"torch imported: after import imgdb.cli {c['torch_after_import_cli']}, "
-          f"after query {c['torch_after_query']}")
+    for r in res["sharded"]:
+        print(f"  {r['shards']} shards ({r['jobs']} processes): build {r['build_s']:.1f} s "
+              f"(single: {b['seconds']} s), recall@10 {r['recall_at_10']:.4f} (single: "
+              f"{res['recall_at_10']:.4f}, ratio {r['recall_at_10'] / res['recall_at_10']:.4f}), "
+              f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+    if c:
+        print(f"CLI: {c['command']}: {', '.join(f'{s:.2f}' for s in c['query_wall_s'])} s "
+              f"(python -c pass {c['python_pass_s']:.2f} s, import imgdb.cli "
+              f"{c['import_cli_s']:.2f} s); torch imported: after import imgdb.cli "
+              f"{c['torch_after_import_cli']}, after query {c['torch_after_query']}")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2, default=float) + "\n")
         print(f"results written to {args.out}")

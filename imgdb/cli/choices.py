@@ -31,6 +31,13 @@ class Backbone(Choice):
     efficientnet_lite2 = "efficientnet_lite2"
 
 
+class Engine(Choice):
+    """Who runs an ingest: this machine, or a Ray cluster (Ray Data)."""
+
+    local = "local"
+    ray = "ray"
+
+
 class Precision(Choice):
     """Forward-pass precision (fp16/bf16: autocast on CUDA; pooling stays fp32)."""
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .options import Db, Descriptor, IndexName, Json, ModelVersion, Seed, Trees
+from .options import Db, Descriptor, IndexName, Json, ModelVersion, Seed, Trees, integer
 from .render import emit, index_built_output, index_list_output, removed_output
 
 index_app = typer.Typer(help="Annoy indexes registered in the store.", no_args_is_help=True)
@@ -20,6 +20,10 @@ def build(
     name: IndexName = None,
     trees: Trees = 50,
     seed: Seed = 0,
+    shards: Annotated[int, typer.Option(
+        "--shards", parser=integer(1, 4096), metavar="N",
+        help="Split the rows into N Annoy files built in parallel processes (one logical "
+             "index; queries search every shard and merge the top-k).")] = 1,
     as_json: Json = False,
 ) -> None:
     """Build an Annoy index of a descriptor under a model; written atomically and registered.
@@ -28,7 +32,7 @@ def build(
     """
     from ..retrieval.index import build_index
 
-    emit(index_built_output(build_index(db, descriptor, pca, name, trees, seed)), as_json)
+    emit(index_built_output(build_index(db, descriptor, pca, name, trees, seed, shards=shards)), as_json)
 
 
 @index_app.command("ls")

@@ -8,10 +8,10 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..errors import UsageError, UserError
-from .choices import Backbone, Precision
+from .choices import Backbone, Engine, Precision
 from .options import (BackboneOpt, BatchSize, CommitSeconds, Db, Device, Json,
                       KeepLocal, Layers, MaxPixels, NameList, Paths, Poolings, PrecisionOpt,
-                      Quiet, Scales, Size, Weights, Workers)
+                      Quiet, Scales, Size, Weights, Workers, number)
 from .render import emit, ingest_output
 
 
@@ -50,6 +50,21 @@ def ingest(
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any image failed.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
+    engine: Annotated[Engine, typer.Option(
+        "--engine", case_sensitive=False,
+        help="local (this machine) or ray (Ray Data: decoding in CPU tasks, the network in one "
+             "actor per GPU or CPU slot; pip install 'imgdb[ray]').")] = Engine.local,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", metavar="auto|ray://HOST:PORT",
+        help="With --engine ray: the cluster (default RAY_ADDRESS, else a new local "
+             "cluster).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(
+        "--gpus-per-worker", parser=number(0.0), metavar="G",
+        help="With --engine ray: GPUs per network actor (default 1 when the cluster has GPUs, "
+             "else 0).")] = None,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(
+        "--cpus-per-worker", parser=number(0.0, above=True), metavar="C",
+        help="With --engine ray: CPUs per network actor (its torch threads; default 1).")] = None,
 ) -> None:
     """Decode images, run the network once per batch, store every pooled descriptor.
 
@@ -58,6 +73,10 @@ def ingest(
     from ..ingest import IngestOptions, run_ingest
     from .progress import ProgressReporter
 
+    if engine is Engine.local and (address is not None or gpus_per_worker is not None
+                                   or cpus_per_worker is not None):
+        raise UsageError("--address, --gpus-per-worker and --cpus-per-worker go with "
+                         "--engine ray")
     local = [spec for specs in keep_local for spec in specs]
     _check_layers(backbone.value, layers, local)
     options = IngestOptions(backbone=backbone.value, weights=weights,
@@ -69,7 +88,16 @@ def ingest(
                             keep_local=tuple(dict.fromkeys(local)), retry_failed=retry_failed)
     reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
     with reporter:
-        summary = run_ingest(paths, db, options, progress=reporter.update, on_start=reporter.start)
+        if engine is Engine.ray:
+            from ..ingest.ray_executor import RayOptions, run_ray_ingest
+
+            ray_options = RayOptions(address=address, gpus_per_worker=gpus_per_worker,
+                                     cpus_per_worker=cpus_per_worker or 1.0)
+            summary = run_ray_ingest(paths, db, options, ray_options, progress=reporter.update,
+                                     on_start=reporter.start)
+        else:
+            summary = run_ingest(paths, db, options, progress=reporter.update,
+                                 on_start=reporter.start)
     emit(ingest_output(summary), as_json, quiet=quiet)
     if strict and summary.failed:
         raise typer.Exit(1)

@@ -338,7 +338,7 @@ OptModelVersion = Annotated[Optional[str], typer.Option(
 
 # ingest
 Paths = Annotated[List[Path], typer.Argument(
-    metavar="PATH...", help="Image files and/or folders (searched recursively).")]
+    metavar="PATH", help="Image files and/or folders (searched recursively).")]
 BackboneOpt = Annotated[Backbone, typer.Option(
     "--backbone", "-b", case_sensitive=False, help="The network (imgdb.features.backbones).")]
 Weights = Annotated[str, typer.Option(

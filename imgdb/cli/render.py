@@ -146,6 +146,7 @@ def ingest_output(summary) -> Output:
         "seconds": round(summary.seconds, 3),
         "failures": [{"path": p, "error": e} for p, e in summary.failures],
         "problems": [{"path": p, "error": e} for p, e in summary.problems],
+        **({"engine": summary.engine} if getattr(summary, "engine", None) else {}),
     }
     notes = ([f"skipped {p}: {r}" for p, r in summary.problems]
              + [f"failed {p}: {r}" for p, r in summary.failures])
@@ -302,8 +303,10 @@ def removed_output(what: str, name: str) -> Output:
 def index_built_output(status) -> Output:
     """`imgdb index build`: the registered index."""
     a = status.attrs
+    shards = int(a.get("shards", 1))
+    where = a["file"] if shards == 1 else f"{shards} shards {a['file']} ..."
     line = (f"index {status.name}: {a['items']} items x {a['dims']} dims, {a['trees']} trees, "
-            f"model {a['model']}, built in {a['build_seconds']:.2f}s -> {a['file']}")
+            f"model {a['model']}, built in {a['build_seconds']:.2f}s -> {where}")
     return Output({"name": status.name, **a}, [line])
 
 
@@ -318,8 +321,9 @@ def index_list_output(statuses: Sequence) -> Output:
         a = i.attrs
         state = ("current" if i.problem is None else f"STALE: {i.stale}" if i.stale
                  else f"DAMAGED: {i.damaged}")
+        shards = f" shards={a['shards']}" if int(a.get("shards", 1)) > 1 else ""
         lines.append(f"{i.name}  {a['descriptor']} model={a['model']} items={a['items']} "
-                     f"dims={a['dims']} trees={a['trees']}  {state}")
+                     f"dims={a['dims']} trees={a['trees']}{shards}  {state}")
     return Output(data, lines)
 
 

@@ -1,14 +1,16 @@
-"""The store itself: `imgdb info`, `check`, `repair`, `models`."""
+"""The store itself: `imgdb info`, `check`, `repair`, `models`, `merge`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, List, Optional
 
 import typer
 
 from ..errors import UserError
-from .options import Db, Json, integer
-from .render import check_output, emit, info_output, models_output, removed_output, repair_output
+from .options import Db, Json, Quiet, integer, store_file
+from .render import (Output, check_output, emit, info_output, models_output, removed_output,
+                     repair_output)
 
 
 def info(
@@ -88,8 +90,35 @@ def models(
     emit(models_output(found), as_json)
 
 
+def merge(
+    stores: Annotated[List[Path], typer.Argument(
+        metavar="STORE", parser=store_file, help="Stores to join (appended in this order).")],
+    db: Db,
+    quiet: Quiet = False,
+    as_json: Json = False,
+) -> None:
+    """Join stores of the same extractor settings into --db (created if absent).
+
+    Rows are appended in the order the stores are given; a path --db already holds is not
+    added again (merging twice adds nothing). Models and indexes are not merged.
+
+    Example: imgdb merge part1.h5 part2.h5 --db photos.h5
+    """
+    from ..store.merge import merge_stores
+    from .progress import ProgressReporter
+
+    reporter = ProgressReporter(enabled=not quiet and not as_json, description="merge")
+    with reporter:
+        summary = merge_stores(stores, db, progress=lambda done, total: (
+            reporter.start(total), reporter.update(done, total)))
+    notes = ([] if not summary.ignored else
+             ["not merged (codebook encodings belong to one store's codebook; run imgdb encode "
+              "on the merged store): " + ", ".join(summary.ignored)])
+    emit(Output(summary.as_dict(), [summary.line()], notes), as_json, quiet=quiet)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `imgdb info`, `check`, `repair`, `models`."""
-    for command in (info, check, repair, models):
+    """Add `imgdb info`, `check`, `repair`, `models`, `merge`."""
+    for command in (info, check, repair, models, merge):
         app.command()(command)
 

@@ -57,6 +57,7 @@ class IngestSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # what a distributed engine did (--engine ray)
 
     @property
     def processed(self) -> int:

@@ -9,6 +9,12 @@ A file is verified against its recorded digest before Annoy maps it (Annoy trust
 damaged file can crash the process). The full digest is computed once per file state and
 remembered in a stamp beside it (`.ann.ok`: inode, size, mtime and ctime); while those are
 unchanged, later loads only compare them.
+
+A sharded index (`shards=N`) is one logical index of N Annoy files (`STORE.h5.<name>.<i>of<N>.ann`),
+each holding a contiguous part of the valid rows, built in parallel processes; the registry entry
+lists every shard file with its size, digest and item count (`shard_files`, `shard_bytes`,
+`shard_hashes`, `shard_items`; `file`/`file_bytes`/`file_hash` name shard 0), and a query searches
+every shard and merges their top-k.
 """
 
 from __future__ import annotations
@@ -68,6 +74,30 @@ def registered_file(db: Path, entry: IndexEntry) -> Path:
     return Path(db).with_name(entry.file)
 
 
+def shard_file(db: Path, name: str, i: int, n: int) -> Path:
+    return db.with_name(f"{db.name}.{name}.{i}of{n}.ann")
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """One Annoy file of an index (the only one, or a shard): name, bytes, digest, items."""
+
+    file: str
+    bytes: int
+    hash: str
+    items: int
+
+
+def index_files(attrs: dict) -> list[IndexFile]:
+    """The files of a registered index, in shard order (one for an unsharded index)."""
+    if int(attrs.get("shards", 1)) > 1:
+        return [IndexFile(str(f), int(b), str(h), int(n)) for f, b, h, n in
+                zip(attrs["shard_files"], attrs["shard_bytes"], attrs["shard_hashes"],
+                    attrs["shard_items"])]
+    return [IndexFile(str(attrs["file"]), int(attrs["file_bytes"]), str(attrs["file_hash"]),
+                      int(attrs["items"]))]
+
+
 # ---------------------------------------------------------------------------------------------
 # integrity
 
@@ -115,11 +145,12 @@ def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
     `verify`, its integrity (size and digest)."""
     entry = view.index(name)
     attrs = entry.attrs
-    path = registered_file(db, entry)
+    files = index_files(attrs)
     extractor = str(attrs["descriptor"]).split("/")[0]
     stale = None
-    if not path.exists():
-        stale = f"index file {path.name} is missing"
+    absent = [f.file for f in files if not Path(db).with_name(f.file).exists()]
+    if absent:
+        stale = f"index file {absent[0]} is missing"
     elif attrs["model"] != "none" and view.model_by_id(str(attrs["model"])) is None:
         stale = f"its model {attrs['model']} was removed"
     elif extractor not in view.extractors() or \
@@ -127,7 +158,10 @@ def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
         stale = "the store changed since it was built (images added, changed or removed)"
     damaged = None
     if stale is None and verify:
-        damaged = verify_file(path, int(attrs["file_bytes"]), str(attrs["file_hash"]), full)
+        for f in files:
+            damaged = verify_file(Path(db).with_name(f.file), f.bytes, f.hash, full)
+            if damaged:
+                break
     return IndexStatus(name, attrs, stale, damaged)
 
 
@@ -137,9 +171,10 @@ def list_indexes(view: StoreView, db: Path, verify: bool = False) -> list[IndexS
 
 def rebuild_command(db: Path, status: IndexStatus) -> str:
     a = status.attrs
+    shards = int(a.get("shards", 1))
     return (f"imgdb index build --db {db} --descriptor {a['descriptor']} "
             f"--pca {model_version(a['model'])} --name {status.name} --trees {a['trees']} "
-            f"--seed {a['seed']}")
+            f"--seed {a['seed']}" + (f" --shards {shards}" if shards > 1 else ""))
 
 
 def usable_index(view: StoreView, db: Path, name: str) -> IndexStatus:
@@ -159,13 +194,20 @@ def usable_index(view: StoreView, db: Path, name: str) -> IndexStatus:
 
 
 def build_index(db: Path, descriptor: str, model: str | None, name: str | None = None,
-                trees: int = DEFAULT_TREES, seed: int = 0) -> IndexStatus:
-    """Build (or rebuild) an Annoy index of a descriptor under a model; register it."""
+                trees: int = DEFAULT_TREES, seed: int = 0, shards: int = 1,
+                jobs: int | None = None) -> IndexStatus:
+    """Build (or rebuild) an Annoy index of a descriptor under a model; register it. With
+    `shards` > 1: that many Annoy files over contiguous parts of the rows, built by `jobs`
+    processes at once (default: one per shard, at most one per CPU)."""
     from annoy import AnnoyIndex
 
     db = Path(db)
     if name is not None:
         check_index_name(name)
+    if shards < 1:
+        raise UsageError("--shards must be at least 1")
+    if shards > 1:
+        return _build_sharded(db, descriptor, model, name, trees, seed, shards, jobs)
     with StoreWriter(db, create=False) as writer:
         with writer.read() as view:
             info = view.descriptor(descriptor)
@@ -210,8 +252,121 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             "file_hash": file_digest(path), "build_seconds": round(time.perf_counter() - started, 3),
             "created": now_iso(),
         }
+        old = _registered_files(writer, db, name)
         writer.register_index(name, attrs, np.concatenate(parts))
         verify_file(path, attrs["file_bytes"], attrs["file_hash"])  # leaves the stamp
+        _remove_files(old - {path})
+        return IndexStatus(name, attrs, None)
+
+
+def _registered_files(writer: StoreWriter, db: Path, name: str) -> set[Path]:
+    """The files an index of this name has now (removed once a rebuild is registered)."""
+    with writer.read() as view:
+        if name not in {e.name for e in view.indexes()}:
+            return set()
+        return {db.with_name(f.file) for f in index_files(view.index(name).attrs)}
+
+
+def _remove_files(paths) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+        _stamp_path(p).unlink(missing_ok=True)
+
+
+def _build_shard(db: str, descriptor: str, model: str | None, lo: int, hi: int, trees: int,
+                 seed: int, out: str) -> tuple[np.ndarray, int]:
+    """Build one shard (in its own process): the valid rows lo..hi-1 of the store into an
+    Annoy file `out`. Returns (image ids in item order, dims)."""
+    from annoy import AnnoyIndex
+
+    with open_read(db) as view:
+        info = view.descriptor(descriptor)
+        transform, _ = post_processor(view, info.name, model)
+        valid = view.valid(info.extractor)
+        index, rows, count = None, [], 0
+        for start in range(lo, hi, 65536):
+            stop = min(hi, start + 65536)
+            take = np.flatnonzero(valid[start:stop]) + start
+            if not len(take):
+                continue
+            vecs = transform.transform(view.vectors(info, np.arange(start, stop))[take - start])
+            if index is None:
+                index = AnnoyIndex(vecs.shape[1], METRIC)
+                index.set_seed(seed)
+            for j, v in enumerate(vecs.tolist(), start=count):
+                index.add_item(j, v)
+            count += len(take)
+            rows.append(take)
+    index.build(trees, n_jobs=1)
+    try:
+        index.save(out)
+    except OSError as exc:
+        Path(out).unlink(missing_ok=True)
+        raise DiskFull(f"cannot write index file {Path(out).name}: {exc}; nothing was changed")
+    dims = index.f
+    index.unload()
+    return np.concatenate(rows), dims
+
+
+def _build_sharded(db: Path, descriptor: str, model: str | None, name: str | None, trees: int,
+                   seed: int, shards: int, jobs: int | None) -> IndexStatus:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with StoreWriter(db, create=False) as writer:
+        with writer.read() as view:
+            info = view.descriptor(descriptor)
+            _, model_info = post_processor(view, info.name, model)
+            model_id = model_info.id if model_info else "none"
+            name = name or default_index_name(info.name, model_id)
+            valid = np.flatnonzero(view.valid(info.extractor))
+            revision = view.revision(info.extractor)
+        if len(valid) < shards:
+            raise UserError(f"descriptor {info.name} has {len(valid)} vectors: too few for "
+                            f"{shards} shards" if len(valid) else
+                            f"descriptor {info.name} has no vectors to index; run imgdb ingest")
+        # contiguous row ranges holding equal numbers of valid rows
+        cuts = [int(valid[len(valid) * i // shards]) for i in range(shards)] + \
+            [int(valid[-1]) + 1]
+        paths = [shard_file(db, name, i, shards) for i in range(shards)]
+        for path in paths:
+            for leftover in path.parent.glob(path.name + ".tmp*"):
+                leftover.unlink(missing_ok=True)  # of a killed build
+        tmps = [p.with_name(f"{p.name}.tmp{os.getpid()}") for p in paths]
+        started = time.perf_counter()
+        workers = max(1, min(shards, jobs or os.cpu_count() or 1))
+        try:
+            # spawned processes: a forked copy of this process's HDF5 state is not safe
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
+                    as pool:
+                futures = [pool.submit(_build_shard, str(db), info.name,
+                                       None if model_id == "none" else model_version(model_id),
+                                       cuts[i], cuts[i + 1], trees, seed, str(tmps[i]))
+                           for i in range(shards)]
+                results = [f.result() for f in futures]
+            for tmp, path in zip(tmps, paths):
+                os.replace(tmp, path)
+        finally:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
+        stats = [p.stat() for p in paths]
+        hashes = [file_digest(p) for p in paths]
+        items = [len(r) for r, _ in results]
+        attrs = {
+            "file": paths[0].name, "descriptor": info.name, "model": model_id,
+            "dims": int(results[0][1]), "metric": METRIC, "trees": int(trees), "seed": int(seed),
+            "items": int(sum(items)), "extractor_revision": revision,
+            "file_bytes": int(stats[0].st_size), "file_hash": hashes[0],
+            "shards": shards, "shard_files": [p.name for p in paths],
+            "shard_bytes": [int(st.st_size) for st in stats], "shard_hashes": hashes,
+            "shard_items": items, "build_jobs": workers,
+            "build_seconds": round(time.perf_counter() - started, 3), "created": now_iso(),
+        }
+        old = _registered_files(writer, db, name)
+        writer.register_index(name, attrs, np.concatenate([r for r, _ in results]))
+        for p, st, h in zip(paths, stats, hashes):
+            verify_file(p, int(st.st_size), h)  # leaves the stamps
+        _remove_files(old - set(paths))
         return IndexStatus(name, attrs, None)
 
 
@@ -223,12 +378,13 @@ def remove_index(db: Path, name: str) -> None:
     with StoreWriter(db, create=False) as writer:
         with writer.read() as view:
             known = name in [e.name for e in view.indexes()]
-            path = registered_file(db, view.index(name)) if known else index_file(db, name)
-        if not known and not path.exists():
-            with writer.read() as view:
-                view.index(name)  # raises: no such index
-        path.unlink(missing_ok=True)
-        _stamp_path(path).unlink(missing_ok=True)
+            if known:
+                paths = [db.with_name(f.file) for f in index_files(view.index(name).attrs)]
+            else:  # a file left by an older build, not registered: remove it too
+                paths = [index_file(db, name)]
+                if not paths[0].exists():
+                    view.index(name)  # raises: no such index
+        _remove_files(paths)  # the files first: a registry entry never outlives its file's removal
         if known:
             writer.remove_index(name)
 
@@ -246,20 +402,33 @@ class AnnoySearcher:
         from annoy import AnnoyIndex
 
         status = usable_index(view, db, name)
-        self.rows = view.index_rows(name)
+        rows = view.index_rows(name)
         self.trees = int(status.attrs["trees"])
         self.search_k = search_k
-        self.ann = AnnoyIndex(int(status.attrs["dims"]), str(status.attrs["metric"]))
-        self.ann.load(str(registered_file(db, view.index(name))))
+        self.shards: list[tuple[object, np.ndarray]] = []  # (Annoy index, its image ids)
+        offset = 0
+        for f in index_files(status.attrs):
+            ann = AnnoyIndex(int(status.attrs["dims"]), str(status.attrs["metric"]))
+            ann.load(str(Path(db).with_name(f.file)))
+            self.shards.append((ann, rows[offset:offset + f.items]))
+            offset += f.items
+        self.ann, self.rows = self.shards[0]
 
     def __call__(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        # Annoy's default (k x trees candidates) loses recall on big indexes: look wider
+        # Annoy's default (k x trees candidates) loses recall on big indexes: look wider. Every
+        # shard gets the whole budget (it holds a part of the items: its recall is no lower).
         budget = self.search_k or max(self.DEFAULT_SEARCH_K, k * self.trees)
         out = []
         for q in np.asarray(queries, np.float32):
-            items, dist = self.ann.get_nns_by_vector(q.tolist(), k, search_k=budget,
-                                                     include_distances=True)
-            out.append([(int(self.rows[i]), 1.0 - d * d / 2.0) for i, d in zip(items, dist)])
+            vec = q.tolist()
+            found = []
+            for ann, rows in self.shards:
+                items, dist = ann.get_nns_by_vector(vec, k, search_k=budget,
+                                                    include_distances=True)
+                found.extend((int(rows[i]), 1.0 - d * d / 2.0) for i, d in zip(items, dist))
+            if len(self.shards) > 1:  # merge the shards' top-k: by similarity, ties by id
+                found.sort(key=lambda hit: (-hit[1], hit[0]))
+            out.append(found[:k])
         return out
 
 
@@ -284,6 +453,6 @@ def topk_exact(queries: np.ndarray, view: StoreView, info: DescriptorInfo, trans
     return out
 
 
-__all__ = ["IndexStatus", "build_index", "check_index", "list_indexes", "remove_index",
+__all__ = ["IndexStatus", "IndexFile", "index_files", "shard_file", "build_index", "check_index", "list_indexes", "remove_index",
            "rebuild_command", "usable_index", "AnnoySearcher", "topk_exact", "index_file",
            "default_index_name", "check_index_name", "verify_file", "open_read"]

@@ -291,7 +291,7 @@ def _check_structure(fh: h5py.File, n: int, report: CheckReport) -> None:
 
 
 def _check_indexes(fh: h5py.File, db: Path, report: CheckReport) -> None:
-    from ..retrieval.index import verify_file
+    from ..retrieval.index import index_files, verify_file
 
     if "indexes" not in fh:
         return
@@ -309,18 +309,20 @@ def _check_indexes(fh: h5py.File, db: Path, report: CheckReport) -> None:
             report.problems.append(Problem(f"index {name}", "registry rows do not match its "
                                                             "item count"))
         try:
-            path = db.with_name(str(attrs["file"]))
-            size, digest = int(attrs["file_bytes"]), str(attrs["file_hash"])
+            files = index_files(attrs)  # every shard of a sharded index
         except (KeyError, ValueError, TypeError) as exc:
             report.problems.append(Problem(f"index {name}", f"registry entry incomplete: "
                                                             f"{_first_line(exc)}"))
             continue
-        if not path.exists():
-            continue  # missing: stale, not damaged (index ls says so)
-        problem = verify_file(path, size, digest, full=True)
-        if problem:
-            report.problems.append(Problem(f"index {name}", problem + "; rebuild it (imgdb "
-                                                                      "index ls shows how)"))
+        for f in files:
+            path = db.with_name(f.file)
+            if not path.exists():
+                continue  # missing: stale, not damaged (index ls says so)
+            problem = verify_file(path, f.bytes, f.hash, full=True)
+            if problem:
+                report.problems.append(Problem(f"index {name}", problem + "; rebuild it (imgdb "
+                                                                          "index ls shows how)"))
+                break
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +553,7 @@ def _copy_models(src: _Source, out: h5py.File, report: RepairReport) -> None:
 
 
 def _copy_indexes(src: _Source, out: h5py.File, db: Path, report: RepairReport) -> None:
-    from ..retrieval.index import verify_file
+    from ..retrieval.index import index_files, verify_file
 
     if "indexes" not in src.fh:
         return
@@ -560,9 +562,10 @@ def _copy_indexes(src: _Source, out: h5py.File, db: Path, report: RepairReport) 
         try:
             attrs = {k: v for k, v in g.attrs.items()}
             rows = g["rows"][()]
-            file = db.with_name(str(plain(attrs["file"])))
-            ok = file.exists() and verify_file(file, int(attrs["file_bytes"]),
-                                               str(plain(attrs["file_hash"])), full=True) is None
+            files = index_files({k: plain(v) for k, v in attrs.items()})
+            ok = all(db.with_name(f.file).exists() and
+                     verify_file(db.with_name(f.file), f.bytes, f.hash, full=True) is None
+                     for f in files)
         except Exception as exc:
             report.dropped.append(f"index {name} (registry damaged: {_first_line(exc)})")
             continue

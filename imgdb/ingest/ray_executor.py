@@ -1,0 +1,679 @@
+"""`imgdb ingest --engine ray`: the same ingest, run by Ray Data on a cluster.
+
+The driver (this process) discovers the files and plans the work against the store exactly as
+a local ingest does, and holds the store's writer lock for the whole run. Ray Data then runs
+
+    work items -> map_batches(decode)  CPU tasks: read, hash and decode files (+ SIFT keypoints)
+               -> map_batches(_Embedder) an actor pool, one actor per GPU (or per CPU slot):
+                  forward + pooling, rows committed to the actor's own shard store
+               -> (seq, shard, row) records streamed back to the driver
+
+and the driver copies finished rows from the shard stores into the store in discovery order
+(`store.merge.RowCopier`, one atomic commit per chunk) as soon as a prefix of the work list is
+complete. The store ends with the same rows in the same order as a local ingest.
+
+Resuming: shard stores live beside the store (`STORE.ray/`) until a run has merged everything.
+A rerun (after the driver or a worker was killed) plans again against the store, so rows that
+were merged are not planned; rows that a shard holds for a planned file with the file's current
+size and mtime and a final outcome are reused instead of recomputed; the rest is computed. So
+nothing is lost and nothing is merged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import UsageError, UserError
+from ..store import (FAILURE_PERMANENT, STATE_COMPUTED, STATE_FAILED, STATUS_FAILED,
+                     STATUS_MISSING, STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read)
+from ..store.merge import (ExtractorShape, Pick, RowCopier, difference, extractor_shapes)
+from .plan import IngestOptions, IngestSummary, WorkItem, extractor_id, plan
+
+SHARD_SUFFIX = ".ray"
+
+
+@dataclass
+class RayOptions:
+    """How to reach the cluster and size the workers."""
+
+    address: str | None = None  # None: RAY_ADDRESS or a new local cluster; "auto"; "ray://h:p"
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    num_cpus: int | None = None  # CPUs of a local cluster started here (None: all)
+    batch_size: int | None = None  # files per decode task / actor call (None: --batch-size)
+
+
+def shard_dir(db: Path) -> Path:
+    return db.with_name(db.name + SHARD_SUFFIX)
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError("--engine ray needs Ray (Ray Data): pip install 'imgdb[ray]'") from None
+    return ray
+
+
+# ---------------------------------------------------------------------------------------------
+# what the driver resolves (the same choices as a local ingest)
+
+
+@dataclass
+class _Setup:
+    backbone: object
+    weights: object
+    layers: tuple
+    poolings: tuple
+    local_specs: tuple
+    policy: object
+    scales: tuple
+    name: str
+
+
+def _resolve(options: IngestOptions) -> _Setup:
+    from ..features.backbones import get_backbone, parse_layers, parse_weights
+    from ..features.images import SizePolicy
+    from ..features.localfeat import parse_local_spec
+    from ..features.pooling import DEFAULT_POOLINGS, canonical_pooling_name, get_pooling
+
+    policy = SizePolicy.parse(options.size)
+    backbone = get_backbone(options.backbone)
+    weights = parse_weights(options.weights)
+    layers = parse_layers(backbone, options.layers)
+    requested = (tuple(canonical_pooling_name(p) for p in options.poolings.split(",") if p.strip())
+                 if options.poolings else DEFAULT_POOLINGS)
+    for p in requested:
+        get_pooling(p)
+    local_specs = tuple(dict.fromkeys(parse_local_spec(s) for s in options.keep_local))
+    if local_specs:
+        layers = parse_layers(backbone, ",".join([*layers, *(s.layer for s in local_specs)]))
+    scales = tuple(float(s) for s in options.scales)
+    return _Setup(backbone, weights, layers, requested, local_specs, policy, scales,
+                  extractor_id(backbone.name, weights.tag, policy.tag, scales))
+
+
+def _settings(setup: _Setup, poolings: Sequence[str], options: IngestOptions) -> dict:
+    """The extractor settings a local ingest records (see ingest.pipeline)."""
+    import torch
+
+    from .. import __version__
+
+    return {
+        "backbone": setup.backbone.name, "weights": setup.weights.spec,
+        "weights_tag": setup.weights.tag, "weights_sha": setup.weights.sha,
+        "size": setup.policy.spec, "scales": list(setup.scales), "layers": list(setup.layers),
+        "poolings": list(poolings), "keep_local": [s.key for s in setup.local_specs],
+        "max_pixels": options.max_pixels, "imgdb": __version__, "torch": torch.__version__,
+    }
+
+
+def _known(table, row: int | None) -> str:
+    """OUT's facts of a row as JSON (failure_update needs them for rows already stored)."""
+    if row is None:
+        return ""
+    return json.dumps([table.path[row], int(table.size[row]), float(table.mtime[row]),
+                       table.sha[row].decode(), int(table.width[row]), int(table.height[row]),
+                       int(table.status[row]), table.error[row], int(table.failure[row])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages (run in Ray's worker processes)
+
+
+def decode_batch(batch: dict, size: str, scales: list, max_pixels: int, sift: bool) -> dict:
+    """Decode the files of a batch of work items (a CPU task). Pixels travel as bytes with
+    their shapes; failures travel as their reason and file facts."""
+    from ..features.images import ImageError, SizePolicy, load_image
+
+    policy = SizePolicy.parse(size)
+    n, ns = len(batch["seq"]), len(scales)
+    out = {k: batch[k] for k in ("seq", "path", "row", "reason", "known")}
+    ok = np.zeros(n, bool)
+    err = np.array([""] * n, dtype=object)
+    transient = np.zeros(n, bool)
+    scope = np.array(["file"] * n, dtype=object)
+    fsize = np.full(n, -1, np.int64)
+    mtime = np.zeros(n, np.float64)
+    sha = np.array([""] * n, dtype=object)
+    width = np.zeros(n, np.int32)
+    height = np.zeros(n, np.int32)
+    shapes = np.zeros((n, ns, 2), np.int32)
+    pixels = np.array([b""] * n, dtype=object)
+    keypoints = np.array([b""] * n, dtype=object)
+    kp_counts = np.zeros((n, ns), np.int32)
+    for i, path in enumerate(batch["path"]):
+        try:
+            image = load_image(str(path), policy, scales, max_pixels=max_pixels)
+            if sift:
+                from ..features.localfeat import sift_keypoints
+
+                try:
+                    kps = [np.asarray(sift_keypoints(px), np.float32).reshape(-1, 2)
+                           for px in image.pixels]
+                except Exception as exc:  # e.g. OpenCV refusing an image: this file only
+                    raise ImageError(f"{type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                     scope="extractor") from None
+                kp_counts[i] = [len(k) for k in kps]
+                keypoints[i] = b"".join(k.tobytes() for k in kps)
+        except ImageError as e:
+            err[i], transient[i], scope[i] = str(e), e.transient, e.scope
+            if e.file_size is not None:
+                fsize[i], mtime[i], sha[i] = e.file_size, e.mtime, e.sha or ""
+            continue
+        ok[i] = True
+        fsize[i], mtime[i], sha[i] = image.file_size, image.mtime, image.sha
+        width[i], height[i] = image.width, image.height
+        shapes[i] = [px.shape[:2] for px in image.pixels]
+        pixels[i] = b"".join(np.ascontiguousarray(px).tobytes() for px in image.pixels)
+    out.update(ok=ok, error=err, transient=transient, scope=scope, file_size=fsize, mtime=mtime,
+               sha=sha, width=width, height=height, shapes=shapes, pixels=pixels,
+               keypoints=keypoints, kp_counts=kp_counts, decode_pid=np.full(n, os.getpid()))
+    return out
+
+
+class Embedder:
+    """A Ray Data actor: forward + pooling of decoded batches, rows committed to its own shard
+    store (same layout and extractor as the store); returns where each row went."""
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+
+        from ..features.backbones import get_backbone, parse_weights
+        from ..features.extract import FeatureExtractor, resolve_device
+        from ..features.localfeat import parse_local_spec
+
+        threads = max(1, int(spec["cpus"]))
+        torch.set_num_threads(threads)
+        self.spec = spec
+        local = tuple(parse_local_spec(k) for k in spec["keep_local"])
+        device = resolve_device("cuda" if spec["gpus"] > 0 else "cpu")
+        self.extractor = FeatureExtractor(get_backbone(spec["backbone"]),
+                                          parse_weights(spec["weights"]), tuple(spec["layers"]),
+                                          tuple(spec["poolings"]), device, spec["precision"],
+                                          local=local)
+        self.name = spec["extractor"]
+        self.scales = len(spec["scales"])
+        self.keys = [tuple(k) for k, _ in spec["dims"]]
+        self.dims = {tuple(k): d for k, d in spec["dims"]}
+        self.local_keys = [s.key for s in local]
+        self.sift = any(s.mask == "sift" for s in local)
+        self.shard = Path(spec["shard_dir"]) / f"shard-{spec['run']}-{uuid.uuid4().hex[:12]}.h5"
+        self.writer = StoreWriter(self.shard)
+        self.writer.ensure_extractor(self.name, spec["settings"], self.dims,
+                                     local=dict(spec["local_channels"]))
+
+    def _update(self, batch: dict, i: int) -> RowUpdate:
+        from ..features.images import ImageError
+        from .pipeline import failure_update
+
+        path = Path(str(batch["path"][i]))
+        row = int(batch["row"][i])
+        item = WorkItem(path, None if row < 0 else row, str(batch["reason"][i]))
+        if batch["ok"][i]:
+            return RowUpdate(None, ImageRow(str(path), int(batch["file_size"][i]),
+                                            float(batch["mtime"][i]), str(batch["sha"][i]),
+                                            int(batch["width"][i]), int(batch["height"][i]),
+                                            STATUS_OK))
+        error = ImageError(str(batch["error"][i]), bool(batch["transient"][i]),
+                           str(batch["scope"][i]))
+        if int(batch["file_size"][i]) >= 0:
+            error.file_size, error.mtime = int(batch["file_size"][i]), float(batch["mtime"][i])
+            error.sha = str(batch["sha"][i])
+        known = str(batch["known"][i])
+        update = failure_update(item, error, ImageRow(*json.loads(known)) if known else None)
+        update.row = None  # a new row of the shard
+        return update
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from ..features.extract import merge_scales
+        from ..features.localfeat import LocalSet
+
+        n = len(batch["seq"])
+        updates = [self._update(batch, i) for i in range(n)]
+        per_scale: dict[tuple[int, int], tuple] = {}  # (image, scale) -> (pooled, local)
+        groups: dict[tuple, list[tuple[int, int, np.ndarray, np.ndarray | None]]] = {}
+        for i in range(n):
+            if not batch["ok"][i]:
+                continue
+            raw = batch["pixels"][i]
+            offset, kp_off = 0, 0
+            for s in range(self.scales):
+                h, w = (int(v) for v in batch["shapes"][i][s])
+                px = np.frombuffer(raw, np.uint8, h * w * 3, offset).reshape(h, w, 3)
+                offset += h * w * 3
+                kp = None
+                if self.sift:
+                    k = int(batch["kp_counts"][i][s])
+                    kp = np.frombuffer(batch["keypoints"][i], np.float32, 2 * k,
+                                       kp_off).reshape(k, 2)
+                    kp_off += 8 * k
+                groups.setdefault((h, w), []).append((i, s, px, kp))
+        limit = max(1, int(self.spec["forward_batch"]))
+        for members in groups.values():
+            for lo in range(0, len(members), limit):
+                part = members[lo:lo + limit]
+                pixels = torch.from_numpy(np.stack([m[2] for m in part]))
+                if self.extractor.device.type == "cuda":
+                    pixels = pixels.pin_memory()
+                out, local = self.extractor.extract(
+                    pixels, [m[3] for m in part] if self.sift else None)
+                for j, (i, s, _, _) in enumerate(part):
+                    per_scale[(i, s)] = ({k: out[k][j] for k in self.keys},
+                                         {k: local[k][j] for k in self.local_keys})
+        vectors = {k: np.full((n, self.dims[k]), np.nan, np.float32) for k in self.keys}
+        local_sets = {k: [None] * n for k in self.local_keys}
+        for i in range(n):
+            if updates[i].state != STATE_COMPUTED or not batch["ok"][i]:
+                continue
+            parts = [per_scale[(i, s)] for s in range(self.scales)]
+            for k in self.keys:
+                vectors[k][i] = merge_scales([p[0][k] for p in parts])
+            for k in self.local_keys:
+                local_sets[k][i] = LocalSet.concat([p[1][k] for p in parts])
+        ids = self.writer.commit(self.name, updates, vectors,
+                                 local=local_sets if self.local_keys else None)
+        return {
+            "seq": np.asarray(batch["seq"], np.int64),
+            "shard": np.array([self.shard.name] * n, dtype=object),
+            "row": np.asarray(ids, np.int64),
+            "ok": np.array([u.state == STATE_COMPUTED and u.image.status == STATUS_OK
+                            for u in updates]),
+            "error": np.array([u.error or u.image.error for u in updates], dtype=object),
+            "decode_pid": np.asarray(batch["decode_pid"], np.int64),
+            "actor_pid": np.full(n, os.getpid(), np.int64),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# shards of earlier runs
+
+
+def _final(status: int, failure: int, state: int) -> bool:
+    """A shard row whose outcome a rerun keeps: computed, or failed for good."""
+    if status == STATUS_FAILED:
+        return failure == FAILURE_PERMANENT
+    return status == STATUS_OK and state in (STATE_COMPUTED, STATE_FAILED)
+
+
+def _reusable(folder: Path, shape: ExtractorShape, wanted: dict[str, WorkItem]
+              ) -> dict[str, tuple[str, int, bool, str]]:
+    """path -> (shard file name, row, ok, error) of rows that earlier runs' shards hold for
+    planned files, unchanged on disk since, with a final outcome."""
+    found: dict[str, tuple[str, int, bool, str]] = {}
+    if not folder.is_dir():
+        return found
+    for shard in sorted(folder.glob("shard-*.h5")):
+        try:
+            with open_read(shard) as view:
+                shapes = extractor_shapes(view)
+                if set(shapes) != {shape.name} or difference(shape, shapes[shape.name],
+                                                              "store", "shard"):
+                    continue
+                table = view.images()
+                state = view.state(shape.name)
+                ext_errors = None
+                for r, p in enumerate(table.path):
+                    if p not in wanted or p in found:
+                        continue
+                    if not _final(int(table.status[r]), int(table.failure[r]), int(state[r])):
+                        continue
+                    try:
+                        st = os.stat(p)
+                    except OSError:
+                        continue
+                    if st.st_size != int(table.size[r]) or st.st_mtime != float(table.mtime[r]):
+                        continue
+                    ok = table.status[r] == STATUS_OK and state[r] == STATE_COMPUTED
+                    error = ""
+                    if not ok:
+                        if ext_errors is None:
+                            ext_errors = view.extractor_errors(shape.name,
+                                                               np.arange(view.rows))
+                        error = ext_errors[r] or table.error[r]
+                    found[p] = (shard.name, r, bool(ok), error)
+        except UserError:
+            continue  # a shard that cannot be read (killed while it was being created)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def _quiet_ray() -> None:
+    """Ray's own log lines stay in its log files (/tmp/ray/session_latest/logs); imgdb reports
+    progress and errors itself."""
+    import logging
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _cluster(ray, ropts: RayOptions) -> None:
+    _quiet_ray()
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                  configure_logging=True)
+    address = ropts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:  # a cluster of this machine, started here and ended with this process
+        kwargs["address"] = "local"
+        if ropts.num_cpus:
+            kwargs["num_cpus"] = ropts.num_cpus
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {ropts.address}: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def _pool(ray, ropts: RayOptions) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor) from the cluster's resources: one actor per
+    GPU, or per CPU slot (a quarter of the CPUs, at least one, stays for decoding)."""
+    res = ray.cluster_resources()
+    gpus_total, cpus_total = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    gpus = ropts.gpus_per_worker if ropts.gpus_per_worker is not None else \
+        (1.0 if gpus_total >= 1 else 0.0)
+    cpus = float(ropts.cpus_per_worker)
+    if gpus > 0:
+        if gpus > gpus_total:
+            raise UserError(f"--gpus-per-worker {gpus:g} but the cluster has {gpus_total:g} GPU(s)")
+        actors = int(gpus_total // gpus)
+    else:
+        reserve = max(1.0, cpus_total // 4)
+        actors = max(1, int((cpus_total - reserve) // cpus))
+    if cpus > cpus_total:
+        raise UserError(f"--cpus-per-worker {cpus:g} but the cluster has {cpus_total:g} CPU(s)")
+    return actors, gpus, cpus
+
+
+def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptions,
+                   ropts: RayOptions | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   on_start: Callable[[int], None] | None = None) -> IngestSummary:
+    """Ingest with Ray Data (see the module docstring); returns the same summary as a local run.
+    `summary.engine` holds what the cluster did (actors, processes, shards reused)."""
+    from ..features.extract import FeatureExtractor
+    from ..features.images import discover
+    from ..features.localfeat import parse_local_spec
+
+    ropts = ropts or RayOptions()
+    if ropts.cpus_per_worker <= 0 or (ropts.gpus_per_worker or 0) < 0:
+        raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+    ray = _import_ray()
+    started = time.perf_counter()
+    db = Path(db)
+    setup = _resolve(options)
+    roots = [Path(p).expanduser().absolute() for p in paths]
+    missing_roots = [str(p) for p in roots if not os.path.lexists(p)]
+    if len(missing_roots) == len(roots):
+        raise UserError(f"nothing to ingest: {missing_roots[0]} does not exist"
+                        + (f" (nor {len(missing_roots) - 1} other path(s))" if len(roots) > 1 else ""))
+    found = discover(roots)
+    files = [Path(os.path.abspath(f)) for f in found.files]
+
+    def build(layers, poolings, specs):
+        from ..features.extract import resolve_device
+
+        return FeatureExtractor(setup.backbone, setup.weights, layers, poolings,
+                                resolve_device("cpu"), "fp32", local=specs)
+
+    extractor = None
+    if not db.exists() and files:  # a network that cannot load leaves no empty store behind
+        extractor = build(setup.layers, setup.poolings, setup.local_specs)
+    writer = StoreWriter(db)
+    try:
+        with writer:
+            existing = writer.settings(setup.name)
+            layers, requested, local_specs = setup.layers, setup.poolings, setup.local_specs
+            if existing:  # an extractor keeps every layer/pooling it had
+                names = setup.backbone.layer_names()
+                old_local = [parse_local_spec(k) for k in existing.get("keep_local", [])]
+                local_specs = tuple(dict.fromkeys([*old_local, *local_specs]))
+                layers = tuple(sorted(set(existing["layers"]) | set(layers)
+                                      | {s.layer for s in local_specs}, key=names.index))
+                requested = tuple(dict.fromkeys([*existing["poolings"], *requested]))
+            table = writer.images()
+            work, missing, unchanged = plan(table, writer.state(setup.name), files, roots,
+                                            options.retry_failed)
+            summary = IngestSummary(str(db), setup.name, discovered=len(files),
+                                    unchanged=unchanged,
+                                    problems=[(str(p), r) for p, r in found.problems])
+            summary.count(work)
+            summary.engine["engine"] = "ray"
+            if missing:
+                writer.set_status(missing, STATUS_MISSING, "file no longer exists")
+                summary.missing = len(missing)
+            adds = existing is not None and bool(
+                {(la, p) for la in layers for p in requested}
+                - {(la, p) for la in existing["layers"] for p in existing["poolings"]}
+                or {s.key for s in local_specs} - set(existing.get("keep_local", [])))
+            if on_start:
+                on_start(len(work))
+            if not work and not adds:
+                summary.seconds = time.perf_counter() - started
+                return summary
+            if extractor is None or extractor.layers != layers or \
+                    extractor.poolings != requested:
+                extractor = build(layers, requested, local_specs)
+            settings = _settings(setup, extractor.poolings, options)
+            settings["layers"] = list(layers)
+            settings["keep_local"] = [s.key for s in local_specs]
+            dims = extractor.output_dims()
+            local_channels = extractor.local_channels()
+            if writer.ensure_extractor(setup.name, settings, dims, local=local_channels) \
+                    and existing:
+                table = writer.images()
+                work, _, summary.unchanged = plan(table, writer.state(setup.name), files, roots,
+                                                  options.retry_failed)
+                summary.count(work)
+                if on_start:
+                    on_start(len(work))
+            with writer.read() as view:
+                shape = extractor_shapes(view)[setup.name]
+                settings = view.settings(setup.name)
+            _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor,
+                     layers, local_specs, dims, local_channels, options, summary, progress)
+    except BaseException:
+        writer.discard_if_empty()
+        raise
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor, layers,
+             local_specs, dims, local_channels, options, summary, progress) -> None:
+    """Reuse what earlier shards hold, compute the rest on the cluster, merge in order."""
+    folder = shard_dir(writer.path)
+    folder.mkdir(exist_ok=True)
+    by_path = {str(w.path): w for w in work}
+    reuse = _reusable(folder, shape, by_path)
+    summary.engine["reused"] = len(reuse)
+    copier = RowCopier(writer, [], {shape.name: shape})
+    source_of: dict[str, int] = {}
+
+    def source(name: str) -> int:
+        if name not in source_of:
+            source_of[name] = len(copier.sources)
+            copier.sources.append(folder / name)
+        return source_of[name]
+
+    done: dict[int, tuple[int, int]] = {}  # seq -> (source, shard row)
+    for seq, w in enumerate(work):
+        hit = reuse.get(str(w.path))
+        if hit is not None:
+            done[seq] = (source(hit[0]), hit[1])
+            _count(summary, str(w.path), hit[2], hit[3])
+    todo = [seq for seq in range(len(work)) if seq not in done]
+    chunk = copier.chunk_rows(_local_bytes(local_channels))
+    state = {"next": 0, "merged": 0, "last": time.monotonic()}
+
+    def merge_ready(force: bool) -> None:
+        while True:
+            stop = state["next"]
+            while stop < len(work) and stop in done and stop - state["next"] < chunk:
+                stop += 1
+            size = stop - state["next"]
+            if not size or (size < chunk and not force and
+                            time.monotonic() - state["last"] < options.commit_seconds
+                            and stop < len(work)):
+                return
+            picks = [Pick(done[s][0], done[s][1], work[s].row)
+                     for s in range(state["next"], stop)]
+            copier.copy(picks)
+            for s in range(state["next"], stop):
+                del done[s]
+            state["next"] = stop
+            state["merged"] += size
+            state["last"] = time.monotonic()
+            if progress:
+                progress(state["merged"], len(work))
+
+    merge_ready(force=False)
+    if todo:
+        _cluster(ray, ropts)
+        actors, gpus, cpus = _pool(ray, ropts)
+        summary.engine.update(actors=actors, gpus_per_worker=gpus, cpus_per_worker=cpus)
+        spec = {
+            "backbone": setup.backbone.name, "weights": setup.weights.spec,
+            "layers": list(layers), "poolings": list(extractor.poolings),
+            "keep_local": [s.key for s in local_specs], "precision": options.precision,
+            "extractor": setup.name, "scales": list(setup.scales),
+            "dims": [[list(k), int(d)] for k, d in dims.items()],
+            "local_channels": sorted(local_channels.items()), "settings": settings,
+            "shard_dir": str(folder), "run": time.strftime("%Y%m%d-%H%M%S"),
+            "gpus": gpus, "cpus": cpus, "forward_batch": options.batch_size,
+        }
+        batch = ropts.batch_size or options.batch_size
+        ds = _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch,
+                      actors, gpus, cpus)
+        decode_pids, actor_pids = set(), set()
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for seq, shard, row, ok, error in zip(out["seq"], out["shard"], out["row"],
+                                                      out["ok"], out["error"]):
+                    done[int(seq)] = (source(str(shard)), int(row))
+                    _count(summary, str(work[int(seq)].path), bool(ok), str(error))
+                decode_pids.update(int(p) for p in out["decode_pid"])
+                actor_pids.update(int(p) for p in out["actor_pid"])
+                merge_ready(force=False)
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"a Ray worker failed ({_root_cause(exc)}); what was merged is kept "
+                            f"and finished shards are reused: rerun the command to finish") \
+                from None
+        summary.engine.update(decode_processes=len(decode_pids), actor_processes=len(actor_pids),
+                              separate_processes=not (decode_pids & actor_pids))
+    merge_ready(force=True)
+    if state["next"] != len(work):
+        raise UserError(f"{len(work) - state['next']} planned images came back from no Ray "
+                        f"worker; rerun the command to finish")
+    shutil.rmtree(folder, ignore_errors=True)  # everything is in the store now
+
+
+def _root_cause(exc: BaseException) -> str:
+    """`Type: message` of the exception at the bottom of Ray's wrappers, on one line."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _count(summary: IngestSummary, path: str, ok: bool, error: str) -> None:
+    if ok:
+        summary.ok += 1
+    else:
+        summary.failed += 1
+        summary.failures.append((path, error))
+
+
+def _local_bytes(local_channels: dict) -> float:
+    # a generous guess per image (a 32x32 map of every kept set), to size merge chunks
+    return float(sum(1024 * (2 * c + 4) for c in local_channels.values()))
+
+
+def _decode_memory(settings: dict, batch: int) -> int:
+    """Bytes a decode task holds: its images' pixels at every scale (8 MP where the size
+    policy does not bound them), between 64 MB and 2 GB."""
+    kind, _, value = str(settings["size"]).partition(":")
+    if kind == "max":
+        area = int(value) ** 2
+    elif kind == "fixed":
+        w, _, h = value.partition("x")
+        area = int(w) * int(h or w)
+    else:
+        area = 8_000_000
+    per_image = 3 * area * sum(max(1.0, float(s)) ** 2 for s in settings["scales"])
+    return int(min(2 << 30, max(64 << 20, 2 * batch * per_image)))
+
+
+def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch, actors, gpus,
+             cpus):
+    import pyarrow as pa
+
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # rows come back in discovery order
+    # blocks of a few hundred work items: many decode tasks in flight, none of them long
+    per_block = max(batch, min(1024, -(-len(todo) // (4 * max(1, actors) + 8))))
+    blocks = []
+    for lo in range(0, len(todo), per_block):
+        part = todo[lo:lo + per_block]
+        blocks.append(pa.table({
+            "seq": pa.array(part, pa.int64()),
+            "path": pa.array([str(work[s].path) for s in part], pa.string()),
+            "row": pa.array([-1 if work[s].row is None else work[s].row for s in part],
+                            pa.int64()),
+            "reason": pa.array([work[s].reason for s in part], pa.string()),
+            "known": pa.array([_known(table, work[s].row) for s in part], pa.string()),
+        }))
+    ds = ray.data.from_arrow(blocks)
+    sift = any(s.mask == "sift" for s in local_specs)
+    # Decoding tasks reserve the memory their decoded pixels take. That is also what keeps
+    # Ray Data from fusing them into the actors (their resources differ): decoding stays in
+    # CPU tasks of its own, beside the actors.
+    ds = ds.map_batches(decode_batch, batch_size=batch, batch_format="numpy", num_cpus=1,
+                        memory=_decode_memory(settings, batch),
+                        fn_kwargs={"size": settings["size"], "scales": list(settings["scales"]),
+                                   "max_pixels": int(settings["max_pixels"]), "sift": sift})
+    return ds.map_batches(_bound(spec), batch_size=batch, batch_format="numpy",
+                          compute=ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=cpus)
+
+
+def _bound(spec: dict) -> type:
+    """An Embedder class with its spec built in (pickled with the class: a restarted actor
+    needs no constructor arguments kept in the object store)."""
+
+    class BoundEmbedder(Embedder):
+        def __init__(self) -> None:
+            super().__init__(spec)
+
+    return BoundEmbedder
+
+
+__all__ = ["RayOptions", "run_ray_ingest", "shard_dir", "decode_batch", "Embedder"]
