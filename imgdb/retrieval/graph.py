@@ -170,6 +170,21 @@ class KnnGraph:
             self._cache[key] = symmetric_normalize(self.affinity(k, gamma))
         return self._cache[key]
 
+    def components(self, k: int | None = None, gamma: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Connected components of the mutual graph: (label of each item, items grouped by
+        label, start of each label's group) (cached)."""
+        from scipy.sparse.csgraph import connected_components
+
+        k, gamma = k or self.k, self.gamma if gamma is None else gamma
+        key = ("c", k, gamma)
+        if key not in self._cache:
+            _, labels = connected_components(self.affinity(k, gamma), directed=False)
+            members = np.argsort(labels, kind="stable")
+            starts = np.searchsorted(labels[members], np.arange(labels.max() + 2))
+            self._cache[key] = (labels, members, starts)
+        return self._cache[key]
+
     def arrays(self) -> dict[str, np.ndarray]:
         w = self.affinity()
         return {"rows": np.asarray(self.rows, np.int64),
