@@ -44,7 +44,7 @@ from imgdb.codebook import CodebookOptions, fit_codebook, run_encode  # noqa: E4
 from imgdb.models import list_models, load_arrays  # noqa: E402
 from imgdb.store import iter_local, local_spans, open_read, resolve_local, valid_mask  # noqa: E402
 
-COIL = ROOT.parent / "shared" / "data" / "coil20" / "images"
+COIL = ROOT / "tests" / "data" / "coil20" / "images"  # the tests' 243-image COIL-20 subset
 MASKS = ("", ":max", ":sum", ":sift")
 METHODS = {  # name -> (fit options, aggregate)
     "vlad (Ng: k=100, whitened to 128-D)": (dict(method="vlad"), "sum"),
@@ -81,7 +81,8 @@ def naive_vector(x: np.ndarray, arrays: dict, attrs: dict, aggregate: str) -> np
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=Path, default=COIL)
+    ap.add_argument("--images", type=Path, default=COIL,
+                    help="folder of images (default: the COIL-20 subset in tests/data)")
     ap.add_argument("--limit", type=int, default=200, help="images, spread over the folder")
     ap.add_argument("--size", default="fixed:512")
     ap.add_argument("--backbone", default="efficientnet_lite0")

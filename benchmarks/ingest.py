@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"  # the test data (see its README.md): subsets, downscaled
 IMAGE_SETS = {
-    "oxford": DATA / "oxford5k" / "query_crops_landmark_labelled",
+    "oxford": DATA / "oxford5k" / "query_crops",
     "oxford-full": DATA / "oxford5k" / "images",
     "coil20": DATA / "coil20" / "images",
 }
@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Image sets by name: " + ", ".join(f"{k} = {v}" for k, v in IMAGE_SETS.items()))
     p.add_argument("--images", default="oxford",
-                   help="folder of images, or a name: oxford (55 query crops, default), "
-                        "oxford-full, coil20")
+                   help="folder of images, or a name: oxford (55 query crops, 256 px, default), "
+                        "oxford-full (10 photos, 1024 px), coil20 (243 images)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
     p.add_argument("--synthetic", nargs=2, metavar=("N", "WxH"), default=None,
                    help="instead of --images, N random JPEG images all of size WxH "

@@ -1,4 +1,4 @@
-"""Shared test helpers: where the real data lives, running the CLI, making bad files."""
+"""Shared test helpers: where the test data lives (tests/data), running the CLI, bad files."""
 
 from __future__ import annotations
 
@@ -11,20 +11,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-DATA = Path(os.environ.get("IMGDB_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"  # real photos and ground truth: see data/README.md
+OXFORD_GT = DATA / "oxford5k" / "gt_files_170407"
 OXFORD_IMAGES = DATA / "oxford5k" / "images"
-OXFORD_CROPS = DATA / "oxford5k" / "query_crops_landmark_labelled"
+OXFORD_CROPS = DATA / "oxford5k" / "query_crops"
 COIL = DATA / "coil20" / "images"
-
-
-def need(path: Path) -> Path:
-    """Skip the test (with the reason) when a shared data folder is absent."""
-    if not path.exists():
-        pytest.skip(f"shared data folder {path} is absent")
-    return path
 
 
 def run_cli(*args: str, check: bool | None = True, env: dict | None = None,

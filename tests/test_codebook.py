@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import COIL, need, run_cli
+from helpers import COIL, run_cli
 from imgdb.codebooks import masks, reference, training
 from imgdb.numeric import l2_normalize
 from imgdb.codebooks.encoder import Encoder
@@ -169,15 +169,15 @@ def test_presets_are_the_papers_settings() -> None:
 
 @pytest.fixture(scope="module")
 def coil(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """10 objects x 12 views of COIL-20 with local features kept; the other views held back."""
+    """10 objects x 12 views of COIL-20 with local features kept; 10 other objects held back."""
     root = tmp_path_factory.mktemp("cb")
     photos, other = root / "photos", root / "other"
     photos.mkdir()
     other.mkdir()
     for obj in range(1, 11):
         for view in range(0, 72, 6):
-            shutil.copy2(need(COIL) / f"obj{obj}__{view}.png", photos)
-            shutil.copy2(need(COIL) / f"obj{obj}__{view + 3}.png", other)
+            shutil.copy2(COIL / f"obj{obj}__{view}.png", photos)
+            shutil.copy2(COIL / f"obj{obj + 10}__{view}.png", other)
     db = root / "coil.h5"
     run_cli("ingest", str(photos), "--db", str(db), "-b", "efficientnet_lite0", "--size",
             "original", "--layers", "head", "--pooling", "sum,mac", "--keep-local", "block5",
@@ -227,7 +227,7 @@ def test_stored_local_features_are_the_network_cells(coil) -> None:
 def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
     db = tmp_path / "s.h5"
     shutil.copy2(coil[0], db)
-    _, photos, other = coil
+    _, photos, _ = coil
     # Ng's setting by name: k=100, intra-normalised, PCA-whitened to 128-D -- which 120
     # training images cannot support; 64 dimensions they can
     few = run_cli("fit", "codebook", "--db", str(db), "--local", "block5", "--method", "vlad",
@@ -270,7 +270,7 @@ def test_codebook_pipeline_end_to_end(coil, tmp_path: Path) -> None:
     # a view that was never ingested is answered through each index; plain T-emb finds its
     # own object first (the whitened ones are learned on 120 images: see README)
     for desc in (vd, td, pd):
-        hits = _json("query", str(other / "obj7__33.png"), "--db", str(db),
+        hits = _json("query", str(COIL / "obj7__33.png"), "--db", str(db),
                      "--descriptor", desc)["queries"][0]["results"]
         assert len(hits) == 10
         if desc == pd:
@@ -332,7 +332,7 @@ def test_new_images_are_encoded_incrementally(coil, tmp_path: Path) -> None:
     extra = tmp_path / "extra"
     extra.mkdir()
     for view in (1, 2):  # views that neither store holds
-        shutil.copy2(need(COIL) / f"obj1__{view}.png", extra)
+        shutil.copy2(COIL / f"obj1__{view}.png", extra)
     run_cli("ingest", str(extra), "--db", str(db), "-b", "efficientnet_lite0", "--size",
             "original", "--layers", "head", "--pooling", "sum,mac", "--keep-local", "block5",
             "--keep-local", "block5:max", "--quiet")
@@ -364,7 +364,7 @@ def test_codebook_errors_are_one_line(coil, tmp_path: Path) -> None:
 def test_sift_mask_cells_come_from_opencv_keypoints(tmp_path: Path) -> None:
     from imgdb.features.images import SizePolicy, load_image
 
-    src = need(COIL) / "obj5__0.png"
+    src = COIL / "obj5__0.png"
     photos = tmp_path / "p"
     photos.mkdir()
     shutil.copy2(src, photos)
@@ -387,8 +387,8 @@ def test_sift_mask_cells_come_from_opencv_keypoints(tmp_path: Path) -> None:
 def test_recomputed_rows_keep_their_local_segment(tmp_path: Path) -> None:
     photos = tmp_path / "p"
     photos.mkdir()
-    for view in (0, 10, 20):
-        shutil.copy2(need(COIL) / f"obj2__{view}.png", photos)
+    for view in (0, 12, 24):
+        shutil.copy2(COIL / f"obj2__{view}.png", photos)
     db = tmp_path / "s.h5"
     base = ("ingest", str(photos), "--db", str(db), "-b", "efficientnet_lite0", "--weights",
             "none", "--size", "original", "--layers", "head", "--keep-local", "block5:max",
@@ -404,8 +404,8 @@ def test_recomputed_rows_keep_their_local_segment(tmp_path: Path) -> None:
     assert sorted(start.tolist()) == start.tolist() and start[0] == 0 and m > 0
     run_cli(*base, "--pooling", "sum,mac")  # every row recomputed for the new pooling
     assert flat()[0] == m and np.array_equal(flat()[1], start)
-    img = photos / "obj2__10.png"  # a changed file gets a new segment at the end
-    shutil.copy2(need(COIL) / "obj3__10.png", img)
+    img = photos / "obj2__12.png"  # a changed file gets a new segment at the end
+    shutil.copy2(COIL / "obj3__12.png", img)
     run_cli(*base, "--pooling", "sum,mac")
     m2, start2 = flat()
     assert start2[1] == m and m2 > m and start2[0] == start[0] and start2[2] == start[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import COIL, DATA, OXFORD_IMAGES, need, run_cli
+from helpers import COIL, OXFORD_GT, OXFORD_IMAGES, run_cli
 from imgdb.store import open_read
 
 POOLINGS = "sum,spoc,mac,mac2x2,crow,crow-sw,crow-ssw,gem-p3,rmac-l3"
@@ -25,15 +25,15 @@ def copy_views(dst: Path, objects: range, views: range) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for obj in objects:
         for view in views:
-            shutil.copy2(need(COIL) / f"obj{obj}__{view}.png", dst / f"obj{obj}__{view}.png")
+            shutil.copy2(COIL / f"obj{obj}__{view}.png", dst / f"obj{obj}__{view}.png")
     return dst
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    test = copy_views(root / "test", range(1, 11), range(0, 72, 8))      # 10 objects x 9 views
-    heldout = copy_views(root / "heldout", range(11, 21), range(0, 72, 8))
+    test = copy_views(root / "test", range(1, 11), range(0, 72, 6))  # 10 objects x 12 views
+    heldout = copy_views(root / "heldout", range(11, 21), range(0, 72, 6))  # 10 other objects
     ingest(test, root / "test.h5")
     ingest(heldout, root / "heldout.h5")
     return {"root": root, "test": root / "test.h5", "heldout": root / "heldout.h5", "photos": test}
@@ -45,7 +45,7 @@ def eval_json(*args: str) -> dict:
 
 def test_groups_every_pooling_matches_reference(stores) -> None:
     out = eval_json("--db", str(stores["test"]), "--group-regex", r"obj(\d+)__", "--descriptor", "all")
-    assert out["queries"] == 90 and out["database_images"] == 90
+    assert out["queries"] == 120 and out["database_images"] == 120
     by_name = {r["descriptor"]: r["mAP"] for r in out["results"]}
     assert len(by_name) == 9  # one row per stored pooling
     with open_read(stores["test"]) as fh:
@@ -119,22 +119,21 @@ def test_report_folder(stores) -> None:
     run_cli("eval", "--db", str(stores["test"]), "--group-regex", r"obj(\d+)__",
             "--descriptor", "head/gem-p3", "--report", str(report))
     rows = (report / "per_query.csv").read_text().splitlines()
-    assert len(rows) == 91
+    assert len(rows) == 121  # header + one row per query
     assert (report / "pr_curves.png").stat().st_size > 5000
     assert (report / "worst_queries.html").read_text().count("<img") == 50
 
 
 def test_oxford_layout_with_missing_images(tmp_path: Path) -> None:
-    gt = need(DATA / "oxford5k" / "gt_files_170407")
     db = tmp_path / "ox.h5"
-    run_cli("ingest", str(need(OXFORD_IMAGES)), "--db", str(db), "--backbone", "efficientnet_lite0",
+    run_cli("ingest", str(OXFORD_IMAGES), "--db", str(db), "--backbone", "efficientnet_lite0",
             "--weights", "none", "--layers", "head", "--pooling", "sum", "--size", "max:256",
             "--quiet")
     for mode in ("full", "crop-image", "crop-features"):
-        out = eval_json("--db", str(db), "--gt", str(gt), "--query", mode)
+        out = eval_json("--db", str(db), "--gt", str(OXFORD_GT), "--query", mode)
         assert out["protocol"] == "oxford"
         assert out["queries"] == 10 and len(out["skipped_queries"]) == 45
         assert out["missing_positives"] > 0
         assert 0 < out["results"][0]["mAP"] <= 1
-    text = run_cli("eval", "--db", str(db), "--gt", str(gt)).stdout
+    text = run_cli("eval", "--db", str(db), "--gt", str(OXFORD_GT)).stdout
     assert "45 queries skipped" in text and "not in the store" in text

@@ -1,7 +1,7 @@
 """Ground-truth readers on the official Oxford/Paris files and on hand-made layouts.
 
 The official files are read here with plain file reading and compared with what the loaders
-return; tests that need /work/shared/data (or $IMGDB_TEST_DATA) skip when it is absent.
+return; the official files are kept byte for byte in tests/data (see its README.md).
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import DATA
 from imgdb.errors import UserError
 from imgdb.evaluation.groundtruth import (PROTOCOLS, GroundTruth, Query, groups_from_regex, image_key,
                                load_csv, load_ground_truth, load_groups_folder, load_holidays,
                                load_holidays_file, load_oxford_folder, load_pickle, load_ukbench)
-
-DATA = Path(os.environ.get("IMGDB_TEST_DATA",
-                           Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 LAYOUTS = {  # dataset -> (gt folder, pickle, number of database images)
     "oxford": ("oxford5k/gt_files_170407", "oxford5k/gnd_oxford5k.pkl", 5063),
@@ -27,11 +25,10 @@ LAYOUTS = {  # dataset -> (gt folder, pickle, number of database images)
 }
 
 
-def need(rel: str) -> Path:
+def official(rel: str) -> Path:
+    """An official ground-truth file or folder in tests/data (always there, never skipped)."""
     path = DATA / rel
-    if not path.exists():
-        pytest.skip(f"real ground truth {path} is absent "
-                    f"(set IMGDB_TEST_DATA to the shared data folder)")
+    assert path.exists(), f"test data {path} is missing from the repository"
     return path
 
 
@@ -54,7 +51,7 @@ def query_line(folder: Path, name: str) -> tuple[str, tuple[float, ...]]:
 
 @pytest.mark.parametrize("dataset", sorted(LAYOUTS))
 def test_official_folder_matches_the_files(dataset: str) -> None:
-    folder = need(LAYOUTS[dataset][0])
+    folder = official(LAYOUTS[dataset][0])
     gt = load_oxford_folder(folder)
     names = sorted(f.name[: -len("_query.txt")] for f in folder.glob("*_query.txt"))
     assert len(names) == 55
@@ -78,7 +75,7 @@ def test_official_folder_matches_the_files(dataset: str) -> None:
 
 
 def test_oxford_known_queries() -> None:
-    folder = need(LAYOUTS["oxford"][0])
+    folder = official(LAYOUTS["oxford"][0])
     gt = load_ground_truth(folder)
     by_name = {q.name: q for q in gt.queries}
     q = by_name["all_souls_1"]
@@ -95,7 +92,7 @@ def test_oxford_known_queries() -> None:
 
 
 def test_paris_known_queries() -> None:
-    folder = need(LAYOUTS["paris"][0])
+    folder = official(LAYOUTS["paris"][0])
     gt = load_ground_truth(folder, protocol="oxford")
     q = {q.name: q for q in gt.queries}["defense_1"]
     assert q.image == "paris_defense_000605" and q.bbox == (130.0, 17.0, 843.0, 732.0)
@@ -105,7 +102,7 @@ def test_paris_known_queries() -> None:
 
 @pytest.mark.parametrize("dataset", sorted(LAYOUTS))
 def test_official_pickle(dataset: str) -> None:
-    path = need(LAYOUTS[dataset][1])
+    path = official(LAYOUTS[dataset][1])
     raw = pickle.loads(path.read_bytes())  # the test's own reference reading (trusted file)
     gt = load_pickle(path)
     assert (gt.protocol, gt.queries_in_database, gt.exclude_query_from_ranking) == \
@@ -124,8 +121,8 @@ def test_official_pickle(dataset: str) -> None:
 
 @pytest.mark.parametrize("dataset", sorted(LAYOUTS))
 def test_folder_and_pickle_agree(dataset: str) -> None:
-    folder = load_ground_truth(need(LAYOUTS[dataset][0]))
-    pick = load_ground_truth(need(LAYOUTS[dataset][1]))
+    folder = load_ground_truth(official(LAYOUTS[dataset][0]))
+    pick = load_ground_truth(official(LAYOUTS[dataset][1]))
     assert folder.protocol == pick.protocol == "oxford"
     assert len(folder.queries) == len(pick.queries) == 55
     by_image = {q.image: q for q in pick.queries}

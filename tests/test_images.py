@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import COIL, OXFORD_IMAGES as OXFORD
 from imgdb.features.images import (
     IMAGE_EXTENSIONS,
     DecodedImage,
@@ -24,10 +25,6 @@ from imgdb.features.images import (
     iter_decoded,
     load_image,
 )
-
-DATA = Path(os.environ.get("IMGDB_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-OXFORD = DATA / "oxford5k" / "images"
-COIL = DATA / "coil20" / "images"
 
 ORIG = SizePolicy.parse("original")
 
@@ -183,7 +180,6 @@ def test_truncated_jpeg(tmp_path: Path, jpeg_bytes: bytes) -> None:
     expect_error(p, "truncated file")
 
 
-@pytest.mark.skipif(not OXFORD.is_dir(), reason=f"real photos not found at {OXFORD}")
 def test_truncated_real_jpeg(tmp_path: Path) -> None:
     data = sorted(OXFORD.glob("*.jpg"))[0].read_bytes()
     p = tmp_path / "half.jpg"
@@ -612,7 +608,6 @@ def test_iter_decoded_empty_and_bad_scales() -> None:
 # real photos
 
 
-@pytest.mark.skipif(not OXFORD.is_dir(), reason=f"real photos not found at {OXFORD}")
 def test_real_oxford_photos() -> None:
     files = discover([OXFORD]).files
     assert files and files == sorted(files, key=str)
@@ -626,7 +621,6 @@ def test_real_oxford_photos() -> None:
         assert a.std() > 10  # a photo, not a flat frame
 
 
-@pytest.mark.skipif(not COIL.is_dir(), reason=f"real photos not found at {COIL}")
 def test_real_coil_grayscale() -> None:
     files = discover([COIL]).files[:20]
     assert files

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import COIL, OXFORD_IMAGES, make_bad_files, need, run_cli
+from helpers import COIL, OXFORD_IMAGES, make_bad_files, run_cli
 from imgdb.errors import UserError
 from imgdb.store import STATUS_FAILED, STATUS_MISSING, STATUS_OK, open_read
 
@@ -24,7 +24,7 @@ FAST = ["--backbone", "efficientnet_lite0", "--weights", "none", "--size", "orig
 
 
 def coil_subset(tmp: Path, n: int, start: int = 0) -> Path:
-    src = sorted(need(COIL).glob("*.png"))[start:start + n]
+    src = sorted(COIL.glob("*.png"))[start:start + n]
     dst = tmp / "photos"
     dst.mkdir(exist_ok=True)
     for f in src:
@@ -114,7 +114,7 @@ def test_vgg16_dims_and_info(tmp_path: Path) -> None:
 
 def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
-    expected = make_bad_files(folder, sorted(need(OXFORD_IMAGES).glob("*.jpg"))[0])
+    expected = make_bad_files(folder, sorted(OXFORD_IMAGES.glob("*.jpg"))[0])
     db = tmp_path / "bad.h5"
     proc = run_cli("ingest", str(folder), "--db", str(db), "--backbone", "efficientnet_lite0",
                    "--weights", "none", "--size", "max:256", "--pooling", "sum")

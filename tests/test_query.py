@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import COIL, run_cli
 from imgdb.store import open_read
-from helpers import COIL, need, run_cli
 
 DESC = "head/gem-p3"
 
@@ -28,7 +28,7 @@ def coil_store(tmp_path_factory) -> tuple[Path, Path]:
     photos.mkdir()
     for obj in range(1, 11):
         for view in range(0, 72, 6):
-            shutil.copy2(need(COIL) / f"obj{obj}__{view}.png", photos / f"obj{obj}__{view}.png")
+            shutil.copy2(COIL / f"obj{obj}__{view}.png", photos / f"obj{obj}__{view}.png")
     db = root / "coil.h5"
     run_cli("ingest", str(photos), "--db", str(db), "--backbone", "efficientnet_lite0",
             "--layers", "head", "--pooling", "gem-p3,sum", "--size", "original", "--quiet")

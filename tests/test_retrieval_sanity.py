@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import OXFORD_CROPS, need, run_cli
+from helpers import OXFORD_CROPS, run_cli
 from imgdb.store import open_read
 
 
@@ -49,12 +49,16 @@ def test_ap_helper_by_hand() -> None:
 
 @pytest.mark.slow
 def test_imagenet_weights_beat_random_on_oxford_crops(tmp_path: Path) -> None:
-    photos = need(OXFORD_CROPS)
+    # 55 photos of 11 landmarks (tests/data/oxford5k/query_crops, longest side 256 px), each
+    # querying the other 54; the best of the 18 stored descriptors (block6 and head x 9 poolings).
+    # Measured (CPU, torch 2.14.1): imagenet 0.597 (head/gem-p3), random weights 0.258
+    # (block6/mac2x2); a random ranking scores 0.14 on average. Thresholds leave margins for
+    # other torch builds and devices, and the gap must stay clear.
     results = {}
     for weights in ("imagenet", "none"):
         db = tmp_path / f"{weights}.h5"
-        run_cli("ingest", str(photos), "--db", str(db), "--backbone", "efficientnet_lite0",
-                "--weights", weights, "--size", "max:384", "--quiet")
+        run_cli("ingest", str(OXFORD_CROPS), "--db", str(db), "--backbone", "efficientnet_lite0",
+                "--weights", weights, "--size", "original", "--quiet")
         results[weights] = best_map(db)
     trained, random = results["imagenet"][0], results["none"][0]
     print(f"leave-one-out mAP: imagenet {results['imagenet']}, none {results['none']}")
