@@ -39,7 +39,8 @@ METHODS = ("auto", "exact", "annoy")
 # kNN lists
 
 
-def knn_exact(x: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn_exact(x: np.ndarray, k: int, block: int | None = None,
+              progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k most similar other rows of `x` (unit vectors) by dot product, best first
     (ties by lower position): (neighbours (n, k) int32, similarities (n, k) float32)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -54,6 +55,8 @@ def knn_exact(x: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarr
         s = x[start:stop] @ x.T
         s[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
         nbr[start:stop], sim[start:stop] = top_k(s, k)
+        if progress:
+            progress(stop)
     return nbr, sim
 
 
@@ -292,7 +295,8 @@ def _annoy_index_for(view: StoreView, db: Path, source: VectorSource, pca_id: st
 
 def fit_graph(db: Path, descriptor: str, pca: str | None = None, k: int = DEFAULT_K,
               gamma: float = DEFAULT_GAMMA, method: str = "auto", search_k: int | None = None,
-              threads: int = 1, log: Callable[[str], None] | None = None) -> ModelInfo:
+              threads: int = 1, log: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> ModelInfo:
     """Compute the kNN graph of every valid stored image under `descriptor` (+ PCA model) and
     save it as a new version `graph/<descriptor>/vN` in one atomic commit."""
     from .. import __version__
@@ -334,14 +338,15 @@ def fit_graph(db: Path, descriptor: str, pca: str | None = None, k: int = DEFAUL
     if vectors is not None:
         if log:
             log(f"exact {k}-NN graph of {n} images ({vectors.shape[1]} dims)")
-        nbr, sim = knn_exact(vectors, k)
+        nbr, sim = knn_exact(vectors, k, progress=progress and (lambda done: progress(done, n)))
         used = "exact"
     else:
         budget = search_k or max(k + 1, 1) * int(index.attrs["trees"])
         if log:
             log(f"{k}-NN graph of {n} images from Annoy index {index.name} (search_k {budget})")
         try:
-            nbr, sim = knn_annoy(ann, n, k, budget, threads)
+            nbr, sim = knn_annoy(ann, n, k, budget, threads,
+                                 progress and (lambda done: progress(done, n)))
         finally:
             ann.unload()
         used = "annoy"
