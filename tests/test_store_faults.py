@@ -204,10 +204,10 @@ def test_failed_weights_leave_no_store(tmp_path: Path) -> None:
     make_photos(photos, 2)
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"not a state dict")
-    for weights in (str(bad), str(tmp_path / "missing.pt")):
+    for weights, code in ((str(bad), 1), (str(tmp_path / "missing.pt"), 2)):  # 2: refused at parse
         db = tmp_path / "w.h5"
         args = [a if a != "none" else weights for a in NET]
-        imgdb("ingest", photos, "--db", db, *args).one_line_error()
+        imgdb("ingest", photos, "--db", db, *args).one_line_error(code)
         assert not db.exists() and not list(tmp_path.glob(".w.h5*"))
 
 

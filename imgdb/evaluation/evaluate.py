@@ -15,13 +15,14 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UsageError, UserError
-from ..numeric import l2_normalize
 from ..retrieval.pca import training_vectors
+from ..retrieval.rerank import L2, Collection, Ranker, parse_qe, parse_rerank
+from ..retrieval.source import VectorSource, resolve, resolve_all
 from ..retrieval.whitening import Identity, PCAWhitening
-from ..store import DescriptorInfo, open_read
+from ..store import open_read
 from .groundtruth import GroundTruth, Query, image_key, load_ground_truth
 from .metrics import (QueryScores, Summary, average_precision, ns_score, precision_at_k,
-                      rank_ids, summarize)
+                      summarize)
 
 KS = (1, 5, 10)
 
@@ -37,7 +38,8 @@ class EvalOptions:
     whiten: bool = True
     power: float | None = None
     query_mode: str = "full"  # full | crop-image | crop-features
-    qe: int = 0
+    qe: object = 0  # M, "alpha:A[,M]", a QueryExpansion, or a sequence of them: rows of their own
+    rerank: Sequence = ()  # "diffusion[:...]", "kreciprocal[:...]" or Rankers: rows of their own
     queries_dir: Path | None = None
     queries_db: Path | None = None
     protocol: str = "auto"
@@ -58,6 +60,7 @@ class Cell:
     ns: float | None = None  # UKBench N-S score
     positions: dict[str, np.ndarray] = field(default_factory=dict)  # query -> 0-based ranks of
     # its positives in the ranking with junk removed (for precision-recall curves)
+    ranking: str = "L2"  # the ranker's label (L2, QE M=2, diffusion k=10 alpha=0.99 ...)
 
 
 @dataclass
@@ -69,7 +72,8 @@ class EvalResult:
     skipped_queries: list[tuple[str, str]] = field(default_factory=list)
     missing_positives: int = 0
     cells: list[Cell] = field(default_factory=list)
-    rankings: dict = field(default_factory=dict)  # (descriptor, whitening, dims) -> (queries, top ids)
+    rankings: dict = field(default_factory=dict)  # (descriptor, whitening, dims, ranking) ->
+    # per query, the store rows of its top 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,45 +142,50 @@ class _QueryVectors:
         self._describers: dict[str, object] = {}
         self._extracted: dict[tuple[str, str, str], dict] = {}
 
-    def get(self, info: DescriptorInfo) -> np.ndarray:
+    def get(self, source: VectorSource) -> np.ndarray:
         if self.opts.queries_db:
-            other = self._other_store(info)
+            other = self._other_store(source)
             missing = [q.image for q in self.qs.queries if q.image not in other]
             if missing:
                 raise UserError(f"query image {missing[0]} is not in {self.opts.queries_db}")
             return np.asarray([other[q.image] for q in self.qs.queries], dtype=np.float32)
         stored_rows = [r for r, f in zip(self.qs.rows, self.qs.files) if f is None]
         with open_read(self.db) as view:
-            stored = dict(zip(stored_rows, view.vectors(info, stored_rows))) if stored_rows else {}
-            if any(f is not None for f in self.qs.files) and info.extractor not in self._describers:
+            stored = dict(zip(stored_rows, source.vectors(view, stored_rows))) \
+                if stored_rows else {}
+            if any(f is not None for f in self.qs.files):
                 from ..retrieval.describe import QueryDescriber
 
-                self._describers[info.extractor] = QueryDescriber(view, info.extractor,
-                                                                  device=self.opts.device)
+                for ext in source.extractors:
+                    if ext not in self._describers:
+                        self._describers[ext] = QueryDescriber(view, ext, device=self.opts.device)
         out = []
         for q, row, f in zip(self.qs.queries, self.qs.rows, self.qs.files):
-            out.append(stored[row] if f is None else self._extract(info, q, f))
+            out.append(stored[row] if f is None else self._extract(source, q, f))
         return np.asarray(out, dtype=np.float32)
 
-    def _other_store(self, info: DescriptorInfo) -> dict[str, np.ndarray]:
+    def _other_store(self, source: VectorSource) -> dict[str, np.ndarray]:
         with open_read(self.opts.queries_db) as view:
             try:
-                other = view.descriptor(info.name)
+                other = resolve(view, source.name)
             except UserError:
-                raise UserError(f"{self.opts.queries_db} has no descriptor {info.name}; ingest "
-                                f"the queries with the same settings") from None
-            rows, x = view.valid_vectors(other)
+                raise UserError(f"{self.opts.queries_db} has no descriptor {source.name}; "
+                                f"ingest the queries with the same settings") from None
+            rows, x = other.valid_vectors(view)
             paths = view.paths(rows)
         return {image_key(p): v for p, v in zip(paths, x)}
 
-    def _extract(self, info: DescriptorInfo, q: Query, path: Path) -> np.ndarray:
-        key = (info.extractor, str(path), q.name)
-        if key not in self._extracted:
-            describer = self._describers[info.extractor]
-            mode = self.opts.query_mode
-            img = describer.load(path, q.bbox if mode == "crop-image" else None)
-            self._extracted[key] = describer.describe(img, _feature_region(q, img, mode))
-        return self._extracted[key][(info.layer, info.pooling)]
+    def _extract(self, source: VectorSource, q: Query, path: Path) -> np.ndarray:
+        described = {}
+        for ext in source.extractors:
+            key = (ext, str(path), q.name)
+            if key not in self._extracted:
+                describer = self._describers[ext]
+                mode = self.opts.query_mode
+                img = describer.load(path, q.bbox if mode == "crop-image" else None)
+                self._extracted[key] = describer.describe(img, _feature_region(q, img, mode))
+            described[ext] = self._extracted[key]
+        return source.from_described(described)
 
 
 def _feature_region(q: Query, img, mode: str) -> tuple[float, float, float, float] | None:
@@ -191,15 +200,11 @@ def _feature_region(q: Query, img, mode: str) -> tuple[float, float, float, floa
 # evaluation
 
 
-def _rank(q: np.ndarray, db: np.ndarray) -> np.ndarray:
-    """Database positions best first (ties by lower position: deterministic)."""
-    return rank_ids((db @ q)[None])[0]
-
-
-def _scores_for(gt: GroundTruth, qs: _QuerySet, qvec: np.ndarray, db: np.ndarray,
-                db_keys: np.ndarray, db_rows: np.ndarray, qe: int
+def _scores_for(gt: GroundTruth, qs: _QuerySet, orders: list[np.ndarray],
+                db_keys: np.ndarray, db_rows: np.ndarray
                 ) -> tuple[dict[str, list[QueryScores]], dict, list[float], list[np.ndarray], int]:
-    """Rank the database for every query and score each setup (ids, not names, in the loop)."""
+    """Score every query's ranking (database positions, best first) in each setup (ids, not
+    names, in the loop)."""
     setups = gt.setups()
     per_setup: dict[str, list[QueryScores]] = {s: [] for s in setups}
     positions: dict[str, dict[str, np.ndarray]] = {s: {} for s in setups}
@@ -212,11 +217,7 @@ def _scores_for(gt: GroundTruth, qs: _QuerySet, qvec: np.ndarray, db: np.ndarray
     row_pos = {int(r): i for i, r in enumerate(db_rows)}
     first_setup = next(iter(setups))
     for qi, (q, row, gi) in enumerate(zip(qs.queries, qs.rows, qs.gt_index)):
-        v = qvec[qi]
-        order = _rank(v, db)
-        if qe > 0:
-            expanded = v + db[order[:qe]].sum(axis=0)
-            order = _rank(l2_normalize(expanded[None])[0], db)
+        order = orders[qi]
         if gt.exclude_query_from_ranking and row is not None and row in row_pos:
             order = order[order != row_pos[row]]
         top.append(db_rows[order[:10]])
@@ -241,6 +242,60 @@ def _scores_for(gt: GroundTruth, qs: _QuerySet, qvec: np.ndarray, db: np.ndarray
     return per_setup, positions, ns_values, top, missing_total
 
 
+def rankers(opts: EvalOptions) -> list[Ranker]:
+    """L2 first, then each query expansion and re-ranking asked for (each is a row)."""
+    out: list[Ranker] = [L2()]
+    qes = opts.qe if isinstance(opts.qe, (list, tuple)) else [opts.qe]
+    for qe in qes:
+        ranker = qe if isinstance(qe, Ranker) else parse_qe(qe) if qe not in (None, "") else None
+        if ranker is not None:
+            out.append(ranker)
+    for spec in opts.rerank or ():
+        out.append(spec if isinstance(spec, Ranker) else parse_rerank(spec))
+    labels = [r.spec for r in out]
+    for i, lab in enumerate(labels):
+        if lab in labels[:i]:
+            raise UserError(f"the ranking {lab} is asked for twice")
+    return out
+
+
+class _Collections:
+    """The database side of each ranker for one (descriptor, whitening, dims): the store's
+    current graph when there is one for this descriptor without PCA and it holds enough
+    neighbours (what `imgdb query --rerank` uses), else the exact graph computed here."""
+
+    def __init__(self, db: Path, source: VectorSource, vectors: np.ndarray, rows: np.ndarray,
+                 stored_ok: bool) -> None:
+        self.db, self.source, self.rows, self.stored_ok = db, source, rows, stored_ok
+        self.plain = Collection(vectors)
+        self._stored: dict[int, Collection | None] = {}
+
+    def for_ranker(self, ranker: Ranker) -> tuple[Collection, Ranker]:
+        if not ranker.graph_k:
+            return self.plain, ranker
+        coll = self._stored_graph(ranker.min_graph_k) or self.plain
+        return coll, ranker.bind(coll)
+
+    def _stored_graph(self, need: int) -> Collection | None:
+        if not self.stored_ok:
+            return None
+        if need not in self._stored:
+            from ..retrieval.graph import find_graph, load_graph
+
+            coll = None
+            with open_read(self.db) as view:
+                try:
+                    model = find_graph(view, self.db, self.source, None, None, need)
+                except UserError:
+                    model = None
+                if model is not None:
+                    graph = load_graph(view, model)
+            if model is not None and np.array_equal(graph.rows, self.rows):
+                coll = Collection(self.plain.vectors, graph)
+            self._stored[need] = coll
+        return self._stored[need]
+
+
 def _whitening_sources(opts: EvalOptions) -> list[tuple[str, Path | None]]:
     sources: list[tuple[str, Path | None]] = []
     if opts.pca_on_test:
@@ -263,10 +318,7 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
         infos = view.descriptors()
         if not infos:
             raise UserError(f"store {db} has no descriptors; run imgdb ingest first")
-        if list(opts.descriptors) in (["all"], []):
-            chosen = infos
-        else:
-            chosen = [view.descriptor(d) for d in opts.descriptors]
+        chosen = resolve_all(view, opts.descriptors)
     gt = load_ground_truth(gt_path, opts.protocol, images=paths, group_regex=opts.group_regex)
     if opts.query_mode != "full" and not any(q.bbox for q in gt.queries):
         raise UsageError(f"--query {opts.query_mode} crops the queries to their boxes, but this "
@@ -274,11 +326,12 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
     result = EvalResult(gt.protocol, gt.source, 0, 0)
     qv = None
     qs = None
-    for info in chosen:
+    chosen_rankers = rankers(opts)
+    for source in chosen:
         with open_read(db) as view:
-            valid = view.valid(info.extractor)[:n_rows]
+            valid = source.valid(view)[:n_rows]
             db_rows = np.flatnonzero(valid)
-            raw_db = view.vectors(info, db_rows)
+            raw_db = source.vectors(view, db_rows)
         keys = np.array([image_key(paths[r]) for r in db_rows])
         if qs is None:
             key_rows = _key_rows(paths, valid)
@@ -290,27 +343,36 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                 raise UserError("no query of the ground truth can be evaluated: "
                                 + (skipped[0][1] if skipped else "the ground truth is empty"))
             qv = _QueryVectors(db, qs, opts)
-        raw_q = qv.get(info)
-        for label, source in _whitening_sources(opts):
+        raw_q = qv.get(source)
+        for label, whitening in _whitening_sources(opts):
             if label == "none":
                 dims_list = [raw_db.shape[1]]
             else:
-                fit_on = raw_db if source is None else training_vectors(source, info.name)[0]
+                fit_on = raw_db if whitening is None else training_vectors(whitening,
+                                                                           source.name)[0]
                 limit = min(fit_on.shape[0], fit_on.shape[1])
                 dims_list = [d for d in (opts.dims or [min(limit, raw_db.shape[1])]) if d <= limit]
                 if not dims_list:
                     raise UserError(f"--dims {','.join(map(str, opts.dims))} exceed what "
-                                    f"{limit} vectors allow for {info.name}")
+                                    f"{limit} vectors allow for {source.name}")
             for dims in dims_list:
                 transform = Identity(opts.power) if label == "none" else _fit(fit_on, dims, opts)
                 db_vec = transform.transform(raw_db)
                 q_vec = transform.transform(raw_q)
-                per_setup, positions, ns_values, top, missing = _scores_for(
-                    gt, qs, q_vec, db_vec, keys, db_rows, opts.qe)
-                result.missing_positives = missing
-                for setup, scores in per_setup.items():
-                    result.cells.append(Cell(info.name, label, dims, setup, summarize(scores),
-                                             scores, float(np.mean(ns_values)) if ns_values else None,
-                                             positions[setup]))
-                result.rankings[(info.name, label, dims)] = top
+                # a stored graph was built on the stored vectors with L2 only
+                colls = _Collections(db, source, db_vec, db_rows,
+                                     label == "none" and opts.power is None)
+                for ranker in chosen_rankers:
+                    coll, bound = colls.for_ranker(ranker)
+                    orders = [r.order for r in bound.rank(q_vec, coll)]
+                    per_setup, positions, ns_values, top, missing = _scores_for(
+                        gt, qs, orders, keys, db_rows)
+                    result.missing_positives = missing
+                    name = bound.label
+                    for setup, scores in per_setup.items():
+                        result.cells.append(Cell(source.name, label, dims, setup,
+                                                 summarize(scores),
+                                                 scores, float(np.mean(ns_values))
+                                                 if ns_values else None, positions[setup], name))
+                    result.rankings[(source.name, label, dims, name)] = top
     return result

@@ -32,7 +32,8 @@ def interpolated_pr(positions: np.ndarray, n_positives: int) -> np.ndarray:
 def _label(c: Cell) -> str:
     name = c.descriptor.split("/", 1)[-1]
     extra = "" if c.whitening == "none" else f" [{c.whitening}]"
-    return f"{name}{extra} {c.dims}{(' ' + c.setup) if c.setup else ''}"
+    ranking = "" if c.ranking == "L2" else f" {c.ranking}"
+    return f"{name}{extra} {c.dims}{(' ' + c.setup) if c.setup else ''}{ranking}"
 
 
 def write_report(result: EvalResult, folder: Path, db: Path) -> None:
@@ -41,12 +42,12 @@ def write_report(result: EvalResult, folder: Path, db: Path) -> None:
     with open(folder / "per_query.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["descriptor", "whitening", "dims", "setup", "query", "ap", "p@1", "p@5",
-                    "p@10", "positives", "junk", "missing_positives"])
+                    "p@10", "positives", "junk", "missing_positives", "ranking"])
         for c in result.cells:
             for q in c.per_query:
                 w.writerow([c.descriptor, c.whitening, c.dims, c.setup, q.name, f"{q.ap:.6f}",
                             *(f"{q.precisions.get(k, float('nan')):.6f}" for k in (1, 5, 10)),
-                            q.positives, q.junk, q.missing_positives])
+                            q.positives, q.junk, q.missing_positives, c.ranking])
     _plot(result, folder / "pr_curves.png")
     _worst(result, folder / "worst_queries.html", db)
 
@@ -84,7 +85,7 @@ def _worst(result: EvalResult, out: Path, db: Path, n: int = 5) -> None:
     best = max(result.cells, key=lambda c: np.nan_to_num(c.summary.mAP))
     with open_read(db) as view:
         paths = view.paths()
-    top = result.rankings.get((best.descriptor, best.whitening, best.dims))
+    top = result.rankings.get((best.descriptor, best.whitening, best.dims, best.ranking))
     names = [q.name for q in best.per_query]
     scored = [(q.ap, i, q) for i, q in enumerate(best.per_query) if not np.isnan(q.ap)]
     parts = [f"<!doctype html><meta charset='utf-8'><title>worst queries</title>"

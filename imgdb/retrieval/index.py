@@ -32,6 +32,7 @@ from ..digest import file_digest
 from ..errors import DiskFull, StoreDamaged, UsageError, UserError
 from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
 from .pca import model_version, post_processor
+from .source import VectorSource, resolve
 
 DEFAULT_TREES = 50
 METRIC = "angular"  # on unit vectors: distance^2 = 2 - 2 cos
@@ -62,7 +63,8 @@ def check_index_name(name: str) -> str:
 
 
 def default_index_name(descriptor: str, model_id: str) -> str:
-    return f"{descriptor.replace('/', '.')}.{model_version(model_id).replace('none', 'raw')}"
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", descriptor.replace("/", ".").replace("*", "x"))
+    return f"{name}.{model_version(model_id).replace('none', 'raw')}"
 
 
 def index_file(db: Path, name: str) -> Path:
@@ -146,15 +148,17 @@ def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
     entry = view.index(name)
     attrs = entry.attrs
     files = index_files(attrs)
-    extractor = str(attrs["descriptor"]).split("/")[0]
+    try:
+        revision = resolve(view, str(attrs["descriptor"])).revision(view)
+    except UserError:
+        revision = None  # its descriptor (or an extractor of it) is gone
     stale = None
     absent = [f.file for f in files if not Path(db).with_name(f.file).exists()]
     if absent:
         stale = f"index file {absent[0]} is missing"
     elif attrs["model"] != "none" and view.model_by_id(str(attrs["model"])) is None:
         stale = f"its model {attrs['model']} was removed"
-    elif extractor not in view.extractors() or \
-            view.revision(extractor) != attrs.get("extractor_revision"):
+    elif revision is None or revision != attrs.get("extractor_revision"):
         stale = "the store changed since it was built (images added, changed or removed)"
     damaged = None
     if stale is None and verify:
@@ -210,7 +214,7 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
         return _build_sharded(db, descriptor, model, name, trees, seed, shards, jobs)
     with StoreWriter(db, create=False) as writer:
         with writer.read() as view:
-            info = view.descriptor(descriptor)
+            info = resolve(view, descriptor)
             transform, model_info = post_processor(view, info.name, model)
             model_id = model_info.id if model_info else "none"
             name = name or default_index_name(info.name, model_id)
@@ -221,7 +225,7 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             index = None
             parts = []
             count = 0
-            for rows, raw in view.iter_valid(info):
+            for rows, raw in info.iter_valid(view):
                 vecs = transform.transform(raw)
                 if index is None:
                     index = AnnoyIndex(vecs.shape[1], METRIC)
@@ -233,7 +237,7 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             if index is None:
                 raise UserError(f"descriptor {info.name} has no vectors to index; run imgdb ingest")
             dims = index.f
-            revision = view.revision(info.extractor)
+            revision = info.revision(view)
         index.build(trees, n_jobs=1)  # one thread: the same trees for the same seed
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
@@ -432,13 +436,15 @@ class AnnoySearcher:
         return out
 
 
-def topk_exact(queries: np.ndarray, view: StoreView, info: DescriptorInfo, transform, k: int
-               ) -> list[list[tuple[int, float]]]:
+def topk_exact(queries: np.ndarray, view: StoreView, source: VectorSource | DescriptorInfo,
+               transform, k: int) -> list[list[tuple[int, float]]]:
     """Brute-force cosine top-k of every query over all valid stored vectors, one streamed pass."""
     nq = len(queries)
     best_rows = np.zeros((nq, 0), np.int64)
     best_sims = np.zeros((nq, 0), np.float32)
-    for rows, raw in view.iter_valid(info):
+    stream = source.iter_valid(view) if isinstance(source, VectorSource) \
+        else view.iter_valid(source)
+    for rows, raw in stream:
         sims = np.concatenate([best_sims, queries @ transform.transform(raw).T], axis=1)
         cand = np.concatenate([best_rows, np.broadcast_to(rows, (nq, len(rows)))], axis=1)
         keep = min(k, sims.shape[1])

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..store import ModelInfo, StoreView, StoreWriter, open_read
+from .source import resolve
 from .whitening import Identity, PCAWhitening
 
 NO_MODEL = ("", "none", "raw")
@@ -39,12 +40,12 @@ def training_vectors(db: Path, name: str) -> tuple[np.ndarray, str]:
     for its extractor: what a model is fitted on."""
     with open_read(db) as view:
         try:
-            info = view.descriptor(name)
+            source = resolve(view, name)
         except UserError:
             raise UserError(f"{db} has no descriptor {name}; ingest it with the same extractor "
                             f"settings to fit on it") from None
-        _, x = view.valid_vectors(info)
-        return x, view.content_hash(info.extractor)
+        _, x = source.valid_vectors(view)
+        return x, source.content_hash(view)
 
 
 def fit_pca_model(db: Path, descriptor: str, dims: int | None, whiten: bool,
@@ -57,7 +58,7 @@ def fit_pca_model(db: Path, descriptor: str, dims: int | None, whiten: bool,
     db = Path(db)
     src = Path(source) if source else db
     with open_read(db) as view:
-        name = view.descriptor(descriptor).name
+        name = resolve(view, descriptor).name
     x, src_hash = training_vectors(src, name)
     if len(x) < 2:
         raise UserError(f"{src} has {len(x)} usable vectors of {name}; PCA needs at least 2")

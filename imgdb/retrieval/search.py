@@ -14,11 +14,12 @@ from typing import Sequence
 import numpy as np
 
 from ..digest import file_digest
-from ..errors import UserError
-from ..numeric import l2_normalize
+from ..errors import UsageError, UserError
 from ..store import StoreView, open_read
 from .index import AnnoySearcher, check_index, list_indexes, rebuild_command, topk_exact, usable_index
 from .pca import model_version, post_processor
+from .rerank import Collection, QueryExpansion, Ranker, average_query_expansion, expand, parse_qe
+from .source import VectorSource, resolve
 
 
 @dataclass
@@ -55,7 +56,7 @@ def plan_query(view: StoreView, db: Path, index: str | None, descriptor: str | N
         return QueryPlan(status.attrs["descriptor"], None if model == "none" else model,
                          None if exact else index)
     if descriptor:
-        name = view.descriptor(descriptor).name
+        name = resolve(view, descriptor).name
         if exact:
             if pca not in (None, "none"):
                 view.model("pca", name, pca)  # exists?
@@ -82,27 +83,21 @@ def plan_query(view: StoreView, db: Path, index: str | None, descriptor: str | N
                     + ", ".join(e.name for e in entries))
 
 
-def average_query_expansion(queries: np.ndarray, neighbours: list[np.ndarray]) -> np.ndarray:
-    """Average QE (Kalantidis et al. sec.5.1, Chum et al. 2007): each query plus its top-M
-    post-processed results, L2-normalised."""
-    out = [q + nb.sum(axis=0) if len(nb) else q for q, nb in zip(queries, neighbours)]
-    return l2_normalize(np.asarray(out, dtype=np.float32))
-
-
-def _searcher(view: StoreView, db: Path, plan: QueryPlan, info, transform,
+def _searcher(view: StoreView, db: Path, plan: QueryPlan, source: VectorSource, transform,
               search_k: int | None):
     """A function (queries (q, d), k) -> per query [(row, cosine)], best first."""
     if plan.index is None:
-        return lambda q, k: topk_exact(q, view, info, transform, k)
+        return lambda q, k: topk_exact(q, view, source, transform, k)
     return AnnoySearcher(view, db, plan.index, search_k)
 
 
-def _stored_rows(view: StoreView, info, files: Sequence[Path]) -> list[int | None]:
+def _stored_rows(view: StoreView, source: VectorSource, files: Sequence[Path]
+                 ) -> list[int | None]:
     """Row of a valid stored image with the same content (file digest) as each query file."""
     if not files:
         return []
     sha = view.column("sha")
-    valid = view.valid(info.extractor)
+    valid = source.valid(view)
     out: list[int | None] = []
     for path in files:
         try:
@@ -125,54 +120,93 @@ def _check_query_file(path: Path) -> Path:
 
 
 def run_queries(db: Path, images: Sequence[Path], ids: Sequence[int], plan: QueryPlan, k: int,
-                bbox: tuple[float, float, float, float] | None = None, qe: int = 0,
-                device: str = "auto", search_k: int | None = None) -> list[QueryResult]:
+                bbox: tuple[float, float, float, float] | None = None,
+                qe: int | str | QueryExpansion | None = 0, device: str = "auto",
+                search_k: int | None = None, rerank: Ranker | None = None,
+                graph: str | None = None) -> list[QueryResult]:
     """Answer each query image (or stored id) with its top-k hits.
 
     A query file whose content is already in the store (same digest) uses the stored vector;
-    others are described exactly as ingest did.
+    others are described exactly as ingest did. `qe`: average QE with the top M (an int), or
+    alpha-QE (`alpha:A[,M]`). `rerank`: a re-ranker (diffusion, k-reciprocal) over the store's
+    current graph of this descriptor and model (`graph`: its version, default the newest), exactly
+    as `eval` ranks.
     """
     db = Path(db)
+    expansion = qe if isinstance(qe, QueryExpansion) else parse_qe(qe) if qe else None
+    if expansion is not None and rerank is not None:
+        raise UsageError("--qe and --rerank are two re-rankings; give one (eval compares them "
+                         "side by side)")
     files = [_check_query_file(p) for p in images]
     with open_read(db) as view:
-        info = view.descriptor(plan.descriptor)
-        valid = view.valid(info.extractor)
+        source = resolve(view, plan.descriptor)
+        valid = source.valid(view)
         for row in ids:
             if not 0 <= row < len(valid) or not valid[row]:
                 raise UserError(f"image id {row} is not an ingested image of this store "
                                 f"(ids 0..{len(valid) - 1}; see imgdb info)")
-        stored = _stored_rows(view, info, files) if bbox is None else [None] * len(files)
+        stored = _stored_rows(view, source, files) if bbox is None else [None] * len(files)
         lookup = list(ids) + [r for r in stored if r is not None]
-        stored_vecs = dict(zip(lookup, view.vectors(info, lookup))) if lookup else {}
+        stored_vecs = dict(zip(lookup, source.vectors(view, lookup))) if lookup else {}
         id_paths = view.paths(list(ids)) if ids else []
-        describer = None
+        describers = {}
         if any(r is None for r in stored):
             from .describe import QueryDescriber
 
-            describer = QueryDescriber(view, info.extractor, [(info.layer, info.pooling)], device)
+            describers = {ext: QueryDescriber(view, ext, source.wanted(ext), device)
+                          for ext in source.extractors}
     names = [*id_paths, *(str(p) for p in files)]
     sources = ["store"] * len(ids) + ["store" if r is not None else "extracted" for r in stored]
     raws = [stored_vecs[r] for r in ids]
     for path, row in zip(files, stored):  # network forwards: outside the store's lock
-        raws.append(stored_vecs[row] if row is not None
-                    else describer.vector(path, info.layer, info.pooling, bbox))
+        if row is not None:
+            raws.append(stored_vecs[row])
+        else:
+            raws.append(source.from_described(
+                {ext: d.describe(d.load(path, bbox)) for ext, d in describers.items()}))
     with open_read(db) as view:
-        info = view.descriptor(plan.descriptor)
-        transform, _ = post_processor(view, info.name, plan.model)
+        source = resolve(view, plan.descriptor)
+        transform, model = post_processor(view, source.name, plan.model)
         queries = transform.transform(np.asarray(raws, dtype=np.float32))
-        search = _searcher(view, db, plan, info, transform, search_k)
-        hits = search(queries, k)
-        if qe > 0:
-            tops = [sorted(r for r, _ in found[:qe]) for found in hits]
-            neighbours = [transform.transform(view.vectors(info, top)) if top else
-                          np.zeros((0, queries.shape[1]), np.float32) for top in tops]
-            hits = search(average_query_expansion(queries, neighbours), k)
+        if rerank is not None:
+            hits = _reranked(view, db, source, transform, model, queries, rerank, graph, k)
+        else:
+            search = _searcher(view, db, plan, source, transform, search_k)
+            hits = search(queries, k)
+            if expansion is not None:
+                tops = [found[:expansion.m] for found in hits]
+                neighbours = [transform.transform(source.vectors(view, [r for r, _ in top]))
+                              if top else np.zeros((0, queries.shape[1]), np.float32)
+                              for top in tops]
+                sims = [np.array([s for _, s in top], np.float32) for top in tops]
+                hits = search(expand(queries, neighbours, sims, expansion.alpha), k)
         paths = view.paths(np.array([r for found in hits for r, _ in found], np.int64))
     results, i = [], 0
-    for name, source, found in zip(names, sources, hits):
-        res = QueryResult(name, source)
+    for name, source_kind, found in zip(names, sources, hits):
+        res = QueryResult(name, source_kind)
         for rank, (r, score) in enumerate(found, start=1):
             res.hits.append(Hit(rank, int(r), float(score), paths[i]))
             i += 1
         results.append(res)
     return results
+
+
+def _reranked(view: StoreView, db: Path, source: VectorSource, transform, model,
+              queries: np.ndarray, ranker: Ranker, graph_version: str | None, k: int
+              ) -> list[list[tuple[int, float]]]:
+    """Rank the graph's items for each query with a re-ranker (what eval computes)."""
+    from .graph import find_graph, load_graph
+
+    gm = find_graph(view, db, source, model, graph_version, ranker.min_graph_k)
+    graph = load_graph(view, gm)
+    rows, raw = source.valid_vectors(view)
+    if not np.array_equal(rows, graph.rows):  # a current graph covers exactly the valid rows
+        raise UserError(f"graph {gm.id} does not cover the store's images; rebuild it")
+    coll = Collection(transform.transform(raw), graph)
+    bound = ranker.bind(coll)
+    return [[(int(graph.rows[p]), float(sc)) for p, sc in zip(r.order, r.scores)]
+            for r in bound.rank(queries, coll, top=k)]
+
+
+__all__ = ["Hit", "QueryResult", "QueryPlan", "plan_query", "run_queries",
+           "average_query_expansion"]
