@@ -14,9 +14,9 @@ What is measured (each with the code path named):
             phase breakdown (add_item loop incl. HDF5 reads / Annoy build / save / rest) taken by
             timestamping a subclass of annoy.AnnoyIndex (patched into the annoy module).
   warm      in-process, loaded once as `imgdb query` does: open_read -> plan_query ->
-            post_processor -> imgdb.retrieval.search._searcher; then each query is timed as
+            post_processor -> imgdb.retrieval.search.make_searcher; then each query is timed as
             run_queries does it (transform.transform + search(q, k)) -> p50 / p99 / mean ms.
-  exact     imgdb.retrieval.index.topk_exact through _searcher with no index (what `imgdb query --exact`
+  exact     imgdb.retrieval.index.topk_exact through make_searcher with no index (what `imgdb query --exact`
             runs), one query at a time, for a few queries: it streams the whole store.
   recall@10 Annoy (as above) against exact top-10 computed in numpy on the same L2-normalised
             vectors (one chunked pass over the store for all queries). Optionally also with
@@ -280,7 +280,7 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
 
 def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dict:
     from imgdb.retrieval.pca import post_processor
-    from imgdb.retrieval.search import QueryPlan, _searcher, plan_query
+    from imgdb.retrieval.search import QueryPlan, make_searcher, plan_query
     from imgdb.store import open_read
 
     out: dict = {}
@@ -291,7 +291,7 @@ def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dic
         info = view.descriptor(plan.descriptor)
         transform, _ = post_processor(view, info.name, plan.model)
         t = time.perf_counter()
-        search = _searcher(view, db, plan, info, transform, None)  # the CLI default search_k
+        search = make_searcher(view, db, plan, info, transform, None)  # the CLI default search_k
         out["searcher_load_s"] = time.perf_counter() - t
         t = time.perf_counter()
         view.content_hash(EXTRACTOR)
@@ -318,7 +318,7 @@ def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dic
         log(f"warm Annoy queries: p50 {out['latency_ms']['p50']:.3f} ms, "
             f"p99 {out['latency_ms']['p99']:.3f} ms over {len(lat)}")
 
-        exact = _searcher(view, db, QueryPlan(plan.descriptor, None, None), info, transform, None)
+        exact = make_searcher(view, db, QueryPlan(plan.descriptor, None, None), info, transform, None)
         ex_ids, ex_ms = [], []
         for q in queries[:args.exact_queries]:
             found, ms = one(q, exact)

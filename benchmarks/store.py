@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from imgdb.store import ImageRow, RowUpdate, StoreWriter  # noqa: E402
-from imgdb.store import journal  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # format 1 (imgdb 0.1), minimal and faithful

@@ -72,7 +72,7 @@ _PLUGINS = ("JpegImagePlugin", "PngImagePlugin", "GifImagePlugin", "BmpImagePlug
 
 
 @functools.lru_cache(maxsize=1)
-def _open_formats() -> tuple[str, ...]:
+def open_formats() -> tuple[str, ...]:
     """The allowed formats this Pillow build can read. Only their plugins are imported (each
     registers itself): Image.init() would import all forty, a cost every cold query pays."""
     import importlib
@@ -475,7 +475,7 @@ def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
             crop: tuple[float, float, float, float] | None) -> DecodedImage:
     """The decoding half of load_image (bytes in memory -> pixels at each scale)."""
     try:
-        with Image.open(io.BytesIO(data), formats=_open_formats()) as im:
+        with Image.open(io.BytesIO(data), formats=open_formats()) as im:
             sw, sh = im.size  # stored (pre-orientation) size, from the header
             if sw <= 0 or sh <= 0:
                 raise ImageError(f"invalid image size {sw}x{sh} in header")

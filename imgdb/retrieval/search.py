@@ -83,7 +83,7 @@ def plan_query(view: StoreView, db: Path, index: str | None, descriptor: str | N
                     + ", ".join(e.name for e in entries))
 
 
-def _searcher(view: StoreView, db: Path, plan: QueryPlan, source: VectorSource, transform,
+def make_searcher(view: StoreView, db: Path, plan: QueryPlan, source: VectorSource, transform,
               search_k: int | None):
     """A function (queries (q, d), k) -> per query [(row, cosine)], best first."""
     if plan.index is None:
@@ -171,7 +171,7 @@ def run_queries(db: Path, images: Sequence[Path], ids: Sequence[int], plan: Quer
         if rerank is not None:
             hits = _reranked(view, db, source, transform, model, queries, rerank, graph, k)
         else:
-            search = _searcher(view, db, plan, source, transform, search_k)
+            search = make_searcher(view, db, plan, source, transform, search_k)
             hits = search(queries, k)
             if expansion is not None:
                 tops = [found[:expansion.m] for found in hits]

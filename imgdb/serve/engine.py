@@ -526,10 +526,10 @@ def jpeg_bytes(data: bytes, side: int, max_pixels: int) -> bytes:
     """Image bytes -> an upright RGB JPEG at most `side` px a side (decoded with a pixel limit)."""
     from PIL import Image, ImageOps
 
-    from ..features.images import _open_formats
+    from ..features.images import open_formats
 
     try:
-        with Image.open(io.BytesIO(data), formats=_open_formats()) as im:
+        with Image.open(io.BytesIO(data), formats=open_formats()) as im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise RequestError(f"image of {im.size[0]}x{im.size[1]} pixels is over the "
                                    f"server's limit", 413)

@@ -387,9 +387,9 @@ def _slice_rows(view: StoreView, ds: h5py.Dataset, rows: np.ndarray, lo: int, hi
     """A row-aligned dataset at `rows` (all within lo..hi-1): one slice read when they are
     dense, else the rows themselves."""
     if hi - lo <= 4 * len(rows) + 1024:
-        return view._read(ds.name, ds, slice(lo, hi))[rows - lo]
+        return view.read_dataset(ds, slice(lo, hi))[rows - lo]
     uniq, inverse = np.unique(rows, return_inverse=True)
-    return view._read(ds.name, ds, uniq)[inverse]
+    return view.read_dataset(ds, uniq)[inverse]
 
 
 def _segments(view: StoreView, g: h5py.Group, start: np.ndarray, count: np.ndarray
@@ -408,8 +408,8 @@ def _segments(view: StoreView, g: h5py.Group, start: np.ndarray, count: np.ndarr
                 max(hi, int(start[have[j + 1]] + count[have[j + 1]])) - lo <= limit:
             j += 1
             hi = max(hi, int(start[have[j]] + count[have[j]]))
-        feats = view._read(f"{g.name}/features", g["features"], slice(lo, hi))
-        coords = view._read(f"{g.name}/coords", g["coords"], slice(lo, hi))
+        feats = view.read_dataset(g["features"], slice(lo, hi))
+        coords = view.read_dataset(g["coords"], slice(lo, hi))
         for k in have[i:j + 1]:
             a = int(start[k]) - lo
             out[k] = (feats[a:a + int(count[k])], coords[a:a + int(count[k])])

@@ -114,6 +114,10 @@ class StoreView:
         with guarded(what, self.path):
             return ds[sel]
 
+    def read_dataset(self, ds: h5py.Dataset, sel=slice(None)) -> np.ndarray:
+        """`ds[sel]` of one of this store's datasets; damage becomes a StoreDamaged naming it."""
+        return self._read(ds.name, ds, sel)
+
     # -- images ------------------------------------------------------------------------------
     def _text(self, group: h5py.Group, name: str, rows: np.ndarray | None,
               decode=decode_path) -> list[str]:
