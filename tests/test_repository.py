@@ -1,0 +1,67 @@
+"""The repository stands alone and its documents stay true: CI runs the README's test command,
+nothing names a file outside the repository, every command is documented with an example, and
+the committed shell completions are what the app generates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from imgdb.cli.app import app
+from imgdb.completions import SHELLS, completion_script
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _commands() -> list[str]:
+    """Every command path of the app, e.g. 'ingest', 'fit pca', 'index build'."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    out = []
+    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+        sub = getattr(cmd, "commands", None)
+        out += [f"{name} {s}" for s in sub] if sub else [name]
+    return out
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    block = README.split("```bash", 1)[1].split("```", 1)[0]
+    lines = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 2, lines  # the demo, then the tests
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.startswith("#")]
+    assert ci[-1] == lines[1]
+    assert "pytest" in lines[1] and "imgdb.demo" in lines[0]
+
+
+@pytest.mark.parametrize("folder", ["imgdb", "tests", "docs", "benchmarks", ".ci"])
+def test_nothing_names_a_file_outside_the_repository(folder: str) -> None:
+    outside = re.compile(r"DESIGN\.md|\.\./shared|/work/shared|shared/(data|seeds|hooks)")
+    found = []
+    files = [ROOT / "README.md"] if folder == "imgdb" else []
+    for path in [*(ROOT / folder).rglob("*"), *files]:
+        if path.is_file() and path.suffix in (".py", ".md", ".toml", ".txt", "") \
+                and "data" not in path.relative_to(ROOT).parts[1:2]:
+            text = path.read_text(errors="replace")
+            if path.name != "test_repository.py":
+                found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in outside.finditer(text)]
+    assert not found
+
+
+def test_every_command_is_documented_with_an_example() -> None:
+    commands = _commands()
+    assert {"ingest", "info", "check", "repair", "merge", "fit pca", "index build", "query",
+            "eval", "serve", "explain"} <= set(commands)
+    missing = [c for c in commands if not re.search(rf"^imgdb {re.escape(c)}\b", README, re.M)]
+    assert not missing, f"README has no example line starting 'imgdb <command>' for {missing}"
+
+
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_committed_completions_are_current(shell: str) -> None:
+    committed = (ROOT / "completions" / SHELLS[shell]).read_text()
+    assert committed == completion_script(shell), \
+        "regenerate: python -m imgdb.completions completions/"
