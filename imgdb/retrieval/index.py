@@ -19,7 +19,6 @@ every shard and merges their top-k.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from ..digest import file_digest
 from ..errors import DiskFull, StoreDamaged, UsageError, UserError
 from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
+from ..store.indexfiles import IndexFile, index_files, stamp_path, verify_file
 from .pca import model_version, post_processor
 from .source import VectorSource, resolve
 
@@ -78,67 +78,6 @@ def registered_file(db: Path, entry: IndexEntry) -> Path:
 
 def shard_file(db: Path, name: str, i: int, n: int) -> Path:
     return db.with_name(f"{db.name}.{name}.{i}of{n}.ann")
-
-
-@dataclass(frozen=True)
-class IndexFile:
-    """One Annoy file of an index (the only one, or a shard): name, bytes, digest, items."""
-
-    file: str
-    bytes: int
-    hash: str
-    items: int
-
-
-def index_files(attrs: dict) -> list[IndexFile]:
-    """The files of a registered index, in shard order (one for an unsharded index)."""
-    if int(attrs.get("shards", 1)) > 1:
-        return [IndexFile(str(f), int(b), str(h), int(n)) for f, b, h, n in
-                zip(attrs["shard_files"], attrs["shard_bytes"], attrs["shard_hashes"],
-                    attrs["shard_items"])]
-    return [IndexFile(str(attrs["file"]), int(attrs["file_bytes"]), str(attrs["file_hash"]),
-                      int(attrs["items"]))]
-
-
-# ---------------------------------------------------------------------------------------------
-# integrity
-
-
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".ok")
-
-
-def _file_state(st: os.stat_result) -> dict:
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns}
-
-
-def verify_file(path: Path, size: int, digest: str, full: bool = False) -> str | None:
-    """None when the file is the one recorded, else what is wrong. `full` always re-digests;
-    otherwise a stamp of an earlier full check is trusted while the file's state is unchanged."""
-    try:
-        st = path.stat()
-    except OSError:
-        return f"index file {path.name} is missing"
-    if st.st_size != size:
-        return f"index file {path.name} has {st.st_size} bytes, {size} were written"
-    state = dict(_file_state(st), digest=digest)
-    stamp = _stamp_path(path)
-    if not full:
-        try:
-            if json.loads(stamp.read_text()) == state:
-                return None
-        except (OSError, ValueError):
-            pass
-    if file_digest(path) != digest:
-        return f"index file {path.name} does not match the digest recorded when it was built"
-    try:
-        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, stamp)
-    except OSError:
-        pass  # a read-only folder: verify in full every time
-    return None
 
 
 def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
@@ -274,7 +213,7 @@ def _registered_files(writer: StoreWriter, db: Path, name: str) -> set[Path]:
 def _remove_files(paths) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
-        _stamp_path(p).unlink(missing_ok=True)
+        stamp_path(p).unlink(missing_ok=True)
 
 
 def _build_shard(db: str, descriptor: str, model: str | None, lo: int, hi: int, trees: int,

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import StoreError, UserError
 from . import journal, lock
+from .indexfiles import index_files, verify_file
 from .reader import check_exists, plain
 from .schema import (EXTRACTOR_FIELDS, FORMAT, FORMAT_VERSION, IMAGE_COLUMNS, IMAGE_TEXT,
                      STATE_COMPUTED, STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_LOST,
@@ -291,7 +292,6 @@ def _check_structure(fh: h5py.File, n: int, report: CheckReport) -> None:
 
 
 def _check_indexes(fh: h5py.File, db: Path, report: CheckReport) -> None:
-    from ..retrieval.index import index_files, verify_file
 
     if "indexes" not in fh:
         return
@@ -553,7 +553,6 @@ def _copy_models(src: _Source, out: h5py.File, report: RepairReport) -> None:
 
 
 def _copy_indexes(src: _Source, out: h5py.File, db: Path, report: RepairReport) -> None:
-    from ..retrieval.index import index_files, verify_file
 
     if "indexes" not in src.fh:
         return
