@@ -180,4 +180,4 @@ def test_ray_options_are_checked(tmp_path: Path, cluster) -> None:
     assert proc.returncode == 2 and "go with --engine ray" in proc.stderr
     proc = run_cli("ingest", str(photos), "--db", str(tmp_path / "x.h5"), "--engine", "spark",
                    check=False)
-    assert proc.returncode == 2 and "--engine must be local or ray" in proc.stderr
+    assert proc.returncode == 2 and "'spark' is not one of 'local', 'ray'" in proc.stderr

@@ -96,7 +96,10 @@ def run_py(code: str, *args: str, check: bool = True, env: dict | None = None,
 # the overlay: the same bytes as a plain file, whatever the sequence of operations
 
 
-def _overlay_case(tmp_path: Path, seed: int) -> None:
+def _overlay_case(tmp_path: Path, seed: int, fail_writes: bool = False) -> None:
+    """Random writes, reads and truncates on an overlay and on a plain file agree. With
+    `fail_writes`, from a random operation on every write of new bytes to the file fails (as
+    on a full disk): the overlay keeps them in memory and still agrees."""
     rng = random.Random(seed)
     base = rng.choice([0, 100, 4096, 5000, 3 * 4096 + 17])
     garbage = rng.randrange(0, 9000)  # bytes past the committed end: must never show
@@ -117,7 +120,10 @@ def _overlay_case(tmp_path: Path, seed: int) -> None:
     plain = tmp_path / f"plain{seed}.bin"
     plain.write_bytes(content)
     model = open(plain, "r+b", buffering=0)  # the reference: a plain file
-    for _ in range(rng.randrange(5, 60)):
+    fail_from = rng.randrange(0, 20) if fail_writes else -1
+    for i in range(rng.randrange(5, 60)):
+        if i == fail_from:
+            ov.fd = os.open(store, os.O_RDONLY)  # every write to the file fails from now on
         op = rng.random()
         if op < 0.45:
             at = rng.randrange(0, base + 12_000)
@@ -141,8 +147,13 @@ def _overlay_case(tmp_path: Path, seed: int) -> None:
         ov.seek(0, 2)
         assert ov.tell() == os.fstat(model.fileno()).st_size
     # a commit's records (plus the new bytes already in the file) turn the file into the model
+    if ov.fd != fd:  # (a commit with a failing file is refused before it writes: not here)
+        os.close(ov.fd)
+        ov.fd = fd
     model.close()
     final = plain.read_bytes()
+    for p, data in ov.under.items():  # the previous commit's pages, applied by that commit
+        journal._pwritev_all(fd, [data], p * journal.PAGE)
     t_off, t_len = ov.direct_tail()
     for offset, parts in ov.records():
         journal._pwritev_all(fd, parts, offset)
@@ -158,6 +169,12 @@ def _overlay_case(tmp_path: Path, seed: int) -> None:
 @pytest.mark.parametrize("seed", range(60))
 def test_overlay_reads_writes_truncates_like_a_file(tmp_path: Path, seed: int) -> None:
     _overlay_case(tmp_path, seed)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_overlay_keeps_new_bytes_in_memory_when_the_file_refuses_them(tmp_path: Path,
+                                                                      seed: int) -> None:
+    _overlay_case(tmp_path, 1000 + seed, fail_writes=True)
 
 
 def test_lookup3_matches_hdf5_superblock_checksum(tmp_path: Path) -> None:

@@ -37,8 +37,9 @@ def serve(
 
     Example: imgdb serve --db photos.h5   (then open http://127.0.0.1:8000/)
     """
-    if not db.is_file():
-        raise UserError(f"no store at {db}")
+    from ..store.reader import check_exists
+
+    check_exists(db)  # before the server starts: the same one line as every other command
     try:
         from ..serve.app import serve as run_server
     except ImportError as exc:

@@ -364,6 +364,31 @@ class Overlay(io.RawIOBase):
             self._pwrite(memoryview(zeros)[:take], start)
             start += take
 
+    def _keep(self, t: int, src: memoryview) -> None:
+        """Keep new bytes in memory, `t` bytes past `base`."""
+        done, n = 0, len(src)
+        while done < n:
+            b, w = divmod(t, TAIL_BLOCK)
+            take = min(TAIL_BLOCK - w, n - done)
+            blk = self.blocks.get(b)
+            if blk is None:
+                blk = self.blocks[b] = bytearray(TAIL_BLOCK)
+            blk[w:w + take] = src[done:done + take]
+            done += take
+            t += take
+
+    def _spill(self, at: int) -> None:
+        """A write of new bytes to the file failed (disk full, file-size limit, I/O error):
+        keep every new byte from `at` on in memory instead. HDF5 never sees the failure (a
+        driver error inside HDF5, e.g. while it frees an object, can crash the process); the
+        commit then measures the room it needs and refuses cleanly, or writes it."""
+        lo = min(at, self.hwm)
+        if self.hwm > lo:  # bytes this overlay already wrote at and past `lo`: into memory
+            buf = bytearray(self.hwm - lo)
+            self._pread_into(memoryview(buf), lo, self.hwm)
+            self._keep(lo - self.base, memoryview(buf))
+        self.direct_end = self.hwm = lo
+
     def write(self, data) -> int:
         src = memoryview(data).cast("B")
         n = len(src)
@@ -371,22 +396,17 @@ class Overlay(io.RawIOBase):
         while done < n:
             at = self.pos + done
             if at >= self.direct_end:
-                t = at - self.base
-                while done < n:
-                    b, w = divmod(t, TAIL_BLOCK)
-                    take = min(TAIL_BLOCK - w, n - done)
-                    blk = self.blocks.get(b)
-                    if blk is None:
-                        blk = self.blocks[b] = bytearray(TAIL_BLOCK)
-                    blk[w:w + take] = src[done:done + take]
-                    done += take
-                    t += take
+                self._keep(at - self.base, src[done:])
                 break
             if at >= self.base:
                 take = min(n - done, self.direct_end - at)
-                if at > self.hwm:  # a hole below this write reads as zeros
-                    self._zero_file(self.hwm, at)
-                self._pwrite(src[done:done + take], at)
+                try:
+                    if at > self.hwm:  # a hole below this write reads as zeros
+                        self._zero_file(self.hwm, at)
+                    self._pwrite(src[done:done + take], at)
+                except OSError:
+                    self._spill(at)  # from here on in memory: the loop goes on there
+                    continue
                 self.hwm = max(self.hwm, at + take)
                 done += take
                 continue
