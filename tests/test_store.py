@@ -925,3 +925,19 @@ def test_format_1_is_refused_with_the_upgrade_command_and_repair_upgrades(tmp_pa
                  {("head", "sum"): np.ones((1, 4), np.float32)})
         assert w.save_model("pca", "ext/head/sum", {"mean": np.zeros(1)}, {}).version == "v2"
     assert snapshot(path)["rows"] == 9
+
+
+@pytest.mark.parametrize("limit_room", [0, 700_000, 2_000_000, None])
+def test_a_journal_is_never_placed_inside_its_commits_own_data(limit_room) -> None:
+    """The case a file-size limit found: the previous journal ends below this commit's data end,
+    and only a spot right after that journal fits the limit. That spot lies inside the new data
+    (applying the commit would overwrite its own journal), so it must never be chosen."""
+    import resource
+
+    prev = journal.JournalRef(offset=679_936, length=15_968, crc=0)
+    data_end, length = 865_297, 685_846
+    limit = resource.RLIM_INFINITY if limit_room is None else data_end + limit_room
+    at = journal._place(data_end, journal.MIN_GAP, length, prev, limit)
+    assert at >= data_end and not journal._overlaps(at, at + length, prev)
+    if limit_room is None or limit_room >= journal.MIN_GAP + length + 8192:
+        assert at >= data_end + journal.MIN_GAP  # room for the next commits' direct writes

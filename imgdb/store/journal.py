@@ -817,8 +817,8 @@ def _place(data_end: int, gap: int, length: int, avoid: JournalRef | None, limit
     need); preferably `gap` bytes on (room for the next commits' new bytes to go straight to
     the file), else as low as possible; within the file-size limit when it can be."""
     candidates = [_align(data_end + gap), _align(data_end)]
-    if avoid is not None:
-        candidates.append(_align(avoid.end))
+    if avoid is not None:  # just past it, but never inside this commit's own data
+        candidates.append(_align(max(data_end, avoid.end)))
     free = [c for c in candidates if not _overlaps(c, c + length, avoid)]
     fitting = [c for c in free if limit == resource.RLIM_INFINITY or c + length <= limit]
     return (fitting or free)[0]
