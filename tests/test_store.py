@@ -927,7 +927,7 @@ def test_format_1_is_refused_with_the_upgrade_command_and_repair_upgrades(tmp_pa
     assert snapshot(path)["rows"] == 9
 
 
-@pytest.mark.parametrize("limit_room", [0, 700_000, 2_000_000, None])
+@pytest.mark.parametrize("limit_room", [0, 600_000, 700_000, 2_000_000, None])
 def test_a_journal_is_never_placed_inside_its_commits_own_data(limit_room) -> None:
     """The case a file-size limit found: the previous journal ends below this commit's data end,
     and only a spot right after that journal fits the limit. That spot lies inside the new data
