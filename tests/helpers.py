@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import zlib
@@ -85,3 +86,20 @@ def make_bad_files(folder: Path, good_photo: Path) -> dict[str, bool]:
     put("rotated.jpg", True, image=photo, format="JPEG", exif=exif.tobytes())
     put("café ü 東京.jpg", True, data=jpeg)
     return out
+
+
+def chromium_or_skip() -> str:
+    """The headless browser's path. Without one the test is skipped, except under
+    IMGDB_REQUIRE_BROWSER=1 (CI's setting), where it fails."""
+    import shutil
+
+    import pytest
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    message = "no headless browser installed (apt-get install chromium)"
+    if os.environ.get("IMGDB_REQUIRE_BROWSER") == "1":
+        pytest.fail(message + "; IMGDB_REQUIRE_BROWSER=1 requires one")
+    pytest.skip(message)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import COIL, run_cli
+from helpers import COIL, chromium_or_skip, run_cli
 from imgdb.store import open_read
 
 DESC = "head/gem-p3"
@@ -132,9 +132,7 @@ def test_bbox_qe_html(coil_store, tmp_path: Path) -> None:
     run_cli("query", str(query_image), "--db", str(db), "-k", "4", "--html", str(page))
     text = page.read_text()
     assert text.count("<img") == 5 and "data:image/jpeg;base64," in text
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not chromium:
-        pytest.skip("no headless browser installed (apt-get install chromium) to render the page")
+    chromium = chromium_or_skip()
     probe = tmp_path / "probe.html"
     probe.write_text(text.replace("</body>", """<script>
       window.addEventListener('load', () => {

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_cli
+from helpers import chromium_or_skip, run_cli
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 skimage_data = pytest.importorskip("skimage.data")
@@ -396,11 +396,7 @@ def ranking_of(body: dict) -> list[tuple[int, float]]:
 
 
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("no chromium binary on this machine (apt-get install chromium); CI installs it")
+    return chromium_or_skip()
 
 
 @pytest.fixture(scope="module")
