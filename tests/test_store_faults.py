@@ -767,6 +767,8 @@ WRITING = {
                lambda db: table(db)),
     "fit pca": (lambda db, extra: ["fit", "pca", "--db", db, "--descriptor", HEAD_SUM,
                                    "--dims", "3"], lambda db: _latest(db, "pca")),
+    "fit graph": (lambda db, extra: ["fit", "graph", "--db", db, "--descriptor", HEAD_SUM,
+                                     "--k", "3", "--quiet"], lambda db: _latest(db, "graph")),
     "fit codebook": (lambda db, extra: ["fit", "codebook", "--db", db, "--local", "block5",
                                         "--method", "vlad", "--k", "3", "--no-rotate",
                                         "--quiet"], lambda db: _latest(db, "codebook")),

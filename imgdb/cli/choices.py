@@ -31,6 +31,14 @@ class Backbone(Choice):
     efficientnet_lite2 = "efficientnet_lite2"
 
 
+class GraphMethod(Choice):
+    """How `fit graph` finds each image's neighbours."""
+
+    auto = "auto"
+    exact = "exact"
+    annoy = "annoy"
+
+
 class Engine(Choice):
     """Who runs an ingest: this machine, or a Ray cluster (Ray Data)."""
 

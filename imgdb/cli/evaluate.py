@@ -10,8 +10,8 @@ import typer
 from ..errors import UsageError
 from .choices import Protocol, QueryMode
 from .options import (Db, Descriptors, Device, EvalDims, GroupRegex, Json, Power, ProtocolOpt,
-                      QueryExpansion, QueryModeOpt, existing_dir, existing_path, output_dir,
-                      store_file)
+                      QueryExpansions, QueryModeOpt, Reranks, existing_dir, existing_path,
+                      output_dir, store_file)
 from .render import emit, eval_output, say
 
 
@@ -65,7 +65,8 @@ def eval_(
         "--no-whiten", help="PCA rotation without whitening.")] = False,
     power: Power = None,
     query_mode: QueryModeOpt = QueryMode.full,
-    qe: QueryExpansion = 0,
+    qe: QueryExpansions = None,
+    rerank: Reranks = None,
     queries: Annotated[Optional[Path], typer.Option(
         "--queries", parser=existing_dir, metavar="DIR",
         help="Folder of query images (never added to the store).")] = None,
@@ -83,6 +84,8 @@ def eval_(
     """Evaluate descriptors on a benchmark's ground truth and print the papers' table.
 
     Example: imgdb eval --db oxford5k.h5 --gt gt_files_170407/ --pca-from paris6k.h5 --dims 512,256
+
+    Re-rankings are rows of their own beside L2: --rerank diffusion --rerank kreciprocal --qe 5
     """
     from ..evaluation.evaluate import EvalOptions, run_eval
 
@@ -91,7 +94,8 @@ def eval_(
                        as_json, as_csv)
     opts = EvalOptions(descriptors=descriptor, dims=list(dims or []), pca_on_test=pca_on_test,
                        pca_from=pca_from or [], whiten=not no_whiten, power=power,
-                       query_mode=query_mode.value, qe=qe, queries_dir=queries,
+                       query_mode=query_mode.value, qe=list(qe or []),
+                       rerank=list(rerank or []), queries_dir=queries,
                        queries_db=queries_db, protocol=protocol.value, group_regex=group_regex,
                        device=device)
     result = run_eval(db, gt, opts)

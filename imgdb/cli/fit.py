@@ -1,4 +1,5 @@
-"""Models kept in the store: `imgdb fit pca`, `fit codebook`, and `encode` (apply a codebook)."""
+"""Models kept in the store: `imgdb fit pca`, `fit codebook`, `fit graph`, and `encode` (apply
+a codebook)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError
-from .choices import Aggregate
+from .choices import Aggregate, GraphMethod
 from .options import (AggregateOpt, CodebookDims, CodebookK, CodebookPower, Db, Descriptor,
-                      Device, Drop, EncodePower, Json, LocalKey, MaxFeatures, MethodOpt, PcaD,
-                      PcaDims, Power, PresetOpt, Quiet, Seed, SourceStore)
-from .render import codebook_model_output, emit, encode_output, pca_model_output, say
+                      Device, Drop, EncodePower, Json, LocalKey, MaxFeatures, MethodOpt,
+                      ModelVersion, PcaD, PcaDims, Power, PresetOpt, Quiet, Seed, SourceStore,
+                      integer, number)
+from .render import (codebook_model_output, emit, encode_output, graph_model_output,
+                     pca_model_output, say)
 
 fit_app = typer.Typer(help="Fit post-processing models (kept, versioned, inside the store).",
                       no_args_is_help=True)
@@ -77,6 +80,48 @@ def fit_codebook(
     emit(codebook_model_output(model), as_json)
 
 
+@fit_app.command("graph")
+def fit_graph(
+    db: Db,
+    descriptor: Descriptor,
+    pca: ModelVersion = "none",
+    k: Annotated[int, typer.Option(
+        "--k", parser=integer(1, 1000), metavar="K",
+        help="Neighbours kept per image, 1-1000 (re-rankings use at most this many).")] = 10,
+    gamma: Annotated[float, typer.Option(
+        "--gamma", parser=number(0.0, above=True), metavar="G",
+        help="Affinity exponent: edge weight = similarity^G (Iscen et al.), > 0.")] = 3.0,
+    method: Annotated[GraphMethod, typer.Option(
+        "--method", case_sensitive=False,
+        help="exact (every pair, in blocks), annoy (the descriptor's current Annoy index), or "
+             "auto (annoy when there is one).")] = GraphMethod.auto,
+    search_k: Annotated[Optional[int], typer.Option(
+        "--search-k", parser=integer(1), metavar="N",
+        help="Annoy candidates per image with --method annoy (default: (K+1) x trees).")] = None,
+    threads: Annotated[int, typer.Option(
+        "--threads", parser=integer(1, 256), metavar="N",
+        help="Annoy search threads, 1-256.")] = 1,
+    quiet: Quiet = False,
+    as_json: Json = False,
+) -> None:
+    """The kNN graph of every stored image (for --rerank diffusion|kreciprocal); a new version.
+
+    Example: imgdb fit graph --db photos.h5 --descriptor head/gem-p3 --k 10
+    """
+    from ..retrieval.graph import fit_graph as fit
+    from .progress import ProgressReporter
+
+    if search_k is not None and method is GraphMethod.exact:
+        raise UsageError("--search-k tunes the Annoy search; --method exact compares every pair")
+    reporter = ProgressReporter(enabled=not quiet and not as_json, description="graph")
+    with reporter:
+        model = fit(db, descriptor, pca, k, gamma, method.value, search_k, threads,
+                    log=None if quiet or as_json else say,
+                    progress=lambda done, total: (reporter.start(total),
+                                                  reporter.update(done, total)))
+    emit(graph_model_output(model), as_json)
+
+
 def encode(
     db: Db,
     codebook: Annotated[str, typer.Option(
@@ -112,6 +157,6 @@ def encode(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `imgdb fit pca|codebook` and `imgdb encode`."""
+    """Add `imgdb fit pca|codebook|graph` and `imgdb encode`."""
     app.add_typer(fit_app, name="fit")
     app.command()(encode)

@@ -293,6 +293,38 @@ def _complete_weights(incomplete: str) -> list[str]:
     return found
 
 
+def graph_version(text: str) -> str:
+    """`--graph`: a graph model version vN (or N), or latest."""
+    spec = model_version(text)
+    if spec == "none":
+        raise _bad("a re-ranking needs a graph: give vN (see imgdb models) or latest")
+    return spec
+
+
+def qe_spec(text: str) -> str:
+    """`--qe`: M (average QE) or alpha:A[,M] (alpha-QE), checked by the re-ranking library."""
+    from ..errors import UserError
+    from ..retrieval.rerank import parse_qe
+
+    try:
+        parse_qe(text)
+    except UserError as exc:
+        raise _bad(str(exc).removeprefix("--qe ")) from None
+    return str(text).strip()
+
+
+def rerank_spec(text: str) -> str:
+    """`--rerank`: diffusion[:KEY=VALUE,...] or kreciprocal[:KEY=VALUE,...]."""
+    from ..errors import UserError
+    from ..retrieval.rerank import parse_rerank
+
+    try:
+        parse_rerank(text)
+    except UserError as exc:
+        raise _bad(str(exc).removeprefix("--rerank ")) from None
+    return str(text).strip()
+
+
 # --------------------------------------------------------------------------------------------
 # the aliases
 
@@ -425,9 +457,26 @@ Trees = Annotated[int, typer.Option("--trees", parser=integer(1), metavar="N",
                                     help="Annoy trees, >= 1 (more: better recall).")]
 TopK = Annotated[int, typer.Option("-k", "--top", parser=integer(1), metavar="K",
                                    help="Results per query, >= 1.")]
-QueryExpansion = Annotated[int, typer.Option(
-    "--qe", parser=integer(0), metavar="M",
-    help="Average query expansion with the top M results, >= 0 (0: none).")]
+QueryExpansion = Annotated[str, typer.Option(
+    "--qe", parser=qe_spec, metavar="M|alpha:A[,M]",
+    help="Query expansion: M = average QE with the top M results (0: none); alpha:A[,M] = "
+         "alpha-QE, neighbours weighted by similarity^A (Radenovic et al.).")]
+QueryExpansions = Annotated[Optional[List[str]], typer.Option(
+    "--qe", parser=qe_spec, metavar="M|alpha:A[,M]",
+    help="Query expansion, each its own row beside L2 (repeatable): M = average QE with the "
+         "top M; alpha:A[,M] = alpha-QE.")]
+Rerank = Annotated[Optional[str], typer.Option(
+    "--rerank", parser=rerank_spec, metavar="diffusion[:k=K,...]|kreciprocal[:k1=..,...]",
+    help="Re-rank with the store's kNN graph (imgdb fit graph): diffusion (Iscen et al.) or "
+         "kreciprocal (Zhong et al.); options after ':' as KEY=VALUE.")]
+Reranks = Annotated[Optional[List[str]], typer.Option(
+    "--rerank", parser=rerank_spec, metavar="diffusion[:...]|kreciprocal[:...]",
+    help="Re-ranking, each its own row beside L2 (repeatable): diffusion[:k=K,alpha=A,gamma=G,"
+         "iter=N] or kreciprocal[:k1=K1,k2=K2,lambda=L].")]
+GraphVersion = Annotated[Optional[str], typer.Option(
+    "--graph", parser=graph_version, metavar="vN|latest",
+    help="Graph model version for --rerank (default: the newest current one; see imgdb "
+         "models).")]
 SearchK = Annotated[Optional[int], typer.Option(
     "--search-k", parser=integer(1), metavar="N",
     help="Annoy candidates to inspect, >= 1 (default max(10000, k x trees)); more: better "

@@ -8,8 +8,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..errors import UsageError
-from .options import (Bbox, Db, Device, Json, OptDescriptor, OptModelVersion, QueryExpansion,
-                      SearchK, TopK, integer, output_file)
+from .options import (Bbox, Db, Device, GraphVersion, Json, OptDescriptor, OptModelVersion,
+                      QueryExpansion, Rerank, SearchK, TopK, integer, output_file)
 from .render import emit, query_output
 
 
@@ -23,10 +23,19 @@ def query_image(text: str) -> Path:
 
 
 def _check_combination(images: list, ids: list, index: Optional[str], descriptor: Optional[str],
-                       pca: Optional[str], exact: bool, bbox, search_k: Optional[int]) -> None:
+                       pca: Optional[str], exact: bool, bbox, search_k: Optional[int],
+                       qe: str = "0", rerank: Optional[str] = None,
+                       graph: Optional[str] = None) -> None:
     """Options that would be ignored in this combination are refused (exit 2)."""
     if not images and not ids:
         raise UsageError("give at least one IMAGE or --id N")
+    if rerank is not None and qe != "0":
+        raise UsageError("--qe and --rerank are two re-rankings; give one (imgdb eval compares "
+                         "them side by side)")
+    if graph is not None and rerank is None:
+        raise UsageError("--graph chooses the graph of --rerank; give --rerank too")
+    if rerank is not None and search_k is not None:
+        raise UsageError("--search-k tunes the Annoy search; --rerank ranks the whole graph")
     if index and descriptor:
         raise UsageError("--index and --descriptor both choose what to search; give one")
     if index and pca is not None:
@@ -55,7 +64,9 @@ def query(
         "--id", parser=integer(0), metavar="N",
         help="Query by stored image id, >= 0 (repeatable).")] = None,
     bbox: Bbox = None,
-    qe: QueryExpansion = 0,
+    qe: QueryExpansion = "0",
+    rerank: Rerank = None,
+    graph: GraphVersion = None,
     search_k: SearchK = None,
     device: Device = "auto",
     html_out: Annotated[Optional[Path], typer.Option(
@@ -65,17 +76,23 @@ def query(
 ) -> None:
     """Find the images most similar to each query image.
 
-    Example: imgdb query ~/Desktop/that.jpg --db photos.h5 -k 20
+    Example: imgdb query ~/Desktop/that.jpg --db photos.h5 -k 20 --rerank diffusion
     """
     from ..retrieval.search import plan_query, run_queries
     from ..store import open_read
 
     images, ids = list(images or []), list(ids or [])
-    _check_combination(images, ids, index, descriptor, pca, exact, bbox, search_k)
+    _check_combination(images, ids, index, descriptor, pca, exact, bbox, search_k, qe, rerank,
+                       graph)
     with open_read(db) as view:
-        plan = plan_query(view, db, index, descriptor, pca, exact)
+        plan = plan_query(view, db, index, descriptor, pca, exact or rerank is not None)
+    ranker = None
+    if rerank is not None:
+        from ..retrieval.rerank import parse_rerank
+
+        ranker = parse_rerank(rerank)
     results = run_queries(db, images, ids, plan, k, tuple(bbox) if bbox else None, qe, device,
-                          search_k)
+                          search_k, rerank=ranker, graph=graph)
     if html_out is not None:
         from ..retrieval.gallery import write_gallery
 

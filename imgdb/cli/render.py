@@ -258,6 +258,15 @@ def pca_model_output(model) -> Output:
     return Output({"model": model.id, "version": model.version, **a}, [line])
 
 
+def graph_model_output(model) -> Output:
+    """`imgdb fit graph`: the new graph version and its provenance."""
+    a = model.attrs
+    line = (f"{model.id}: {a['k']}-NN graph of {a['image_count']} images ({a['edges']} mutual "
+            f"edges), model {a['pca']}, gamma {a['gamma']:g}, {a['method']}, "
+            f"{a['seconds']:.2f}s")
+    return Output({"model": model.id, "version": model.version, **a}, [line])
+
+
 def codebook_model_output(model) -> Output:
     """`imgdb fit codebook`: the new codebook version and its provenance."""
     a = model.attrs
@@ -274,16 +283,23 @@ def encode_output(summary) -> Output:
     return Output(data, [summary.line()])
 
 
-def models_output(models: Sequence) -> Output:
-    """`imgdb models`: every model with its provenance."""
+def models_output(models: Sequence, stale: dict | None = None) -> Output:
+    """`imgdb models`: every model with its provenance (graphs: current, or stale and why)."""
+    stale = stale or {}
     data = [{"id": m.id, "kind": m.kind, "descriptor": m.descriptor, "version": m.version,
-             **m.attrs} for m in models]
+             **m.attrs, **({"current": stale[m.id] is None, "stale_reason": stale[m.id]}
+                           if m.id in stale else {})} for m in models]
     lines = []
     if not models:
         lines.append("no models (fit one with: imgdb fit pca --db STORE --descriptor DESCRIPTOR)")
     for m in models:
         a = m.attrs
-        if m.kind == "codebook":
+        if m.kind == "graph":
+            lines.append(f"{m.id}  k={a.get('k')} gamma={a.get('gamma')} model={a.get('pca')} "
+                         f"images={a.get('image_count')} method={a.get('method')} "
+                         f"created={a.get('created')}  "
+                         f"{'STALE: ' + stale[m.id] if stale.get(m.id) else 'current'}")
+        elif m.kind == "codebook":
             lines.append(f"{m.id}  method={a.get('method')} k={a.get('k')} "
                          f"local-pca={a.get('pca_d') or '-'} dims={a.get('dims')} "
                          f"images={a.get('image_count')} from={a.get('fitted_on')} "
@@ -370,6 +386,9 @@ def eval_rows(result) -> tuple[list[str], list[tuple[str, dict[str, float]]]]:
             columns.append(col)
         method = (f"{c.descriptor} ({c.dims}-D)" if c.whitening == "none"
                   else f"{c.descriptor} [{c.whitening}]")
+        ranking = c.ranking
+        if ranking != "L2":  # a re-ranking: its own row under the L2 row
+            method += f" + {ranking}"
         rows.setdefault(method, {})[col] = c.ns if c.ns is not None else c.summary.mAP
     return columns, list(rows.items())
 
@@ -418,7 +437,7 @@ def eval_data(result) -> dict:
         "missing_positives": result.missing_positives,
         "results": [{
             "descriptor": c.descriptor, "whitening": c.whitening, "dims": c.dims, "setup": c.setup,
-            "mAP": _nan_or(c.summary.mAP),
+            "ranking": c.ranking, "mAP": _nan_or(c.summary.mAP),
             "mP": {str(k): _nan_or(v) for k, v in c.summary.mP.items()},
             "ns_score": _nan_or(c.ns),
             "queries_evaluated": c.summary.n_queries - c.summary.n_empty,
@@ -434,11 +453,12 @@ def eval_csv(result) -> str:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["descriptor", "whitening", "dims", "setup", "mAP", "mP@1", "mP@5", "mP@10",
-                     "ns_score"])
+    writer.writerow(["descriptor", "whitening", "dims", "setup", "ranking", "mAP", "mP@1", "mP@5",
+                     "mP@10", "ns_score"])
     for c in result.cells:
         mp = [c.summary.mP.get(k, float("nan")) for k in KS]
-        writer.writerow([c.descriptor, c.whitening, c.dims, c.setup, f"{c.summary.mAP:.6f}",
+        writer.writerow([c.descriptor, c.whitening, c.dims, c.setup, c.ranking,
+                         f"{c.summary.mAP:.6f}",
                          *(f"{v:.6f}" for v in mp), "" if c.ns is None else f"{c.ns:.6f}"])
     return buf.getvalue()
 

@@ -87,7 +87,12 @@ def models(
         return
     with open_read(db) as view:
         found = view.models()
-    emit(models_output(found), as_json)
+        stale = {}
+        if any(m.kind == "graph" for m in found):
+            from ..retrieval.graph import graph_status
+
+            stale = {m.id: graph_status(view, m) for m in found if m.kind == "graph"}
+    emit(models_output(found, stale), as_json)
 
 
 def merge(

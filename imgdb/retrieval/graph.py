@@ -289,7 +289,8 @@ def _annoy_index_for(view: StoreView, db: Path, source: VectorSource, pca_id: st
     from .index import list_indexes
 
     found = [s for s in list_indexes(view, db) if s.attrs["descriptor"] == source.name
-             and s.attrs["model"] == pca_id and s.problem is None]
+             and s.attrs["model"] == pca_id and s.problem is None
+             and int(s.attrs.get("shards", 1)) == 1]  # one file holds every row
     return found[-1] if found else None
 
 
