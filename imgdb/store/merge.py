@@ -31,7 +31,7 @@ from ..errors import UsageError, UserError
 from .reader import StoreView, open_read
 from .schema import (IMAGE_COLUMNS, STATE_PENDING, STATUS_LOST, aligned_datasets, encode_path,
                      extractor_names, extractor_path)
-from .writer import StoreWriter
+from .writer import RowPutter, StoreWriter, append_text, bump_revision
 
 #: Settings that record provenance (which software wrote the rows), not how vectors are made.
 PROVENANCE_KEYS = ("imgdb", "torch")
@@ -338,23 +338,23 @@ class RowCopier:
             for ds in aligned_datasets(fh):
                 if ds.shape[0] < new_n:
                     ds.resize(new_n, axis=0)
-            put = _Put(ids_arr)
+            put = RowPutter(ids_arr)
             g = fh["images"]
             for name in IMAGE_COLUMNS:
                 put(g[name], block.cols[name])
             new = np.asarray([p.target is None for p in picks])
             if new.any():
-                sub = _Put(ids_arr[new])
-                _put_text(g, "path", sub, [encode_path(block.paths[i])
-                                           for i in np.flatnonzero(new)])
-            _put_text(g, "error", put, block.errors)
+                sub = RowPutter(ids_arr[new])
+                paths = [encode_path(block.paths[i]) for i in np.flatnonzero(new)]
+                append_text(fh.__getitem__, g.name, "path", sub, paths)
+            append_text(fh.__getitem__, g.name, "error", put, block.errors)
             for ext in self.extractors:
                 eg = fh[extractor_path(ext)]
                 put(eg["state"], block.states[ext])
-                _put_text(eg, "error", put, block.ext_errors[ext])
+                append_text(fh.__getitem__, eg.name, "error", put, block.ext_errors[ext])
                 for (layer, pooling), vec in block.vectors[ext].items():
                     put(eg[layer][pooling], vec)
-                _bump(eg)
+                bump_revision(eg)
             for (ext, key), sets in block.local.items():
                 _put_local(fh["local"][ext][key], put, sets)
             if changed:  # a file changed on disk: OUT's other extractors' vectors are outdated
@@ -366,7 +366,7 @@ class RowCopier:
                     st = og["state"][idx]
                     if (st != STATE_PENDING).any():
                         og["state"][idx] = np.zeros(len(idx), np.int8)
-                        _bump(og)
+                        bump_revision(og)
             fh.attrs["rows"] = new_n
         return ids
 
@@ -417,45 +417,7 @@ def _segments(view: StoreView, g: h5py.Group, start: np.ndarray, count: np.ndarr
     return out
 
 
-def _bump(group: h5py.Group) -> None:
-    group.attrs["revision"] = int(group.attrs.get("revision", 0)) + 1
-
-
-class _Put:
-    """Writes one value per row into a row-aligned dataset (h5py wants increasing indices; a
-    contiguous run is one slice)."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        self.order = np.argsort(ids, kind="stable")
-        self.sorted = ids[self.order]
-        if len(np.unique(self.sorted)) != len(self.sorted):
-            raise ValueError("a commit names the same row twice")
-        self.contiguous = bool(len(self.sorted)) and \
-            int(self.sorted[-1] - self.sorted[0]) + 1 == len(self.sorted)
-
-    def __call__(self, ds: h5py.Dataset, values: np.ndarray) -> None:
-        values = np.asarray(values)[self.order]
-        if self.contiguous:
-            ds[int(self.sorted[0]):int(self.sorted[-1]) + 1] = values
-        elif len(self.sorted):
-            ds[self.sorted] = values
-
-
-def _put_text(group: h5py.Group, name: str, put: _Put, texts: list[bytes]) -> None:
-    """Append each row's bytes to `<name>_data` and point its (start, len) at them."""
-    data = group[f"{name}_data"]
-    end = data.shape[0]
-    lengths = np.array([len(t) for t in texts], np.int64)
-    starts = end + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    total = int(lengths.sum())
-    if total:
-        data.resize(end + total, axis=0)
-        data[end:end + total] = np.frombuffer(b"".join(texts), np.uint8)
-    put(group[f"{name}_start"], np.where(lengths > 0, starts, 0))
-    put(group[f"{name}_len"], lengths.astype(np.int32))
-
-
-def _put_local(kg: h5py.Group, put: _Put, sets: list) -> None:
+def _put_local(kg: h5py.Group, put: RowPutter, sets: list) -> None:
     """Append each row's local features as a new segment of OUT's flat arrays (re-based)."""
     n = len(sets)
     starts = np.full(n, -1, np.int64)

@@ -478,7 +478,7 @@ class StoreWriter:
                 state = g["state"][:n]
                 state[state == STATE_COMPUTED] = STATE_PENDING
                 g["state"][:n] = state
-                _bump(g)
+                bump_revision(g)
         return added
 
     # -- rows --------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ class StoreWriter:
             if new_n > n:  # every row-aligned dataset has exactly `rows` rows
                 for ds in self._aligned(fh):
                     ds.resize(new_n, axis=0)
-            put = _Putter(ids_arr)
+            put = RowPutter(ids_arr)
             _write_images(node, put, rows)
             changed = sorted(set(int(r) for r in file_changed))
             if extractor is not None:
@@ -522,11 +522,11 @@ class StoreWriter:
                     vec[~ok] = np.nan
                     put(ds, vec)
                 put(node(f"{base}/state"), state)
-                _put_text(node, base, "error", put,
+                append_text(node, base, "error", put,
                           [u.error.encode("utf-8", "replace") for u in rows])
                 if local:
                     _write_local(node, extractor, put, rows, ids, local, set(changed))
-                _bump(node(base))
+                bump_revision(node(base))
             if changed:  # files changed on disk: other extractors' results are outdated
                 idx = np.asarray(changed, dtype=np.int64)
                 for other in extractor_names(fh):
@@ -536,7 +536,7 @@ class StoreWriter:
                     st = og["state"][idx]
                     if (st != STATE_PENDING).any():
                         og["state"][idx] = np.zeros(len(idx), np.int8)
-                        _bump(og)
+                        bump_revision(og)
                 for lg in local_groups(fh):  # their kept cells too (dead space until repair)
                     if lg.parent.name.split("/")[-1] == extractor:
                         continue
@@ -553,12 +553,12 @@ class StoreWriter:
             return
         with self.transaction() as fh:
             idx = np.array(sorted(set(int(r) for r in row_ids)), dtype=np.int64)
-            put = _Putter(idx)
+            put = RowPutter(idx)
             put(self._node("images/status"), np.full(len(idx), status, np.int8))
             put(self._node("images/failure"), np.full(len(idx), FAILURE_NONE, np.int8))
-            _put_text(self._node, "images", "error", put, [error.encode()] * len(idx))
+            append_text(self._node, "images", "error", put, [error.encode()] * len(idx))
             for ext in extractor_names(fh):
-                _bump(fh[extractor_path(ext)])
+                bump_revision(fh[extractor_path(ext)])
 
     def write_vectors(self, extractor: str, rows: Sequence[int],
                       vectors: dict[tuple[str, str], np.ndarray]) -> None:
@@ -567,11 +567,11 @@ class StoreWriter:
             return
         with self.transaction() as fh:
             g = fh[extractor_path(extractor)]
-            put = _Putter(np.asarray(rows, dtype=np.int64))
+            put = RowPutter(np.asarray(rows, dtype=np.int64))
             for (layer, name), data in vectors.items():
                 put(g[layer][name], np.asarray(data, dtype=g[layer][name].dtype))
             put(g["state"], np.full(len(rows), STATE_COMPUTED, np.int8))
-            _bump(g)
+            bump_revision(g)
 
     # -- models ------------------------------------------------------------------------------------
     def save_model(self, kind: str, descriptor: str, arrays: dict[str, np.ndarray],
@@ -625,13 +625,14 @@ def _attr(value):
     return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
 
-def _bump(group: h5py.Group) -> None:
+def bump_revision(group: h5py.Group) -> None:
+    """Count one more change of a group (readers compare revisions to spot staleness)."""
     group.attrs["revision"] = int(group.attrs.get("revision", 0)) + 1
 
 
-class _Putter:
-    """Writes one value per update into a row-aligned dataset, in id order (h5py needs
-    increasing indices; a contiguous run is one slice)."""
+class RowPutter:
+    """Writes one value per row into a row-aligned dataset, in id order (h5py needs
+    increasing indices; a contiguous run is one slice). Shared by the writer and merge."""
 
     def __init__(self, ids: np.ndarray) -> None:
         self.order = np.argsort(ids, kind="stable")
@@ -639,14 +640,14 @@ class _Putter:
         uniq = np.unique(self.sorted)
         if len(uniq) != len(self.sorted):
             raise ValueError("a commit names the same row twice")
-        self.contiguous = len(self.sorted) and \
-            self.sorted[-1] - self.sorted[0] + 1 == len(self.sorted)
+        self.contiguous = bool(len(self.sorted)) and \
+            int(self.sorted[-1] - self.sorted[0]) + 1 == len(self.sorted)
 
     def __call__(self, ds: h5py.Dataset, values: np.ndarray) -> None:
         values = np.asarray(values)[self.order]
         if self.contiguous:
             write_rows(ds, int(self.sorted[0]), values)
-        else:
+        elif len(self.sorted):
             ds[self.sorted] = values
 
 
@@ -664,7 +665,7 @@ def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
     ds.id.write(h5py.h5s.create_simple(values.shape), fspace, values)
 
 
-def _put_text(node, group: str, name: str, put: _Putter, texts: list[bytes]) -> None:
+def append_text(node, group: str, name: str, put: "RowPutter", texts: list[bytes]) -> None:
     """Append the bytes of each row's text and point its (start, len) at them."""
     data = node(f"{group}/{name}_data")
     end = data.shape[0]
@@ -678,7 +679,7 @@ def _put_text(node, group: str, name: str, put: _Putter, texts: list[bytes]) -> 
     put(node(f"{group}/{name}_len"), lengths.astype(np.int32))
 
 
-def _write_images(node, put: _Putter, rows: Sequence[RowUpdate]) -> None:
+def _write_images(node, put: RowPutter, rows: Sequence[RowUpdate]) -> None:
     cols = {
         "size": np.array([u.image.size for u in rows], np.int64),
         "mtime": np.array([u.image.mtime for u in rows], np.float64),
@@ -693,17 +694,17 @@ def _write_images(node, put: _Putter, rows: Sequence[RowUpdate]) -> None:
     new = [u.row is None for u in rows]
     # a row's path never changes: write it for new rows only (rewrites keep their bytes)
     if all(new):
-        _put_text(node, "images", "path", put, [encode_path(u.image.path) for u in rows])
+        append_text(node, "images", "path", put, [encode_path(u.image.path) for u in rows])
     elif any(new):
         sub = [u for u in rows if u.row is None]
         ids = put.sorted[np.argsort(put.order)]  # ids in update order
-        sub_put = _Putter(np.asarray([i for i, u in zip(ids, rows) if u.row is None]))
-        _put_text(node, "images", "path", sub_put, [encode_path(u.image.path) for u in sub])
-    _put_text(node, "images", "error", put,
+        sub_put = RowPutter(np.asarray([i for i, u in zip(ids, rows) if u.row is None]))
+        append_text(node, "images", "path", sub_put, [encode_path(u.image.path) for u in sub])
+    append_text(node, "images", "error", put,
               [u.image.error.encode("utf-8", "replace") for u in rows])
 
 
-def _write_local(node, extractor: str, put: _Putter, rows: Sequence[RowUpdate],
+def _write_local(node, extractor: str, put: RowPutter, rows: Sequence[RowUpdate],
                  ids: list[int], local: dict[str, list], changed: set[int]) -> None:
     """Append the kept cells of each computed row as a new segment of the flat arrays; a row
     recomputed only because the extractor gained a dataset keeps its (identical) segment."""
