@@ -48,9 +48,13 @@ class QueryDescriber:
     def _network(self):
         if self._net is None:
             from ..features.backbones import get_backbone, stored_weights
-            from ..features.extract import FeatureExtractor, resolve_device
+            from ..features.extract import FeatureExtractor, idle_cpu_threads, resolve_device
             from ..features.localfeat import parse_local_spec
 
+            if resolve_device(self.device).type == "cpu":  # a few images: the idle cores only
+                import torch
+
+                torch.set_num_threads(idle_cpu_threads())
             s = self.base
             if self.encoding is not None:
                 spec = parse_local_spec(self.encoding["key"])
