@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import random
 import resource
@@ -133,7 +134,27 @@ def table(db: Path) -> dict:
         info = view.descriptor(HEAD_SUM)
         return {"paths": t.path, "status": t.status.tolist(),
                 "state": view.state(info.extractor).tolist(),
-                "sum": np.round(view.vectors(info), 5).tolist()}
+                "sum": view.vectors(info).astype(float).tolist()}
+
+
+def assert_same(got, want, where: object = "") -> None:
+    """`got == want`, exactly for everything but floats, which may differ in their last bits:
+    oneDNN's kernels on some CPUs round an image's vectors differently with the batch size, and
+    a rerun after a stop cuts its batches elsewhere (rows, order, state and text stay exact)."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, (int, float)) and isinstance(want, (int, float)), (where, got, want)
+        assert (math.isnan(got) and math.isnan(want)) or \
+            math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-5), (where, got, want)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (where, got, want)
+        for k in want:
+            assert_same(got[k], want[k], (where, k))
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, (where, i))
+    else:
+        assert got == want, (where, got, want)
 
 
 def flip(path: Path, offset: int, nbytes: int = 1) -> None:
@@ -425,7 +446,8 @@ def test_flipped_bytes_in_a_dataset_are_named_and_repaired(tmp_path: Path, full_
     by_path = {p: i for i, p in enumerate(reference["paths"])}
     for i in live:  # every row back, with the vectors an uninterrupted run computed
         j = by_path[final["paths"][i]]
-        assert final["sum"][i] == reference["sum"][j] and final["state"][i] == 1
+        assert_same(final["sum"][i], reference["sum"][j], final["paths"][i])
+        assert final["state"][i] == 1
     assert sorted(final["paths"][i] for i in live) == sorted(reference["paths"])
     assert check_store(db).ok
 
@@ -629,7 +651,7 @@ def test_file_size_limit_stops_cleanly_and_the_rerun_finishes(tmp_path: Path) ->
     assert rerun["failed"] == 0 and rerun["unchanged"] == partial - 8
     assert rerun["ok"] == 48 - partial
     got, want = table(db), table(reference)
-    assert got == want  # no lost row, no duplicate: the rows, order and vectors of no limit
+    assert_same(got, want)  # no lost row, no duplicate: the rows, order and vectors of no limit
     assert check_store(db).ok
 
 
@@ -697,7 +719,7 @@ def test_full_small_file_system(tmp_path: Path) -> None:
     for key, db in (("moved", outside), ("freed", Path(f"{outside}.freed.h5"))):
         done = json.loads(ok(Result(**steps[key])).out)
         assert done["failed"] == 0 and done["unchanged"] >= rows and done["ok"] > 0
-        assert table(db) == table(reference)  # no lost row, no duplicate, the same vectors
+        assert_same(table(db), table(reference))  # no lost row, no duplicate, the same vectors
         assert check_store(db).ok
 
 
@@ -736,14 +758,14 @@ def _latest(db: Path, kind: str) -> dict:
         m = [m for m in view.models(kind)][-1]
         arrays = view.model_arrays(m)
         return {"descriptor": m.descriptor, "dims": m.attrs.get("dims"),
-                "arrays": {k: np.round(v.astype(float), 5).tolist() for k, v in arrays.items()}}
+                "arrays": {k: v.astype(float).tolist() for k, v in arrays.items()}}
 
 
 def _encoding(db: Path) -> dict:
     with open_read(db) as view:
         d = view.descriptor("efficientnet_lite0-none-orig+cb1-democratic/block5/vlad")
         return {"state": view.state(d.extractor).tolist(),
-                "v": np.round(view.vectors(d), 5).tolist()}
+                "v": view.vectors(d).astype(float).tolist()}
 
 
 def _indexes(db: Path) -> dict:
@@ -833,5 +855,5 @@ def test_kill_9_of_every_writing_command(tmp_path: Path, full_store: Path, comma
         if rerun.code != 0:  # the killed run had finished its work: a one-line 'nothing to do'
             text = rerun.one_line_error()
             assert command in ("models --remove", "index rm") and "no " in text, text
-        assert signature(db) == want, (command, how, when)
+        assert_same(signature(db), want, (command, how, when))
         assert check_store(db).ok
