@@ -6,6 +6,8 @@ Pooling runs on the network's device; only the pooled vectors are copied back to
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 
 import numpy as np
 import torch
@@ -55,6 +57,37 @@ def crop_feature_map(fmap: torch.Tensor, region: tuple[float, float, float, floa
     return fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
+def _output_side(module: nn.Module, n: int) -> int:
+    """Side of a module's output for an input side n, by layer arithmetic (no forward).
+
+    Children run in registration order, which is their execution order in every registered
+    backbone; a residual `downsample` branch runs beside the main path, so it is skipped, and
+    Inception branches keep the size, so running them one after the other gives their size."""
+    from .effnet_lite import FoldedConv
+
+    if isinstance(module, FoldedConv) and module.same:
+        return math.ceil(n / module.stride[0])
+    if isinstance(module, nn.Conv2d):
+        if isinstance(module.padding, str):
+            return n if module.padding == "same" else \
+                (n - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1
+        k, s, p, d = module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0]
+        return (n + 2 * p - d * (k - 1) - 1) // s + 1
+    if isinstance(module, nn.MaxPool2d):
+        first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+        k, s, p, d = (first(module.kernel_size), first(module.stride), first(module.padding),
+                      first(module.dilation))
+        span = n + 2 * p - d * (k - 1) - 1
+        out = (-(-span // s) if module.ceil_mode else span // s) + 1
+        if module.ceil_mode and (out - 1) * s >= n + p:  # PyTorch: last window starts inside
+            out -= 1
+        return out
+    for name, child in module.named_children():
+        if name != "downsample":
+            n = _output_side(child, n)
+    return n
+
+
 def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
     """One scale: the raw vector. Several: the mean of the L2-normalised per-scale vectors."""
     if len(per_scale) == 1:
@@ -67,8 +100,9 @@ class FeatureExtractor:
 
     def __init__(self, backbone: Backbone, weights: WeightsChoice, layers: tuple[str, ...],
                  poolings: tuple[str, ...], device: torch.device, precision: str = "fp32",
-                 local: tuple[LocalSpec, ...] = ()) -> None:
+                 local: tuple[LocalSpec, ...] = (), bucket: int = 0) -> None:
         self.local = tuple(local)
+        self.bucket = int(bucket)  # pad inputs to multiples of this (0: exact shapes; see pad_to)
         layers = tuple(dict.fromkeys([*layers, *(s.layer for s in self.local)]))
         self.layers = layers
         self.poolings = tuple(pooling_mod.canonical_pooling_name(p) for p in poolings)
@@ -100,11 +134,29 @@ class FeatureExtractor:
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def valid_cells(self, layer: str, h: int, w: int) -> tuple[int, int]:
+        """(rows, cols) of `layer`'s map for an h x w input: the cells an image padded at the
+        bottom/right keeps as its own."""
+        return _valid_cells(self.stages, self.stage_names.index(layer), h, w)
+
+    def pad_to(self, h: int, w: int) -> tuple[int, int]:
+        """The shape an h x w image is padded to (a shape bucket); itself without buckets."""
+        q = self.bucket
+        return (h, w) if q <= 0 else (-(-h // q) * q, -(-w // q) * q)
+
     @torch.inference_mode()
-    def feature_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, H, W, 3) uint8 RGB -> {layer: (B, C, h, w) feature map} from one forward."""
+    def feature_maps(self, pixels: torch.Tensor, sizes: list[tuple[int, int]] | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """(B, H, W, 3) uint8 RGB -> {layer: (B, C, h, w) feature map} from one forward.
+
+        `sizes`: each image's own (h, w) when it was padded at the bottom/right to (H, W); the
+        padding is zero after normalisation (what the first convolution's own padding adds)."""
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std
+        if sizes is not None:
+            for i, (h, w) in enumerate(sizes):
+                x[i, :, h:, :] = 0
+                x[i, :, :h, w:] = 0
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         wanted = set(self.layers)
@@ -129,6 +181,42 @@ class FeatureExtractor:
         `keypoints`: SIFT keypoints per image for the sift mask, when already found."""
         maps = self.feature_maps(pixels)
         return self._pool(maps), self._local_cells(maps, pixels, keypoints)
+
+    @torch.inference_mode()
+    def pool_batch(self, pixels: torch.Tensor, sizes: list[tuple[int, int]] | None = None
+                   ) -> "PooledBatch":
+        """One forward -> every (layer, pooling) of every image, on its way to the host.
+
+        `sizes` (padded batches): each image pools only the cells of its own (h, w). On CUDA the
+        copy to the host is asynchronous (pinned buffer, an event); `PooledBatch.result()` waits
+        for it: one synchronisation per batch."""
+        maps = self.feature_maps(pixels, sizes)
+        pooled: dict[tuple[str, str], torch.Tensor] = {}
+        for layer, fmap in maps.items():
+            if sizes is None or all(tuple(s) == tuple(pixels.shape[1:3]) for s in sizes):
+                parts = pooling_mod.pool_all(fmap.float(), self.poolings)
+            else:
+                parts = self._pool_valid(layer, fmap, sizes)
+            for name, vec in parts.items():
+                pooled[(layer, name)] = vec
+        return PooledBatch.start(pooled, self.device)
+
+    def _pool_valid(self, layer: str, fmap: torch.Tensor, sizes: list[tuple[int, int]]
+                    ) -> dict[str, torch.Tensor]:
+        """Poolings of each image's own cells of a padded batch (images with equal valid
+        cells pooled together)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            groups.setdefault(self.valid_cells(layer, h, w), []).append(i)
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in sizes]
+        for (ch, cw), idx in groups.items():
+            # slices, not an index list: a host-side index would be copied to the device
+            sel = fmap if len(idx) == len(sizes) else torch.cat([fmap[i:i + 1] for i in idx])
+            for name, vec in pooling_mod.pool_all(sel[:, :, :ch, :cw].float(),
+                                                  self.poolings).items():
+                for j, i in enumerate(idx):
+                    rows[i][name] = vec[j:j + 1]
+        return {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
 
     def _local_cells(self, maps: dict[str, torch.Tensor], pixels: torch.Tensor,
                      keypoints: list[np.ndarray] | None = None,
@@ -169,7 +257,10 @@ class FeatureExtractor:
         outs = []
         for px in scaled_pixels:
             pixels = torch.from_numpy(np.ascontiguousarray(px))[None]
-            outs.append(self(pixels) if region is None else self._pool_region(pixels, region))
+            if region is None and self.bucket:  # as ingest computed it: padded to its bucket
+                outs.append(self._padded_one(pixels))
+            else:
+                outs.append(self(pixels) if region is None else self._pool_region(pixels, region))
         return {k: merge_scales([o[k][0] for o in outs]) for k in outs[0]}
 
     @torch.inference_mode()
@@ -185,6 +276,13 @@ class FeatureExtractor:
                                                region=region).items():
                 parts[key].extend(sets)
         return {k: LocalSet.concat(v) for k, v in parts.items()}
+
+    def _padded_one(self, pixels: torch.Tensor) -> dict[tuple[str, str], np.ndarray]:
+        h, w = pixels.shape[1:3]
+        hb, wb = self.pad_to(h, w)
+        padded = torch.zeros((1, hb, wb, 3), dtype=torch.uint8)
+        padded[:, :h, :w] = pixels
+        return self.pool_batch(padded, [(h, w)]).result()
 
     @torch.inference_mode()
     def _pool_region(self, pixels: torch.Tensor, region: tuple[float, float, float, float]
@@ -207,3 +305,53 @@ class FeatureExtractor:
         """Descriptor dimension of every (layer, pooling), found with a tiny forward."""
         probe = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
         return {k: v.shape[1] for k, v in self(probe).items()}
+
+
+@functools.lru_cache(maxsize=8192)
+def _side_cached(stages: nn.ModuleList, layer_index: int, n: int) -> int:
+    for module in list(stages)[: layer_index + 1]:
+        n = _output_side(module, n)
+    return n
+
+
+def _valid_cells(stages: nn.ModuleList, layer_index: int, h: int, w: int) -> tuple[int, int]:
+    """(rows, cols) of stage `layer_index`'s output for an h x w input (sides are separable)."""
+    return _side_cached(stages, layer_index, h), _side_cached(stages, layer_index, w)
+
+
+class PooledBatch:
+    """Pooled vectors of a batch on their way to the host: one flat (B, sum D) copy."""
+
+    def __init__(self, keys, dims, flat, event) -> None:
+        self.keys, self.dims, self.flat, self.event = keys, dims, flat, event
+
+    @classmethod
+    def start(cls, pooled: dict[tuple[str, str], torch.Tensor], device: torch.device
+              ) -> "PooledBatch":
+        """Concatenate on the device and start the copy (asynchronous on CUDA)."""
+        keys = list(pooled)
+        dims = [int(pooled[k].shape[1]) for k in keys]
+        if not keys:
+            return cls(keys, dims, None, None)
+        flat = torch.cat([pooled[k].float() for k in keys], dim=1)
+        if device.type != "cuda":
+            return cls(keys, dims, flat, None)
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return cls(keys, dims, host, event)
+
+    def result(self) -> dict[tuple[str, str], np.ndarray]:
+        """{(layer, pooling): (B, D) float32}; waits for the copy (the batch's one sync)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        if self.flat is None:
+            return {}
+        flat = self.flat.numpy()
+        out, start = {}, 0
+        for k, d in zip(self.keys, self.dims):
+            out[k] = flat[:, start:start + d]
+            start += d
+        return out

@@ -470,47 +470,68 @@ def load_image(
         raise
 
 
+@dataclass
+class _Plan:
+    """What the header says and the settings ask: upright size, orientation, box, targets."""
+
+    width: int
+    height: int
+    orientation: int
+    swap: bool
+    box: tuple[int, int, int, int] | None
+    targets: list[tuple[int, int]]
+
+
+def _plan(im: Image.Image, policy: SizePolicy, scales: tuple[float, ...], max_pixels: int,
+          min_side: int, crop: tuple[float, float, float, float] | None) -> _Plan:
+    """Check an opened (not yet decoded) image against the limits; its targets per scale."""
+    sw, sh = im.size  # stored (pre-orientation) size, from the header
+    if sw <= 0 or sh <= 0:
+        raise ImageError(f"invalid image size {sw}x{sh} in header")
+    if sw * sh > max_pixels:
+        raise ImageError(
+            f"image too large: {sw}x{sh} pixels exceeds the limit of {max_pixels:,}",
+            scope="extractor")
+    orientation = _orientation(im)
+    swap = orientation in (5, 6, 7, 8)
+    w, h = (sh, sw) if swap else (sw, sh)
+    if min(w, h) < min_side:  # upscaling a thumbnail would invent the detail it lacks
+        raise ImageError(
+            f"image too small: {w}x{h}, needs at least {min_side} px per side"
+        )
+    box = None
+    if crop is not None:
+        x1, y1, x2, y2 = (max(0, min(int(round(c)), lim)) for c, lim in
+                          zip(crop, (w, h, w, h)))
+        if x2 - x1 < min_side or y2 - y1 < min_side:
+            raise ImageError(f"crop box {tuple(crop)} leaves {max(0, x2 - x1)}x"
+                             f"{max(0, y2 - y1)} px of a {w}x{h} image, needs at least "
+                             f"{min_side} px per side")
+        box = (x1, y1, x2, y2)
+    tw0, th0 = (box[2] - box[0], box[3] - box[1]) if box else (w, h)
+    targets = [policy.target(tw0, th0, s) for s in scales]
+    for tw, th in targets:
+        if min(tw, th) < min_side:
+            how = "" if (tw, th) == (w, h) else " after resizing"
+            raise ImageError(
+                f"image too small: {tw}x{th}{how}, needs at least {min_side} px per side",
+                scope="extractor")
+        if tw * th > max_pixels:
+            raise ImageError(
+                f"image too large: {tw}x{th} pixels after resizing exceeds the limit of "
+                f"{max_pixels:,}", scope="extractor")
+    return _Plan(w, h, orientation, swap, box, targets)
+
+
 def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
             scales: tuple[float, ...], max_pixels: int, min_side: int,
             crop: tuple[float, float, float, float] | None) -> DecodedImage:
     """The decoding half of load_image (bytes in memory -> pixels at each scale)."""
     try:
         with Image.open(io.BytesIO(data), formats=open_formats()) as im:
-            sw, sh = im.size  # stored (pre-orientation) size, from the header
-            if sw <= 0 or sh <= 0:
-                raise ImageError(f"invalid image size {sw}x{sh} in header")
-            if sw * sh > max_pixels:
-                raise ImageError(
-                    f"image too large: {sw}x{sh} pixels exceeds the limit of {max_pixels:,}",
-                    scope="extractor")
-            orientation = _orientation(im)
-            swap = orientation in (5, 6, 7, 8)
-            w, h = (sh, sw) if swap else (sw, sh)
-            if min(w, h) < min_side:  # upscaling a thumbnail would invent the detail it lacks
-                raise ImageError(
-                    f"image too small: {w}x{h}, needs at least {min_side} px per side"
-                )
-            box = None
-            if crop is not None:
-                x1, y1, x2, y2 = (max(0, min(int(round(c)), lim)) for c, lim in
-                                  zip(crop, (w, h, w, h)))
-                if x2 - x1 < min_side or y2 - y1 < min_side:
-                    raise ImageError(f"crop box {tuple(crop)} leaves {max(0, x2 - x1)}x"
-                                     f"{max(0, y2 - y1)} px of a {w}x{h} image, needs at least "
-                                     f"{min_side} px per side")
-                box = (x1, y1, x2, y2)
-            tw0, th0 = (box[2] - box[0], box[3] - box[1]) if box else (w, h)
-            targets = [policy.target(tw0, th0, s) for s in scales]
-            for tw, th in targets:
-                if min(tw, th) < min_side:
-                    how = "" if (tw, th) == (w, h) else " after resizing"
-                    raise ImageError(
-                        f"image too small: {tw}x{th}{how}, needs at least {min_side} px per side",
-                        scope="extractor")
-                if tw * th > max_pixels:
-                    raise ImageError(
-                        f"image too large: {tw}x{th} pixels after resizing exceeds the limit of "
-                        f"{max_pixels:,}", scope="extractor")
+            plan = _plan(im, policy, scales, max_pixels, min_side, crop)
+            w, h, orientation, swap = plan.width, plan.height, plan.orientation, plan.swap
+            box, targets = plan.box, plan.targets
             if isinstance(im, JpegImagePlugin.JpegImageFile) and box is None:
                 # Decode at 1/2, 1/4 or 1/8 size in the DCT when every target is that much smaller
                 # (draft never goes below the requested size, so the exact resize below is a downscale).
@@ -548,11 +569,13 @@ def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
 def _load_or_error(
     path: Path, policy: SizePolicy, scales: Sequence[float], max_pixels: int, min_side: int,
     after: Callable[[DecodedImage], dict] | None = None,
+    load: Callable[..., DecodedImage] | None = None,
 ) -> DecodedImage | ImageError:
-    """load_image (then `after`, whose dict goes to `extras`), with the ImageError returned
-    instead of raised (for the prefetch pool)."""
+    """load_image (or `load`, same signature; then `after`, whose dict goes to `extras`),
+    with the ImageError returned instead of raised (for the prefetch pool)."""
     try:
-        image = load_image(path, policy, scales, max_pixels=max_pixels, min_side=min_side)
+        image = (load or load_image)(path, policy, scales, max_pixels=max_pixels,
+                                     min_side=min_side)
         if after is not None:
             try:
                 image.extras = after(image)
@@ -580,17 +603,19 @@ def iter_decoded(
     min_side: int = DEFAULT_MIN_SIDE,
     prefetch: int = 64,
     after: Callable[[DecodedImage], dict] | None = None,
+    load: Callable[..., DecodedImage] | None = None,
 ) -> Iterator[tuple[int, Path, DecodedImage | ImageError]]:
     """Decode files in a thread pool, yielding (index, path, image or error) in input order, bounded memory.
 
     `after(image)`, when given, runs in the worker thread too (per-image CPU work such as SIFT
-    keypoints, off the main thread); its dict lands in `image.extras`.
+    keypoints, off the main thread); its dict lands in `image.extras`. `load` replaces
+    `load_image` (same signature), e.g. to leave JPEG decoding to the GPU.
     """
     scales = _check_scales(scales)
     if workers <= 0:
         for i, p in enumerate(paths):
             p = Path(p)
-            yield i, p, _load_or_error(p, policy, scales, max_pixels, min_side, after)
+            yield i, p, _load_or_error(p, policy, scales, max_pixels, min_side, after, load)
         return
 
     window = max(int(prefetch), int(workers), 1)  # images in flight (queued, decoding or done)
@@ -608,7 +633,8 @@ def iter_decoded(
                     break
                 p = Path(p)
                 pending.append(
-                    (i, p, pool.submit(_load_or_error, p, policy, scales, max_pixels, min_side, after))
+                    (i, p, pool.submit(_load_or_error, p, policy, scales, max_pixels, min_side,
+                                       after, load))
                 )
             if not pending:
                 break

@@ -66,7 +66,16 @@ def _spoc_weights_cpu(h: int, w: int, s: float) -> torch.Tensor:
 
 
 def _spoc_weights(h: int, w: int, s: float, device: torch.device) -> torch.Tensor:
-    return _spoc_weights_cpu(h, w, float(s)).to(device)
+    if device.type == "cpu":
+        return _spoc_weights_cpu(h, w, float(s))
+    return _spoc_weights_on(h, w, float(s), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _spoc_weights_on(h: int, w: int, s: float, device: torch.device) -> torch.Tensor:
+    """The weights on an accelerator, copied once per shape (a copy from pageable host memory
+    would wait for the device on every batch)."""
+    return _spoc_weights_cpu(h, w, s).to(device)
 
 
 def _quadrant_macs(x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,28 +1,35 @@
 """Ingest: files -> decoded images -> batched forward -> pooled vectors -> store commits.
 
 The work list is planned against the store (new, changed, not yet computed for this extractor,
-or failed transiently), images are decoded in worker threads, grouped into batches of equal
-size, pushed through one forward per batch, and committed in discovery order (a reorder
-buffer), so an interrupted run followed by a rerun leaves exactly the rows an uninterrupted run
-would have written.
+or failed transiently). The local executor drives the stages (`stages.py`): decode workers
+(threads; Pillow releases the GIL), a pixel-budget batcher, forward threads (one forward per
+batch for every layer and pooling), a reorder buffer, and a writer thread that commits rows in
+discovery order while the next batches compute, so an interrupted run followed by a rerun
+leaves exactly the rows an uninterrupted run would have written. Every queue is bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections import defaultdict
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import UserError
-from ..features.images import DecodedImage, ImageError, SizePolicy, discover, iter_decoded
+from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy, discover,
+                               iter_decoded)
 from ..store import (FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED, STATE_FAILED,
                      STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_MISSING,
                      STATUS_OK, ImageRow, RowUpdate, StoreWriter)
 from .plan import IngestOptions, IngestSummary, WorkItem, extractor_id, plan
+from .stages import (Batch, CommitThread, PixelBatcher, default_batch_pixels, keep_freed_memory,
+                     torch_threads)
 
 
 def failure_update(item: WorkItem, error: ImageError, known: ImageRow | None) -> RowUpdate:
@@ -76,8 +83,14 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
     if local_specs:
         layers = parse_layers(backbone, ",".join([*layers, *(s.layer for s in local_specs)]))
     scales = tuple(float(s) for s in options.scales)
-    extractor_name = extractor_id(backbone.name, weights.tag, policy.tag, scales)
+    _check_options(options, local_specs)
+    extractor_name = extractor_id(backbone.name, weights.tag, policy.tag, scales,
+                                  options.buckets, options.decode)
     device = resolve_device(options.device)
+    if options.decode == "gpu":
+        from ..features.gpu_decode import check_gpu_decode
+
+        check_gpu_decode(device)
 
     roots = [Path(p).expanduser().absolute() for p in paths]
     missing_roots = [str(p) for p in roots if not os.path.lexists(p)]
@@ -134,8 +147,12 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
                 summary.count(work)
                 if on_start:
                     on_start(len(work))
-            _pipeline(work, table, writer, extractor, extractor_name, policy, scales, options,
-                      summary, progress)
+            forward_threads, intra = _threads(options, device)
+            if options.keep_freed_memory and device.type == "cpu":
+                keep_freed_memory()
+            with torch_threads(intra):
+                _pipeline(work, table, writer, extractor, extractor_name, policy, scales,
+                          options, summary, progress, forward_threads)
     except BaseException:
         writer.discard_if_empty()
         raise
@@ -147,7 +164,35 @@ def _build_extractor(backbone, weights, layers, requested, device, options, loca
     from ..features.extract import FeatureExtractor
 
     return FeatureExtractor(backbone, weights, layers, requested, device, options.precision,
-                            local=local_specs)
+                            local=local_specs, bucket=options.buckets)
+
+
+def _check_options(options: IngestOptions, local_specs) -> None:
+    """One-line errors for settings that cannot work (before anything is built)."""
+    if options.decode not in ("cpu", "gpu"):
+        raise UserError(f"unknown decoder {options.decode!r}; use cpu or gpu")
+    if options.buckets < 0 or options.batch_pixels < 0 or options.batch_size < 1:
+        raise UserError("buckets and batch pixels must be >= 0 and the batch size >= 1")
+    if options.forward_threads < 0 or options.torch_threads < 0:
+        raise UserError("forward threads and torch threads must be >= 0 (0: automatic)")
+    if options.buckets and local_specs:
+        raise UserError("shape buckets cannot be combined with --keep-local (kept cells must "
+                        "be the image's own grid); leave --buckets at 0")
+
+
+def _threads(options: IngestOptions, device) -> tuple[int, int]:
+    """(forward threads, torch intra-op threads per forward) for this run.
+
+    Default: one forward at a time on every core. Two forwards on half the cores each are
+    faster on a loaded CPU (benchmarks/RESULTS-ingest.md), but oneDNN's single-thread kernels
+    round differently with the batch size, so a run's vectors would depend (at ~1e-5) on how
+    its batches were cut (an interrupted run and its rerun would not match an uninterrupted
+    one bit for bit); that is the opt-in `forward_threads=2`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
+    forward = options.forward_threads or 1
+    intra = options.torch_threads or (0 if device.type == "cuda" else max(1, cores // forward))
+    return forward, intra
 
 
 def _settings(backbone, weights, policy, scales, layers, extractor, local_specs,
@@ -161,39 +206,9 @@ def _settings(backbone, weights, policy, scales, layers, extractor, local_specs,
         "weights_sha": weights.sha, "size": policy.spec, "scales": list(scales),
         "layers": list(layers), "poolings": list(extractor.poolings),
         "keep_local": [s.key for s in local_specs],
-        "max_pixels": options.max_pixels, "imgdb": __version__, "torch": torch.__version__,
+        "max_pixels": options.max_pixels, "buckets": options.buckets, "decode": options.decode,
+        "imgdb": __version__, "torch": torch.__version__,
     }
-
-
-class _Batcher:
-    """Groups decoded images by pixel size, so a batch is one tensor without padding."""
-
-    def __init__(self, batch_size: int, window: int) -> None:
-        self.batch_size = batch_size
-        self.window = window
-        self.buckets: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = defaultdict(list)
-        self.pending = 0
-
-    def add(self, seq: int, scale_idx: int, pixels: np.ndarray) -> list[list[tuple[int, int, np.ndarray]]]:
-        """Queue one image; return the batches that are now ready to run."""
-        key = pixels.shape[:2]
-        bucket = self.buckets[key]
-        bucket.append((seq, scale_idx, pixels))
-        self.pending += 1
-        ready = []
-        if len(bucket) >= self.batch_size:
-            ready.append(self.buckets.pop(key))
-            self.pending -= len(ready[0])
-        if self.pending >= self.window:  # bound memory and the reorder buffer
-            ready.extend(self.drain())
-        return ready
-
-    def drain(self) -> list[list[tuple[int, int, np.ndarray]]]:
-        """Every queued image, as batches (used at the end and when the window is full)."""
-        out = [b for b in self.buckets.values() if b]
-        self.buckets.clear()
-        self.pending = 0
-        return out
 
 
 def _known_row(table, row: int | None) -> ImageRow | None:
@@ -204,50 +219,173 @@ def _known_row(table, row: int | None) -> ImageRow | None:
                     int(table.status[row]), table.error[row], int(table.failure[row]))
 
 
+@dataclass
+class _Item:
+    """One image at one scale on its way to a forward: pixels, or a JPEG for the device."""
+
+    seq: int
+    scale: int
+    height: int
+    width: int
+    pixels: np.ndarray | None = None
+    job: dict | None = None  # gpu_decode's DEVICE_JPEG entry
+    keypoints: np.ndarray | None = None  # for the sift mask
+
+
+@dataclass
+class _Done:
+    """A forward's outcome: pooled vectors (on their way to the host), kept cells, and the
+    images the device decoder refused that failed on the CPU too."""
+
+    batch: Batch
+    pooled: object  # features.extract.PooledBatch
+    local: dict | None
+    failed: dict[int, ImageError]
+
+
+class _Forward:
+    """The forward stage: a batch of items -> one input tensor (pinned on CUDA, padded to its
+    bucket) -> one forward and every pooling on the device -> an asynchronous copy back."""
+
+    def __init__(self, extractor, policy: SizePolicy, scales: tuple[float, ...],
+                 options: IngestOptions) -> None:
+        self.extractor = extractor
+        self.cuda = extractor.device.type == "cuda"
+        self.policy, self.scales, self.options = policy, scales, options
+
+    def __call__(self, batch: Batch) -> _Done:
+        import torch
+
+        items: list[_Item] = batch.items
+        hb, wb = batch.key
+        sizes = [(it.height, it.width) for it in items]
+        padded = any(s != (hb, wb) for s in sizes)
+        failed: dict[int, ImageError] = {}
+        host = [it for it in items if it.pixels is not None]
+        if not padded and len(host) == len(items):
+            if self.cuda:  # stacked straight into page-locked memory: one copy, then async
+                x = torch.empty((len(items), hb, wb, 3), dtype=torch.uint8, pin_memory=True)
+                np.stack([it.pixels for it in items], out=x.numpy())
+            else:
+                x = torch.from_numpy(np.stack([it.pixels for it in items]))
+        else:
+            x = torch.zeros((len(items), hb, wb, 3), dtype=torch.uint8, pin_memory=self.cuda)
+            view = x.numpy()
+            for i, it in enumerate(items):
+                if it.pixels is not None:
+                    view[i, :it.height, :it.width] = it.pixels
+        if len(host) < len(items):  # JPEGs decoded on the device
+            x = x.to(self.extractor.device, non_blocking=True)
+            self._device_decode(items, x, failed)
+        if self.extractor.local:
+            keypoints = ([it.keypoints for it in items]
+                         if any(s.mask == "sift" for s in self.extractor.local) else None)
+            out, local = self.extractor.extract(x, keypoints)
+            return _Done(batch, _Ready(out), local, failed)
+        return _Done(batch, self.extractor.pool_batch(x, sizes if padded else None), None, failed)
+
+    def _device_decode(self, items: list[_Item], x, failed: dict[int, ImageError]) -> None:
+        import torch
+
+        from ..features.gpu_decode import decode_on_device, decode_on_host
+
+        idx = [i for i, it in enumerate(items) if it.pixels is None]
+        try:
+            decoded = decode_on_device([items[i].job for i in idx], [items[i].scale for i in idx],
+                                       self.extractor.device)
+        except RuntimeError:  # one bad file fails the whole call: decode these on the CPU
+            decoded = []
+            for i in idx:
+                it = items[i]
+                image = decode_on_host(it.job["path"], self.policy, self.scales,
+                                       self.options.max_pixels, DEFAULT_MIN_SIDE)
+                if isinstance(image, ImageError):
+                    failed[it.seq] = image
+                    decoded.append(None)
+                else:
+                    decoded.append(torch.from_numpy(image.pixels[it.scale]).to(x.device))
+        for i, px in zip(idx, decoded):
+            if px is not None:
+                it = items[i]
+                x[i, :it.height, :it.width] = px
+
+
+class _Ready:
+    """Vectors already on the host (the keep-local path), with PooledBatch's interface."""
+
+    def __init__(self, out: dict) -> None:
+        self.out = out
+
+    def result(self) -> dict:
+        return self.out
+
+
 def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extractor_name: str,
               policy: SizePolicy, scales: tuple[float, ...], options: IngestOptions,
-              summary: IngestSummary, progress: Callable[[int, int], None] | None) -> None:
-    """Decode -> batch -> forward -> reorder -> commit, with bounded memory."""
-    import torch
-
+              summary: IngestSummary, progress: Callable[[int, int], None] | None,
+              forward_threads: int = 1) -> None:
+    """The local executor: decode -> batch -> forward + pool -> reorder -> commit (a thread)."""
     from ..features.extract import merge_scales
     from ..features.localfeat import LocalSet
 
     n_scales = len(scales)
     dims = extractor.output_dims()
     keys = list(dims)
-    batcher = _Batcher(options.batch_size, window=max(4 * options.batch_size, 64))
-    # seq -> (update, accumulated vectors per scale, scales done)
+    device = extractor.device
+    budget = options.batch_pixels or default_batch_pixels(device.type)
+    batcher = PixelBatcher(budget, options.batch_size, window=max(2 * options.batch_size, 64),
+                           window_pixels=4 * budget)
+    forward = _Forward(extractor, policy, scales, options)
+    pool = ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward")
+    inflight: deque[Future] = deque()
+    # seq -> (update, vectors per scale, scales done)
     results: dict[int, tuple[RowUpdate, dict | None, int]] = {}
     local_parts: dict[int, dict[str, list]] = {}
     local_keys = [spec.key for spec in extractor.local]
     sift = any(spec.mask == "sift" for spec in extractor.local)
-    sift_kp: dict[tuple[int, int], np.ndarray] | None = {} if sift else None
     next_commit = 0
     buffer: list[tuple[int, RowUpdate, dict | None, dict | None]] = []
     last_commit = time.monotonic()
-    done = 0
+    committed = [0]  # rows the writer thread has committed
+    reported = -1
 
-    def run_batch(batch: list[tuple[int, int, np.ndarray]]) -> None:
-        pixels = torch.from_numpy(np.stack([b[2] for b in batch]))
-        if extractor.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        keypoints = [sift_kp.pop((seq, s)) for seq, s, _ in batch] if sift_kp is not None else None
-        out, local = extractor.extract(pixels, keypoints)
-        for i, (seq, scale_idx, _) in enumerate(batch):
+    def commit(updates, vectors, changed, local, n) -> None:  # on the writer thread
+        writer.commit(extractor_name, updates, vectors, file_changed=changed, local=local)
+        committed[0] += n
+
+    committer = CommitThread(commit, depth=2)
+
+    def apply(done: _Done) -> None:
+        out = done.pooled.result()  # CUDA: the batch's one synchronisation
+        for i, it in enumerate(done.batch.items):
+            seq = it.seq
+            if seq not in results:
+                continue  # already committed as failed (another scale failed to decode)
+            update, acc, count = results[seq]
+            if seq in done.failed:
+                w = work[seq]
+                results[seq] = (failure_update(w, done.failed[seq], _known_row(table, w.row)),
+                                None, 0)
+                continue
+            if update.state != STATE_COMPUTED:
+                continue  # another scale of this image failed
             if local_keys:
                 parts = local_parts.setdefault(seq, {k: [None] * n_scales for k in local_keys})
                 for k in local_keys:
-                    parts[k][scale_idx] = local[k][i]
-            update, acc, count = results[seq]
+                    parts[k][it.scale] = done.local[k][i]
             if acc is None:
                 acc = {k: [None] * n_scales for k in keys}
             for k in keys:
-                acc[k][scale_idx] = out[k][i]
+                acc[k][it.scale] = out[k][i]
             results[seq] = (update, acc, count + 1)
 
+    def submit(batch: Batch) -> None:
+        inflight.append(pool.submit(forward, batch))
+        while inflight and (len(inflight) > forward_threads or inflight[0].done()):
+            apply(inflight.popleft().result())
+
     def flush(force: bool) -> None:
-        nonlocal next_commit, last_commit, done
+        nonlocal next_commit, last_commit, reported
         while next_commit in results:
             update, acc, count = results[next_commit]
             if update.state == STATE_COMPUTED and count < n_scales:
@@ -271,17 +409,22 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
             changed = [work[seq].row for seq, _, _, _ in buffer if work[seq].reason == "changed"]
             local = {k: [p[k] if p is not None else None for _, _, _, p in buffer]
                      for k in local_keys}
-            writer.commit(extractor_name, [u for _, u, _, _ in buffer], vectors,
-                          file_changed=changed, local=local)
-            done += len(buffer)
+            committer.put([u for _, u, _, _ in buffer], vectors, changed, local, len(buffer))
             buffer.clear()
             last_commit = time.monotonic()
-            if progress:
-                progress(done, len(work))
+        if progress and committed[0] != reported:
+            reported = committed[0]
+            progress(reported, len(work))
 
+    load = None
+    if options.decode == "gpu" and not sift:
+        from ..features.gpu_decode import load_deferred
+
+        load = load_deferred
     decoded = iter_decoded([w.path for w in work], policy, scales, workers=options.workers,
-                           max_pixels=options.max_pixels, prefetch=max(64, 2 * options.batch_size),
-                           after=_sift_keypoints if sift else None)
+                           max_pixels=options.max_pixels, prefetch=max(32, 4 * options.workers),
+                           after=_sift_keypoints if sift else None, load=load)
+    finished = False
     try:
         for seq, path, item in decoded:
             w = work[seq]
@@ -292,23 +435,54 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
                 results[seq] = (RowUpdate(w.row, ImageRow(str(path), item.file_size, item.mtime,
                                                           item.sha, item.width, item.height,
                                                           STATUS_OK)), None, 0)
-                for s, px in enumerate(item.pixels):
-                    if sift_kp is not None:
-                        sift_kp[(seq, s)] = item.extras["sift"][s]
-                    for batch in batcher.add(seq, s, px):
-                        run_batch(batch)
+                for batch in _items(batcher, extractor, seq, path, item, n_scales):
+                    submit(batch)
             flush(force=False)
         for batch in batcher.drain():
-            run_batch(batch)
+            submit(batch)
+        while inflight:
+            apply(inflight.popleft().result())
         flush(force=True)
+        committer.close()
+        finished = True
+        if progress:
+            progress(committed[0], len(work))
     finally:
         decoded.close()
-        # commit what is complete even when interrupted (Ctrl-C): nothing finished is lost
-        if buffer:
-            try:
+        if not finished:
+            # interrupted or failed: commit what is complete (nothing finished is lost), then
+            # let the original exception go on
+            with contextlib.suppress(BaseException):
+                pool.shutdown(wait=True, cancel_futures=True)
+                while inflight:
+                    fut = inflight.popleft()
+                    if not fut.cancelled() and fut.exception() is None:
+                        apply(fut.result())
                 flush(force=True)
-            except Exception:
-                pass
+            with contextlib.suppress(BaseException):
+                committer.close()
+        pool.shutdown(wait=True)
+
+
+def _items(batcher: PixelBatcher, extractor, seq: int, path: Path, image: DecodedImage,
+           n_scales: int) -> list[Batch]:
+    """Queue every scale of a decoded image; return the batches that became ready."""
+    from ..features.gpu_decode import DEVICE_JPEG
+
+    ready: list[Batch] = []
+    job = image.extras.get(DEVICE_JPEG)
+    for s in range(n_scales):
+        if job is not None:
+            job["path"] = path
+            tw, th = job["targets"][s]
+            it = _Item(seq, s, th, tw, job=job)
+        else:
+            px = image.pixels[s]
+            kp = image.extras["sift"][s] if "sift" in image.extras else None
+            it = _Item(seq, s, px.shape[0], px.shape[1], pixels=px, keypoints=kp)
+        key = extractor.pad_to(it.height, it.width)
+        ready.extend(batcher.add(it, key, key[0] * key[1]))
+    return ready
 
 
 def _sift_keypoints(image: DecodedImage) -> dict:

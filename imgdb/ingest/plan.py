@@ -30,13 +30,19 @@ class IngestOptions:
     size: str = "max:1024"
     scales: tuple[float, ...] = (1.0,)
     device: str = "auto"
-    batch_size: int = 16
-    workers: int = 4
+    batch_size: int = 64  # at most this many images per forward
+    workers: int = 4  # decode threads
     precision: str = "fp32"
     max_pixels: int = 120_000_000
     commit_seconds: float = 2.0
     keep_local: tuple[str, ...] = ()
     retry_failed: bool = False
+    batch_pixels: int = 0  # pixel budget of a batch; 0: 2^18 on a CPU, 2^24 on CUDA
+    buckets: int = 0  # pad images to multiples of N px and batch them (0: equal shapes only)
+    decode: str = "cpu"  # cpu | gpu (JPEGs decoded on the CUDA device, others on the CPU)
+    forward_threads: int = 0  # batches computed at once; 0: one (see pipeline._threads)
+    torch_threads: int = 0  # intra-op threads per forward; 0: cores / forward_threads
+    keep_freed_memory: bool = True  # glibc reuses freed memory (stages.keep_freed_memory)
 
 
 @dataclass
@@ -141,12 +147,18 @@ def _missing_rows(table: ImageTable, seen: set[str], roots: Sequence[Path]) -> l
             and not os.path.lexists(p)]
 
 
-def extractor_id(backbone: str, weights_tag: str, size_tag: str, scales: Iterable[float]) -> str:
-    """`<backbone>-<weights>-<size>[-s<scales>]`, e.g. `vgg16-imagenet-max1024`."""
+def extractor_id(backbone: str, weights_tag: str, size_tag: str, scales: Iterable[float],
+                 buckets: int = 0, decode: str = "cpu") -> str:
+    """`<backbone>-<weights>-<size>[-s<scales>][-pad<N>][-gpudec]`, e.g.
+    `vgg16-imagenet-max1024`: settings that change the vectors are part of the name."""
     scales = list(scales)
     name = f"{backbone}-{weights_tag}-{size_tag}"
     if scales != [1.0]:
         name += "-s" + "+".join(f"{s:g}" for s in scales)
+    if buckets:
+        name += f"-pad{buckets}"
+    if decode == "gpu":
+        name += "-gpudec"
     return name
 
 

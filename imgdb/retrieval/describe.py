@@ -66,7 +66,8 @@ class QueryDescriber:
                 poolings = tuple(dict.fromkeys(p for _, p in self.wanted)) if self.wanted \
                     else tuple(s["poolings"])
                 self._net = FeatureExtractor(get_backbone(s["backbone"]), stored_weights(s),
-                                             layers, poolings, resolve_device(self.device))
+                                             layers, poolings, resolve_device(self.device),
+                                             bucket=int(s.get("buckets", 0)))
         return self._net
 
     def describe(self, image, region: Region | None = None) -> dict[tuple[str, str], np.ndarray]:

@@ -247,6 +247,10 @@ class StoreWriter:
 
     def _discard(self) -> None:
         """Drop the HDF5 file and every uncommitted change (HDF5's close writes go nowhere)."""
+        if self._overlay is not None:
+            # close-time writes of new bytes stay in memory too: on a full disk they failed,
+            # HDF5 kept the file open, and its exit-time close crashed the interpreter
+            self._overlay.direct_end = self._overlay.base
         self._nodes.clear()
         self._aligned_cache = None
         fh, self._fh = self._fh, None
@@ -369,7 +373,7 @@ class StoreWriter:
         The commit is written (journal and pending header: every later reader sees it) before
         this returns; making it durable (the fsync) and applying it in place run on a thread
         while the caller goes on (the writer reads the committed pages from memory meanwhile);
-        the next commit waits for it first.
+        the next transaction waits for it before it writes anything.
         """
         if self._in_transaction:
             raise RuntimeError("nested StoreWriter transactions")
@@ -378,6 +382,12 @@ class StoreWriter:
         self._in_transaction = True
         try:
             with self.lock.exclusive():
+                # The last commit's flush-and-apply must finish before this commit writes: new
+                # bytes go straight to the file's free space, and beside a running apply they
+                # landed over the journal a recovery needs (the fault suite's file-size-limit
+                # test, once an ingest's writer thread committed back to back).
+                self._settle()
+                self._usable()
                 if self._fh is None:
                     self._open()
                 fh = self._fh
