@@ -46,6 +46,13 @@ class Engine(Choice):
     ray = "ray"
 
 
+class Decoder(Choice):
+    """Where ingest decodes JPEGs: Pillow in CPU threads, or nvJPEG on the CUDA device."""
+
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 class Precision(Choice):
     """Forward-pass precision (fp16/bf16: autocast on CUDA; pooling stays fp32)."""
 

@@ -8,10 +8,11 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..errors import UsageError, UserError
-from .choices import Backbone, Engine, Precision
-from .options import (BackboneOpt, BatchSize, CommitSeconds, Db, Device, Json,
-                      KeepLocal, Layers, MaxPixels, NameList, Paths, Poolings, PrecisionOpt,
-                      Quiet, Scales, Size, Weights, Workers, number)
+from .choices import Backbone, Decoder, Engine, Precision
+from .options import (BackboneOpt, BatchPixels, BatchSize, Buckets, CommitSeconds, Db,
+                      DecoderOpt, Device, ForwardThreads, Json, KeepFreedMemory, KeepLocal,
+                      Layers, MaxPixels, NameList, Paths, Poolings, PrecisionOpt, Quiet, Scales,
+                      Size, TorchThreads, Weights, Workers, number)
 from .render import emit, ingest_output
 
 
@@ -38,8 +39,14 @@ def ingest(
     size: Size = "max:1024",
     scales: Scales = "1",
     device: Device = "auto",
-    batch_size: BatchSize = 16,
+    batch_size: BatchSize = 64,
+    batch_pixels: BatchPixels = 0,
+    buckets: Buckets = 0,
     workers: Workers = min(8, os.cpu_count() or 1),
+    decode: DecoderOpt = Decoder.cpu,
+    forward_threads: ForwardThreads = 0,
+    torch_threads: TorchThreads = 0,
+    keep_freed_memory: KeepFreedMemory = True,
     precision: PrecisionOpt = Precision.fp32,
     max_pixels: MaxPixels = 120_000_000,
     commit_seconds: CommitSeconds = 2.0,
@@ -78,6 +85,9 @@ def ingest(
         raise UsageError("--address, --gpus-per-worker and --cpus-per-worker go with "
                          "--engine ray")
     local = [spec for specs in keep_local for spec in specs]
+    if buckets and local:
+        raise UsageError("--buckets cannot be combined with --keep-local (kept cells must be "
+                         "each image's own grid)")
     _check_layers(backbone.value, layers, local)
     options = IngestOptions(backbone=backbone.value, weights=weights,
                             layers=",".join(layers) if layers else None,
@@ -85,7 +95,10 @@ def ingest(
                             size=size, scales=tuple(scales), device=device, batch_size=batch_size,
                             workers=workers, precision=precision.value, max_pixels=max_pixels,
                             commit_seconds=commit_seconds,
-                            keep_local=tuple(dict.fromkeys(local)), retry_failed=retry_failed)
+                            keep_local=tuple(dict.fromkeys(local)), retry_failed=retry_failed,
+                            batch_pixels=batch_pixels, buckets=buckets, decode=decode.value,
+                            forward_threads=forward_threads, torch_threads=torch_threads,
+                            keep_freed_memory=keep_freed_memory)
     reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
     with reporter:
         if engine is Engine.ray:

@@ -21,7 +21,7 @@ from typing import Annotated, Callable, List, Optional
 import typer
 
 from .choices import (DEFAULT_POOLINGS, DEVICE_FORMS, MASKS, POOLING_FORMS, SIZE_FORMS,
-                      Aggregate, Backbone, Method, Precision, Preset, Protocol, QueryMode)
+                      Aggregate, Backbone, Decoder, Method, Precision, Preset, Protocol, QueryMode)
 
 # --------------------------------------------------------------------------------------------
 # parsers: str -> value, or typer.BadParameter (exit 2)
@@ -395,7 +395,30 @@ Scales = Annotated[FloatList, typer.Option(
     help="Comma-separated input scales > 0, e.g. 2 (Ng's scale 2) or 1,0.707 (mean of "
          "L2-normalised per-scale vectors).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", parser=integer(1), metavar="N",
-                                        help="Images per forward pass, >= 1.")]
+                                        help="At most N images per forward pass, >= 1.")]
+BatchPixels = Annotated[int, typer.Option(
+    "--batch-pixels", parser=integer(0), metavar="P",
+    help="Pixel budget of one forward (many small images, few large ones); 0: 2^18 on a CPU, "
+         "2^24 on CUDA.")]
+Buckets = Annotated[int, typer.Option(
+    "--buckets", parser=integer(0), metavar="N",
+    help="Pad images to multiples of N px so mixed sizes share a forward (each image pools "
+         "only its own cells; vectors differ slightly, so N is part of the extractor's name); "
+         "0: only equal sizes share a forward.")]
+DecoderOpt = Annotated[Decoder, typer.Option(
+    "--decode", case_sensitive=False,
+    help="cpu (Pillow in --workers threads) or gpu (JPEGs decoded on the CUDA device).")]
+ForwardThreads = Annotated[int, typer.Option(
+    "--forward-threads", parser=integer(0), metavar="N",
+    help="Forwards computed at once on a CPU, 0: one (more is faster on a busy machine, but "
+         "vectors then depend on batch cuts at ~1e-5).")]
+TorchThreads = Annotated[int, typer.Option(
+    "--torch-threads", parser=integer(0), metavar="N",
+    help="Intra-op threads per forward, 0: the cores divided by --forward-threads.")]
+KeepFreedMemory = Annotated[bool, typer.Option(
+    "--keep-freed-memory/--no-keep-freed-memory",
+    help="Let the allocator keep freed memory for the next batch (faster on a CPU; "
+         "resident memory stays at its peak).")]
 Workers = Annotated[int, typer.Option("--workers", parser=integer(0), metavar="N",
                                       help="Decoding threads, >= 0 (0: decode in the main thread).")]
 PrecisionOpt = Annotated[Precision, typer.Option(

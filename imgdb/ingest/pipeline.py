@@ -22,12 +22,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy, discover,
+from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy,
                                iter_decoded)
 from ..store import (FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED, STATE_FAILED,
                      STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_MISSING,
                      STATUS_OK, ImageRow, RowUpdate, StoreWriter)
-from .plan import IngestOptions, IngestSummary, WorkItem, extractor_id, plan
+from .plan import IngestOptions, IngestSummary, WorkItem, plan
+from .setup import ExtractorSetup, extractor_settings, find_files, grow, resolve_setup
 from .stages import (Batch, CommitThread, PixelBatcher, default_batch_pixels, keep_freed_memory,
                      torch_threads)
 
@@ -64,85 +65,51 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
 
     `progress(done, total)` is called as images are committed; `on_start(total)` once planned.
     """
-    from ..features.backbones import get_backbone, parse_layers, parse_weights
     from ..features.extract import resolve_device
-    from ..features.localfeat import parse_local_spec
-    from ..features.pooling import DEFAULT_POOLINGS, canonical_pooling_name, get_pooling
 
     started = time.perf_counter()
     db = Path(db)
-    policy = SizePolicy.parse(options.size)
-    backbone = get_backbone(options.backbone)
-    weights = parse_weights(options.weights)
-    layers = parse_layers(backbone, options.layers)
-    requested = (tuple(canonical_pooling_name(p) for p in options.poolings.split(",") if p.strip())
-                 if options.poolings else DEFAULT_POOLINGS)
-    for p in requested:
-        get_pooling(p)
-    local_specs = tuple(dict.fromkeys(parse_local_spec(s) for s in options.keep_local))
-    if local_specs:
-        layers = parse_layers(backbone, ",".join([*layers, *(s.layer for s in local_specs)]))
-    scales = tuple(float(s) for s in options.scales)
-    _check_options(options, local_specs)
-    extractor_name = extractor_id(backbone.name, weights.tag, policy.tag, scales,
-                                  options.buckets, options.decode)
+    setup = resolve_setup(options)
+    _check_options(options, setup.local_specs)
     device = resolve_device(options.device)
     if options.decode == "gpu":
         from ..features.gpu_decode import check_gpu_decode
 
         check_gpu_decode(device)
-
-    roots = [Path(p).expanduser().absolute() for p in paths]
-    missing_roots = [str(p) for p in roots if not os.path.lexists(p)]
-    if len(missing_roots) == len(roots):
-        raise UserError(f"nothing to ingest: {missing_roots[0]} does not exist"
-                        + (f" (nor {len(missing_roots) - 1} other path(s))" if len(roots) > 1 else ""))
-    found = discover(roots)
-    files = [Path(os.path.abspath(f)) for f in found.files]
+    roots, files, problems = find_files(paths)
 
     extractor = None
     if not db.exists() and files:  # a network that cannot load leaves no empty store behind
-        extractor = _build_extractor(backbone, weights, layers, requested, device, options,
-                                     local_specs)
+        extractor = _build_extractor(setup, setup.layers, setup.poolings, setup.local_specs,
+                                     device, options)
     writer = StoreWriter(db)
     try:
         with writer:
-            existing = writer.settings(extractor_name)
-            if existing:  # an extractor keeps every layer/pooling it had: datasets stay complete
-                names = backbone.layer_names()
-                old_local = [parse_local_spec(k) for k in existing.get("keep_local", [])]
-                local_specs = tuple(dict.fromkeys([*old_local, *local_specs]))
-                layers = tuple(sorted(set(existing["layers"]) | set(layers)
-                                      | {s.layer for s in local_specs}, key=names.index))
-                requested = tuple(dict.fromkeys([*existing["poolings"], *requested]))
+            existing = writer.settings(setup.name)
+            outputs = grow(setup, existing)
+            layers, requested = outputs.layers, outputs.poolings
             table = writer.images()
-            work, missing, unchanged = plan(table, writer.state(extractor_name), files, roots,
+            work, missing, unchanged = plan(table, writer.state(setup.name), files, roots,
                                             options.retry_failed)
-            summary = IngestSummary(str(db), extractor_name, discovered=len(files),
-                                    unchanged=unchanged,
-                                    problems=[(str(p), r) for p, r in found.problems])
+            summary = IngestSummary(str(db), setup.name, discovered=len(files),
+                                    unchanged=unchanged, problems=problems)
             summary.count(work)
             if missing:
                 writer.set_status(missing, STATUS_MISSING, "file no longer exists")
                 summary.missing = len(missing)
-            adds = existing is not None and bool(
-                {(layer, p) for layer in layers for p in requested}
-                - {(layer, p) for layer in existing["layers"] for p in existing["poolings"]}
-                or {s.key for s in local_specs} - set(existing.get("keep_local", [])))
             if on_start:
                 on_start(len(work))
-            if not work and not adds:
+            if not work and not outputs.adds:
                 summary.seconds = time.perf_counter() - started
                 return summary
             if extractor is None or extractor.layers != layers or extractor.poolings != requested:
-                extractor = _build_extractor(backbone, weights, layers, requested, device, options,
-                                             local_specs)
-            settings = _settings(backbone, weights, policy, scales, layers, extractor,
-                                 local_specs, options)
-            if writer.ensure_extractor(extractor_name, settings, extractor.output_dims(),
+                extractor = _build_extractor(setup, layers, requested, outputs.local_specs,
+                                             device, options)
+            settings = extractor_settings(setup, outputs, extractor.poolings, options)
+            if writer.ensure_extractor(setup.name, settings, extractor.output_dims(),
                                        local=extractor.local_channels()) and existing:
                 # new datasets reset every row of this extractor to pending: plan again
-                work, _, summary.unchanged = plan(writer.images(), writer.state(extractor_name),
+                work, _, summary.unchanged = plan(writer.images(), writer.state(setup.name),
                                                   files, roots, options.retry_failed)
                 summary.count(work)
                 if on_start:
@@ -151,7 +118,7 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
             if options.keep_freed_memory and device.type == "cpu":
                 keep_freed_memory()
             with torch_threads(intra):
-                _pipeline(work, table, writer, extractor, extractor_name, policy, scales,
+                _pipeline(work, table, writer, extractor, setup.name, setup.policy, setup.scales,
                           options, summary, progress, forward_threads)
     except BaseException:
         writer.discard_if_empty()
@@ -160,11 +127,12 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
     return summary
 
 
-def _build_extractor(backbone, weights, layers, requested, device, options, local_specs):
+def _build_extractor(setup: ExtractorSetup, layers, poolings, local_specs, device,
+                     options: IngestOptions):
     from ..features.extract import FeatureExtractor
 
-    return FeatureExtractor(backbone, weights, layers, requested, device, options.precision,
-                            local=local_specs, bucket=options.buckets)
+    return FeatureExtractor(setup.backbone, setup.weights, layers, poolings, device,
+                            options.precision, local=local_specs, bucket=options.buckets)
 
 
 def _check_options(options: IngestOptions, local_specs) -> None:
@@ -193,22 +161,6 @@ def _threads(options: IngestOptions, device) -> tuple[int, int]:
     forward = options.forward_threads or 1
     intra = options.torch_threads or (0 if device.type == "cuda" else max(1, cores // forward))
     return forward, intra
-
-
-def _settings(backbone, weights, policy, scales, layers, extractor, local_specs,
-              options: IngestOptions) -> dict:
-    import torch
-
-    from .. import __version__
-
-    return {
-        "backbone": backbone.name, "weights": weights.spec, "weights_tag": weights.tag,
-        "weights_sha": weights.sha, "size": policy.spec, "scales": list(scales),
-        "layers": list(layers), "poolings": list(extractor.poolings),
-        "keep_local": [s.key for s in local_specs],
-        "max_pixels": options.max_pixels, "buckets": options.buckets, "decode": options.decode,
-        "imgdb": __version__, "torch": torch.__version__,
-    }
 
 
 def _known_row(table, row: int | None) -> ImageRow | None:

@@ -36,7 +36,8 @@ from ..errors import UsageError, UserError
 from ..store import (FAILURE_PERMANENT, STATE_COMPUTED, STATE_FAILED, STATUS_FAILED,
                      STATUS_MISSING, STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read)
 from ..store.merge import (ExtractorShape, Pick, RowCopier, difference, extractor_shapes)
-from .plan import IngestOptions, IngestSummary, WorkItem, extractor_id, plan
+from .plan import IngestOptions, IngestSummary, WorkItem, plan
+from .setup import extractor_settings, find_files, grow, resolve_setup
 
 SHARD_SUFFIX = ".ray"
 
@@ -67,55 +68,6 @@ def _import_ray():
 
 # ---------------------------------------------------------------------------------------------
 # what the driver resolves (the same choices as a local ingest)
-
-
-@dataclass
-class _Setup:
-    backbone: object
-    weights: object
-    layers: tuple
-    poolings: tuple
-    local_specs: tuple
-    policy: object
-    scales: tuple
-    name: str
-
-
-def _resolve(options: IngestOptions) -> _Setup:
-    from ..features.backbones import get_backbone, parse_layers, parse_weights
-    from ..features.images import SizePolicy
-    from ..features.localfeat import parse_local_spec
-    from ..features.pooling import DEFAULT_POOLINGS, canonical_pooling_name, get_pooling
-
-    policy = SizePolicy.parse(options.size)
-    backbone = get_backbone(options.backbone)
-    weights = parse_weights(options.weights)
-    layers = parse_layers(backbone, options.layers)
-    requested = (tuple(canonical_pooling_name(p) for p in options.poolings.split(",") if p.strip())
-                 if options.poolings else DEFAULT_POOLINGS)
-    for p in requested:
-        get_pooling(p)
-    local_specs = tuple(dict.fromkeys(parse_local_spec(s) for s in options.keep_local))
-    if local_specs:
-        layers = parse_layers(backbone, ",".join([*layers, *(s.layer for s in local_specs)]))
-    scales = tuple(float(s) for s in options.scales)
-    return _Setup(backbone, weights, layers, requested, local_specs, policy, scales,
-                  extractor_id(backbone.name, weights.tag, policy.tag, scales))
-
-
-def _settings(setup: _Setup, poolings: Sequence[str], options: IngestOptions) -> dict:
-    """The extractor settings a local ingest records (see ingest.pipeline)."""
-    import torch
-
-    from .. import __version__
-
-    return {
-        "backbone": setup.backbone.name, "weights": setup.weights.spec,
-        "weights_tag": setup.weights.tag, "weights_sha": setup.weights.sha,
-        "size": setup.policy.spec, "scales": list(setup.scales), "layers": list(setup.layers),
-        "poolings": list(poolings), "keep_local": [s.key for s in setup.local_specs],
-        "max_pixels": options.max_pixels, "imgdb": __version__, "torch": torch.__version__,
-    }
 
 
 def _known(table, row: int | None) -> str:
@@ -410,23 +362,23 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
     """Ingest with Ray Data (see the module docstring); returns the same summary as a local run.
     `summary.engine` holds what the cluster did (actors, processes, shards reused)."""
     from ..features.extract import FeatureExtractor
-    from ..features.images import discover
-    from ..features.localfeat import parse_local_spec
 
     ropts = ropts or RayOptions()
+    local_only = [flag for flag, used in (
+        ("--buckets", options.buckets), ("--decode gpu", options.decode != "cpu"),
+        ("--batch-pixels", options.batch_pixels), ("--forward-threads", options.forward_threads),
+        ("--torch-threads", options.torch_threads)) if used]
+    if local_only:
+        raise UsageError(f"--engine ray does not take {', '.join(local_only)}: they tune the "
+                         "local executor (Ray actors batch equal shapes, with --cpus-per-worker "
+                         "torch threads)")
     if ropts.cpus_per_worker <= 0 or (ropts.gpus_per_worker or 0) < 0:
         raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
     ray = _import_ray()
     started = time.perf_counter()
     db = Path(db)
-    setup = _resolve(options)
-    roots = [Path(p).expanduser().absolute() for p in paths]
-    missing_roots = [str(p) for p in roots if not os.path.lexists(p)]
-    if len(missing_roots) == len(roots):
-        raise UserError(f"nothing to ingest: {missing_roots[0]} does not exist"
-                        + (f" (nor {len(missing_roots) - 1} other path(s))" if len(roots) > 1 else ""))
-    found = discover(roots)
-    files = [Path(os.path.abspath(f)) for f in found.files]
+    setup = resolve_setup(options)
+    roots, files, problems = find_files(paths)
 
     def build(layers, poolings, specs):
         from ..features.extract import resolve_device
@@ -441,40 +393,27 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
     try:
         with writer:
             existing = writer.settings(setup.name)
-            layers, requested, local_specs = setup.layers, setup.poolings, setup.local_specs
-            if existing:  # an extractor keeps every layer/pooling it had
-                names = setup.backbone.layer_names()
-                old_local = [parse_local_spec(k) for k in existing.get("keep_local", [])]
-                local_specs = tuple(dict.fromkeys([*old_local, *local_specs]))
-                layers = tuple(sorted(set(existing["layers"]) | set(layers)
-                                      | {s.layer for s in local_specs}, key=names.index))
-                requested = tuple(dict.fromkeys([*existing["poolings"], *requested]))
+            outputs = grow(setup, existing)
+            layers, requested, local_specs = outputs.layers, outputs.poolings, outputs.local_specs
             table = writer.images()
             work, missing, unchanged = plan(table, writer.state(setup.name), files, roots,
                                             options.retry_failed)
             summary = IngestSummary(str(db), setup.name, discovered=len(files),
-                                    unchanged=unchanged,
-                                    problems=[(str(p), r) for p, r in found.problems])
+                                    unchanged=unchanged, problems=problems)
             summary.count(work)
             summary.engine["engine"] = "ray"
             if missing:
                 writer.set_status(missing, STATUS_MISSING, "file no longer exists")
                 summary.missing = len(missing)
-            adds = existing is not None and bool(
-                {(la, p) for la in layers for p in requested}
-                - {(la, p) for la in existing["layers"] for p in existing["poolings"]}
-                or {s.key for s in local_specs} - set(existing.get("keep_local", [])))
             if on_start:
                 on_start(len(work))
-            if not work and not adds:
+            if not work and not outputs.adds:
                 summary.seconds = time.perf_counter() - started
                 return summary
             if extractor is None or extractor.layers != layers or \
                     extractor.poolings != requested:
                 extractor = build(layers, requested, local_specs)
-            settings = _settings(setup, extractor.poolings, options)
-            settings["layers"] = list(layers)
-            settings["keep_local"] = [s.key for s in local_specs]
+            settings = extractor_settings(setup, outputs, extractor.poolings, options)
             dims = extractor.output_dims()
             local_channels = extractor.local_channels()
             if writer.ensure_extractor(setup.name, settings, dims, local=local_channels) \
