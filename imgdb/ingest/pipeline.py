@@ -288,7 +288,12 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
     batcher = PixelBatcher(budget, options.batch_size, window=max(2 * options.batch_size, 64),
                            window_pixels=4 * budget)
     forward = _Forward(extractor, policy, scales, options)
-    pool = ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward")
+    # One forward at a time runs on this thread: torch's OpenMP team of the main thread is
+    # 1.3-1.6x faster than a second thread's on a CPU (benchmarks/RESULTS-ingest.md); decoding
+    # and commits still run beside it. The last batch's vectors are fetched after the next
+    # batch is launched, so on CUDA their copy back overlaps it.
+    pool = (ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward")
+            if forward_threads > 1 else None)
     inflight: deque[Future] = deque()
     # seq -> (update, vectors per scale, scales done)
     results: dict[int, tuple[RowUpdate, dict | None, int]] = {}
@@ -332,6 +337,13 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
             results[seq] = (update, acc, count + 1)
 
     def submit(batch: Batch) -> None:
+        if pool is None:
+            done: Future = Future()
+            done.set_result(forward(batch))
+            inflight.append(done)
+            while len(inflight) > 1:
+                apply(inflight.popleft().result())
+            return
         inflight.append(pool.submit(forward, batch))
         while inflight and (len(inflight) > forward_threads or inflight[0].done()):
             apply(inflight.popleft().result())
@@ -405,7 +417,8 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
             # interrupted or failed: commit what is complete (nothing finished is lost), then
             # let the original exception go on
             with contextlib.suppress(BaseException):
-                pool.shutdown(wait=True, cancel_futures=True)
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
                 while inflight:
                     fut = inflight.popleft()
                     if not fut.cancelled() and fut.exception() is None:
@@ -413,7 +426,8 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
                 flush(force=True)
             with contextlib.suppress(BaseException):
                 committer.close()
-        pool.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _items(batcher: PixelBatcher, extractor, seq: int, path: Path, image: DecodedImage,
