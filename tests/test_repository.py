@@ -65,3 +65,16 @@ def test_committed_completions_are_current(shell: str) -> None:
     committed = (ROOT / "completions" / SHELLS[shell]).read_text()
     assert committed == completion_script(shell), \
         "regenerate: python -m imgdb.completions completions/"
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    """A module's `_names` are its own: what another module needs is public (named, documented)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "imgdb").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

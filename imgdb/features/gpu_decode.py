@@ -22,7 +22,7 @@ from PIL import Image, JpegImagePlugin
 
 from ..errors import UserError
 from .images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy,
-                     _check_scales, _classify, open_formats, _plan, _reason, load_image)
+                     check_scales, classify_decode_error, open_formats, plan_decode, os_error_reason, load_image)
 
 #: `DecodedImage.extras` key of an image whose decoding is left to the device.
 DEVICE_JPEG = "device_jpeg"
@@ -45,7 +45,7 @@ def load_deferred(path: str | Path, policy: SizePolicy, scales: Sequence[float] 
     """Like `load_image`, but a plain JPEG (RGB or grey) is only read, hashed and checked: its
     bytes, orientation and targets go to `extras[DEVICE_JPEG]` and `pixels` stays empty."""
     path = Path(path)
-    scales = _check_scales(scales)
+    scales = check_scales(scales)
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -55,14 +55,14 @@ def load_deferred(path: str | Path, policy: SizePolicy, scales: Sequence[float] 
     except ImageError:
         raise
     except OSError as e:
-        raise ImageError(f"cannot read file ({_reason(e)})", transient=True) from None
+        raise ImageError(f"cannot read file ({os_error_reason(e)})", transient=True) from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data), formats=open_formats()) as im:
             device_ok = isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode in ("RGB", "L")
             if device_ok:
-                plan = _plan(im, policy, scales, max_pixels, min_side, None)
+                plan = plan_decode(im, policy, scales, max_pixels, min_side, None)
     except ImageError as e:
         e.file_size, e.mtime = len(data), st.st_mtime
         e.sha = hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -134,7 +134,7 @@ def decode_on_host(path: str | Path, policy: SizePolicy, scales: Sequence[float]
         e.__traceback__ = None
         return e
     except Exception as e:  # pragma: no cover - load_image converts everything
-        return ImageError(_classify(e))
+        return ImageError(classify_decode_error(e))
 
 
 __all__ = ["DEVICE_JPEG", "check_gpu_decode", "load_deferred", "decode_on_device",

@@ -98,7 +98,7 @@ class Discovery:
     problems: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def _reason(err: OSError) -> str:
+def os_error_reason(err: OSError) -> str:
     """One-line lowercase reason from an OSError (its strerror, without the path)."""
     text = err.strerror or str(err) or type(err).__name__
     return text.splitlines()[0].lower() if text else type(err).__name__
@@ -129,7 +129,7 @@ def discover(paths: Sequence[str | Path] | str | Path) -> Discovery:
                 out.problems.append((top, "no such file or directory"))
             continue
         except OSError as e:
-            out.problems.append((top, f"cannot access ({_reason(e)})"))
+            out.problems.append((top, f"cannot access ({os_error_reason(e)})"))
             continue
         if stat.S_ISREG(st.st_mode):
             add_file(top, st)  # named explicitly: kept whatever its extension
@@ -151,7 +151,7 @@ def discover(paths: Sequence[str | Path] | str | Path) -> Discovery:
                 with os.scandir(d) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as e:
-                out.problems.append((d, f"cannot read directory ({_reason(e)})"))
+                out.problems.append((d, f"cannot read directory ({os_error_reason(e)})"))
                 continue
             subdirs: list[tuple[Path, tuple[tuple[int, int], ...]]] = []
             for entry in entries:
@@ -165,7 +165,7 @@ def discover(paths: Sequence[str | Path] | str | Path) -> Discovery:
                         out.problems.append((p, "broken symbolic link"))
                     continue
                 except OSError as e:
-                    out.problems.append((p, f"cannot access ({_reason(e)})"))
+                    out.problems.append((p, f"cannot access ({os_error_reason(e)})"))
                     continue
                 if stat.S_ISDIR(est.st_mode):
                     dkey = (est.st_dev, est.st_ino)
@@ -372,7 +372,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _classify(e: BaseException) -> str:
+def classify_decode_error(e: BaseException) -> str:
     """Map a Pillow/OS decoding exception to a one-line reason."""
     msg = _first_line(e)
     low = msg.lower()
@@ -398,7 +398,7 @@ def _classify(e: BaseException) -> str:
     return f"cannot decode image ({type(e).__name__}: {msg})"
 
 
-def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     """Scales as a tuple of positive finite floats (a programming error raises ValueError)."""
     out = tuple(float(s) for s in scales)
     if not out or any(not s > 0 or math.isinf(s) for s in out):
@@ -430,7 +430,7 @@ def decode_query_bytes(data: bytes, settings: dict,
         limit = min(limit, int(max_pixels))
     sha = hashlib.blake2b(data, digest_size=16).hexdigest()
     return _decode(data, 0.0, sha, SizePolicy.parse(settings["size"]),
-                   _check_scales(settings["scales"]), limit, DEFAULT_MIN_SIDE, crop)
+                   check_scales(settings["scales"]), limit, DEFAULT_MIN_SIDE, crop)
 
 
 def load_image(
@@ -447,7 +447,7 @@ def load_image(
     region, as in the Oxford/Paris protocol); the size policy then applies to the box.
     """
     path = Path(path)
-    scales = _check_scales(scales)
+    scales = check_scales(scales)
 
     # Read the bytes once: hash them and decode from memory (the file may change meanwhile).
     try:
@@ -459,7 +459,7 @@ def load_image(
     except ImageError:
         raise
     except OSError as e:
-        raise ImageError(f"cannot read file ({_reason(e)})", transient=True) from None
+        raise ImageError(f"cannot read file ({os_error_reason(e)})", transient=True) from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     sha = hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -471,7 +471,7 @@ def load_image(
 
 
 @dataclass
-class _Plan:
+class DecodePlan:
     """What the header says and the settings ask: upright size, orientation, box, targets."""
 
     width: int
@@ -482,8 +482,8 @@ class _Plan:
     targets: list[tuple[int, int]]
 
 
-def _plan(im: Image.Image, policy: SizePolicy, scales: tuple[float, ...], max_pixels: int,
-          min_side: int, crop: tuple[float, float, float, float] | None) -> _Plan:
+def plan_decode(im: Image.Image, policy: SizePolicy, scales: tuple[float, ...], max_pixels: int,
+                min_side: int, crop: tuple[float, float, float, float] | None) -> DecodePlan:
     """Check an opened (not yet decoded) image against the limits; its targets per scale."""
     sw, sh = im.size  # stored (pre-orientation) size, from the header
     if sw <= 0 or sh <= 0:
@@ -520,7 +520,7 @@ def _plan(im: Image.Image, policy: SizePolicy, scales: tuple[float, ...], max_pi
             raise ImageError(
                 f"image too large: {tw}x{th} pixels after resizing exceeds the limit of "
                 f"{max_pixels:,}", scope="extractor")
-    return _Plan(w, h, orientation, swap, box, targets)
+    return DecodePlan(w, h, orientation, swap, box, targets)
 
 
 def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
@@ -529,7 +529,7 @@ def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
     """The decoding half of load_image (bytes in memory -> pixels at each scale)."""
     try:
         with Image.open(io.BytesIO(data), formats=open_formats()) as im:
-            plan = _plan(im, policy, scales, max_pixels, min_side, crop)
+            plan = plan_decode(im, policy, scales, max_pixels, min_side, crop)
             w, h, orientation, swap = plan.width, plan.height, plan.orientation, plan.swap
             box, targets = plan.box, plan.targets
             if isinstance(im, JpegImagePlugin.JpegImageFile) and box is None:
@@ -559,7 +559,7 @@ def _decode(data: bytes, mtime: float, sha: str, policy: SizePolicy,
     except ImageError:
         raise
     except Exception as e:  # every Pillow/OS/decoder failure becomes a one-line reason
-        raise ImageError(_classify(e), transient=isinstance(e, MemoryError)) from None
+        raise ImageError(classify_decode_error(e), transient=isinstance(e, MemoryError)) from None
 
     return DecodedImage(
         pixels=pixels, width=w, height=h, file_size=len(data), mtime=mtime, sha=sha
@@ -611,7 +611,7 @@ def iter_decoded(
     keypoints, off the main thread); its dict lands in `image.extras`. `load` replaces
     `load_image` (same signature), e.g. to leave JPEG decoding to the GPU.
     """
-    scales = _check_scales(scales)
+    scales = check_scales(scales)
     if workers <= 0:
         for i, p in enumerate(paths):
             p = Path(p)
