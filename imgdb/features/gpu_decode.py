@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +20,8 @@ from PIL import Image, JpegImagePlugin
 
 from ..errors import UserError
 from .images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy,
-                     check_scales, classify_decode_error, open_formats, plan_decode, os_error_reason, load_image)
+                     check_scales, classify_decode_error, load_image, open_formats, plan_decode,
+                     read_image_file)
 
 #: `DecodedImage.extras` key of an image whose decoding is left to the device.
 DEVICE_JPEG = "device_jpeg"
@@ -46,18 +45,7 @@ def load_deferred(path: str | Path, policy: SizePolicy, scales: Sequence[float] 
     bytes, orientation and targets go to `extras[DEVICE_JPEG]` and `pixels` stays empty."""
     path = Path(path)
     scales = check_scales(scales)
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file")
-        with open(path, "rb") as f:
-            data = f.read()
-    except ImageError:
-        raise
-    except OSError as e:
-        raise ImageError(f"cannot read file ({os_error_reason(e)})", transient=True) from None
-    if not data:
-        raise ImageError("empty file (0 bytes)")
+    data, st = read_image_file(path)
     try:
         with Image.open(io.BytesIO(data), formats=open_formats()) as im:
             device_ok = isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode in ("RGB", "L")

@@ -433,6 +433,24 @@ def decode_query_bytes(data: bytes, settings: dict,
                    check_scales(settings["scales"]), limit, DEFAULT_MIN_SIDE, crop)
 
 
+def read_image_file(path: Path) -> tuple[bytes, os.stat_result]:
+    """A regular, non-empty file's bytes and stat; otherwise an ImageError (a read error is
+    transient: permissions or I/O may heal)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file")
+        with open(path, "rb") as f:
+            data = f.read()
+    except ImageError:
+        raise
+    except OSError as e:
+        raise ImageError(f"cannot read file ({os_error_reason(e)})", transient=True) from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return data, st
+
+
 def load_image(
     path: str | Path,
     policy: SizePolicy,
@@ -448,20 +466,8 @@ def load_image(
     """
     path = Path(path)
     scales = check_scales(scales)
-
     # Read the bytes once: hash them and decode from memory (the file may change meanwhile).
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file")
-        with open(path, "rb") as f:
-            data = f.read()
-    except ImageError:
-        raise
-    except OSError as e:
-        raise ImageError(f"cannot read file ({os_error_reason(e)})", transient=True) from None
-    if not data:
-        raise ImageError("empty file (0 bytes)")
+    data, st = read_image_file(path)
     sha = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
         return _decode(data, st.st_mtime, sha, policy, scales, max_pixels, min_side, crop)

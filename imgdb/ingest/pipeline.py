@@ -25,10 +25,10 @@ from ..errors import UserError
 from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy,
                                iter_decoded)
 from ..store import (FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED, STATE_FAILED,
-                     STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_MISSING,
-                     STATUS_OK, ImageRow, RowUpdate, StoreWriter)
+                     STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_OK, ImageRow, RowUpdate, StoreWriter)
 from .plan import IngestOptions, IngestSummary, WorkItem, plan
-from .setup import ExtractorSetup, extractor_settings, find_files, grow, resolve_setup
+from .setup import (ExtractorSetup, extractor_settings, find_files, grow, resolve_setup,
+                    start_run)
 from .stages import (Batch, CommitThread, PixelBatcher, default_batch_pixels, keep_freed_memory,
                      torch_threads)
 
@@ -88,17 +88,8 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
             existing = writer.settings(setup.name)
             outputs = grow(setup, existing)
             layers, requested = outputs.layers, outputs.poolings
-            table = writer.images()
-            work, missing, unchanged = plan(table, writer.state(setup.name), files, roots,
-                                            options.retry_failed)
-            summary = IngestSummary(str(db), setup.name, discovered=len(files),
-                                    unchanged=unchanged, problems=problems)
-            summary.count(work)
-            if missing:
-                writer.set_status(missing, STATUS_MISSING, "file no longer exists")
-                summary.missing = len(missing)
-            if on_start:
-                on_start(len(work))
+            start = start_run(writer, setup, files, roots, problems, options, on_start)
+            table, work, summary = start.table, start.work, start.summary
             if not work and not outputs.adds:
                 summary.seconds = time.perf_counter() - started
                 return summary

@@ -34,10 +34,10 @@ import numpy as np
 
 from ..errors import UsageError, UserError
 from ..store import (FAILURE_PERMANENT, STATE_COMPUTED, STATE_FAILED, STATUS_FAILED,
-                     STATUS_MISSING, STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read)
+                     STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read)
 from ..store.merge import (ExtractorShape, Pick, RowCopier, difference, extractor_shapes)
 from .plan import IngestOptions, IngestSummary, WorkItem, plan
-from .setup import extractor_settings, find_files, grow, resolve_setup
+from .setup import extractor_settings, find_files, grow, resolve_setup, start_run
 
 SHARD_SUFFIX = ".ray"
 
@@ -395,18 +395,9 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
             existing = writer.settings(setup.name)
             outputs = grow(setup, existing)
             layers, requested, local_specs = outputs.layers, outputs.poolings, outputs.local_specs
-            table = writer.images()
-            work, missing, unchanged = plan(table, writer.state(setup.name), files, roots,
-                                            options.retry_failed)
-            summary = IngestSummary(str(db), setup.name, discovered=len(files),
-                                    unchanged=unchanged, problems=problems)
-            summary.count(work)
+            start = start_run(writer, setup, files, roots, problems, options, on_start)
+            table, work, summary = start.table, start.work, start.summary
             summary.engine["engine"] = "ray"
-            if missing:
-                writer.set_status(missing, STATUS_MISSING, "file no longer exists")
-                summary.missing = len(missing)
-            if on_start:
-                on_start(len(work))
             if not work and not outputs.adds:
                 summary.seconds = time.perf_counter() - started
                 return summary

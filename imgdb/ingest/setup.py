@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import UserError
 from .plan import IngestOptions, extractor_id
@@ -98,6 +98,37 @@ def grow(setup: ExtractorSetup, existing: dict | None) -> Outputs:
     return Outputs(layers, poolings, local_specs, adds)
 
 
+@dataclass
+class Start:
+    """A run's first step against the store: the image table, the work, the summary so far."""
+
+    table: object  # store.ImageTable
+    work: list  # plan.WorkItem
+    summary: object  # plan.IngestSummary
+
+
+def start_run(writer, setup: ExtractorSetup, files: list[Path], roots: list[Path],
+              problems: list[tuple[str, str]], options: IngestOptions,
+              on_start: Callable[[int], None] | None) -> Start:
+    """Plan the files against the store, mark vanished files missing, start the summary and
+    report the amount of work (`on_start`)."""
+    from ..store import STATUS_MISSING
+    from .plan import IngestSummary, plan
+
+    table = writer.images()
+    work, missing, unchanged = plan(table, writer.state(setup.name), files, roots,
+                                    options.retry_failed)
+    summary = IngestSummary(str(writer.path), setup.name, discovered=len(files),
+                            unchanged=unchanged, problems=problems)
+    summary.count(work)
+    if missing:
+        writer.set_status(missing, STATUS_MISSING, "file no longer exists")
+        summary.missing = len(missing)
+    if on_start:
+        on_start(len(work))
+    return Start(table, work, summary)
+
+
 def extractor_settings(setup: ExtractorSetup, outputs: Outputs, poolings: Sequence[str],
                        options: IngestOptions) -> dict:
     """The settings recorded with the extractor: what a query needs to describe an image as
@@ -122,5 +153,5 @@ def extractor_settings(setup: ExtractorSetup, outputs: Outputs, poolings: Sequen
     return settings
 
 
-__all__ = ["ExtractorSetup", "Outputs", "extractor_settings", "find_files", "grow",
-           "resolve_setup"]
+__all__ = ["ExtractorSetup", "Outputs", "Start", "extractor_settings", "find_files", "grow",
+           "resolve_setup", "start_run"]
