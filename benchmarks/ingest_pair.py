@@ -17,6 +17,7 @@ compared (cosine per pooling), so a speed-up cannot hide a different answer.
 Examples:
   python benchmarks/ingest_pair.py --images coil20 --size original --pairs 3
   python benchmarks/ingest_pair.py --images oxford --size max:512 --pairs 3 --out r.json
+  python benchmarks/ingest_pair.py --images oxford --size max:512 --buckets 32,64 --pairs 2
 """
 
 from __future__ import annotations
@@ -155,15 +156,59 @@ def measure(mode: str, images: str, size: str, out: Path) -> dict:
     return {"mode": mode, "seconds": round(seconds, 3), "n": len(next(iter(vectors.values())))}
 
 
+def bucket_fidelity(images: str, size: str, buckets: list[int], rounds: int) -> dict:
+    """Shape buckets against exact shapes: time of each (alternating, one process) and the
+    cosine of every pooling of every image against its exact-shape vector."""
+    from imgdb.ingest import IngestOptions, run_ingest
+    from imgdb.store import open_read
+
+    folder = IMAGE_SETS[images]
+    times: dict[int, list[float]] = {b: [] for b in [0, *buckets]}
+    vectors: dict[int, dict[str, np.ndarray]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for b in (times if r % 2 == 0 else list(times)[::-1]):
+                db = Path(tmp) / f"b{b}-{r}.h5"
+                opts = IngestOptions(backbone="efficientnet_lite0", weights="imagenet",
+                                     layers="head", poolings=",".join(POOLINGS), size=size,
+                                     buckets=b)
+                t = time.perf_counter()
+                summary = run_ingest([folder], db, opts)
+                times[b].append(time.perf_counter() - t)
+                with open_read(db) as view:
+                    vectors[b] = {p: view.vectors(view.descriptor(f"{summary.extractor}/head/{p}"))
+                                  for p in POOLINGS}
+    out = {"images": images, "size": size, "seconds_median":
+           {str(b): round(statistics.median(t), 3) for b, t in times.items()}, "cosine": {}}
+    for b in buckets:
+        cos = {}
+        for p in POOLINGS:
+            a, e = vectors[b][p], vectors[0][p]
+            c = (a * e).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1),
+                                            1e-12)
+            cos[p] = {"mean": round(float(c.mean()), 4), "min": round(float(c.min()), 4)}
+        out["cosine"][str(b)] = cos
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", choices=sorted(IMAGE_SETS), default="coil20")
     ap.add_argument("--size", default="original", help="original or max:N")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--buckets", help="instead: shape buckets N,M,... against exact shapes "
+                                      "(time and cosine per pooling)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one run, in a subprocess
     ap.add_argument("--vectors", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.buckets:
+        res = bucket_fidelity(args.images, args.size, [int(b) for b in args.buckets.split(",")],
+                              args.pairs)
+        print(json.dumps(res, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
+        return
     if args.measure:
         print(json.dumps(measure(args.measure, args.images, args.size, args.vectors)))
         return
