@@ -403,7 +403,7 @@ BatchPixels = Annotated[int, typer.Option(
 Buckets = Annotated[int, typer.Option(
     "--buckets", parser=integer(0), metavar="N",
     help="Pad images to multiples of N px so mixed sizes share a forward (each image pools "
-         "only its own cells; vectors differ slightly, so N is part of the extractor's name); "
+         "only its own cells; vectors differ, cosine ~0.95, so N is in the extractor's name); "
          "0: only equal sizes share a forward.")]
 DecoderOpt = Annotated[Decoder, typer.Option(
     "--decode", case_sensitive=False,
