@@ -1,18 +1,23 @@
 #!/usr/bin/env python
-"""imgdb ingest against the strongest plain loop we could write, paired in one process.
+"""imgdb ingest against plain, well-batched loops, each run in its own process, alternating.
 
-plain   a well-batched loop (run in its own process, as are the others) written apart from imgdb's pipeline: PIL decode in the driving
-        thread (same size policy: longest side, bicubic), images grouped by shape and run in
-        batches of up to 64 equal-size images, one forward through the same BatchNorm-folded
-        stages imgdb runs (the fastest forward we have, so the ratio measures the pipeline, not
-        the network), six poolings written here from the papers on one layer, vectors kept in
-        memory (no store: the loop does less work than an ingest).
-imgdb   imgdb.ingest.run_ingest into a fresh store with its defaults: decode threads, pixel-
-        budget batches, a forward, a writer thread committing every 2 s, crash-safe commits.
+plain       a well-batched loop written apart from imgdb's pipeline: PIL decode in the driving
+            thread (same size policy: longest side, bicubic), images grouped by shape and run in
+            batches of up to 64 equal-size images, one forward through the same BatchNorm-folded
+            stages imgdb runs (so the ratio measures the pipeline, not the network), six poolings
+            written here from the papers on one layer, vectors kept in memory (no store: the
+            loop does less work than an ingest).
+plain-timm  that loop with the network a user would load: timm's EfficientNet-Lite0, the same
+            weights, BatchNorm as separate layers.
+plain-kept  that loop (folded) after imgdb's allocator setting (ingest.stages.keep_freed_memory):
+            the strongest loop we could write.
+imgdb       imgdb.ingest.run_ingest into a fresh store with its defaults: decode threads, pixel-
+            budget batches, the forward, a writer thread committing every 2 s, crash-safe commits.
 
-Machines here are shared and noisy, so the two run alternately (plain first, then imgdb first)
-and each pair's ratio is reported; quote the median and the worst. The vectors of both are
-compared (cosine per pooling), so a speed-up cannot hide a different answer.
+Each run is a fresh process (nothing process-wide leaks from one to another); the order
+alternates from round to round; each round's ratios are reported (the machines are noisy: quote
+the median and the worst). Vectors are compared (cosine per pooling against both plain loops),
+so a speed-up cannot hide a different answer.
 
 Examples:
   python benchmarks/ingest_pair.py --images coil20 --size original --pairs 3
@@ -124,8 +129,8 @@ def run_imgdb(files_dir: Path, size: str, workdir: Path) -> tuple[float, dict[st
 
 
 def measure(mode: str, images: str, size: str, out: Path) -> dict:
-    """One run in this (fresh) process: `plain`, `plain-kept` (the plain loop with imgdb's
-    allocator setting, see ingest.stages.keep_freed_memory) or `imgdb`; vectors go to `out`."""
+    """One run in this (fresh) process, `mode` one of plain-timm, plain, plain-kept, imgdb (see
+    the module doc); the vectors go to `out`."""
     import torch
 
     from imgdb.features.backbones import (get_backbone, inference_stages, parse_weights,
@@ -144,9 +149,14 @@ def measure(mode: str, images: str, size: str, out: Path) -> dict:
         files = [Path(f) for f in discover([folder]).files]
         backbone = get_backbone("efficientnet_lite0")
         weights = parse_weights("imagenet")
-        named = inference_stages(backbone, weights)
-        stages = [m.eval() for _, m in named]
-        layer_index = [n for n, _ in named].index("head")
+        if mode == "plain-timm":  # the reference network a user would load: timm's, unfolded
+            from imgdb.features.backbones import load_network
+
+            stages, layer_index = [load_network(backbone, weights).forward_features], 0
+        else:
+            named = inference_stages(backbone, weights)
+            stages = [m.eval() for _, m in named]
+            layer_index = [n for n, _ in named].index("head")
         m, s = preprocessing(backbone, weights)
         mean = torch.tensor(m).view(1, 3, 1, 1) * 255
         std = torch.tensor(s).view(1, 3, 1, 1) * 255
@@ -215,7 +225,7 @@ def main() -> None:
 
     import subprocess
 
-    modes = ("plain", "plain-kept", "imgdb")
+    modes = ("plain-timm", "plain", "plain-kept", "imgdb")
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.pairs):
@@ -230,11 +240,14 @@ def main() -> None:
                 got[mode + "_vectors"] = dict(np.load(vec))
             cos = {}
             for p in POOLINGS:
-                a, b = got["plain_vectors"][p], got["imgdb_vectors"][p]
-                num = (a * b).sum(1)
-                den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-                cos[p] = round(float(np.min(num / np.maximum(den, 1e-12))), 6)
+                b = got["imgdb_vectors"][p]
+                for base in ("plain", "plain-timm"):
+                    a = got[base + "_vectors"][p]
+                    num = (a * b).sum(1)
+                    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+                    cos[f"{base}/{p}"] = round(float(np.min(num / np.maximum(den, 1e-12))), 6)
             row = {"order": list(order), **{m: got[m] for m in modes},
+                   "vs_plain_timm": round(got["plain-timm"] / got["imgdb"], 3),
                    "vs_plain": round(got["plain"] / got["imgdb"], 3),
                    "vs_plain_kept": round(got["plain-kept"] / got["imgdb"], 3),
                    "min_cosine": cos}
@@ -249,6 +262,8 @@ def main() -> None:
                          f"{os.getloadavg()[0]:.1f} after, torch {torch.__version__}",
               "images": args.images, "n": n, "size": args.size,
               "img_per_s": {m: round(n / med[m], 1) for m in modes},
+              "vs_plain_timm": {"median": statistics.median(r["vs_plain_timm"] for r in rounds),
+                                "worst": min(r["vs_plain_timm"] for r in rounds)},
               "vs_plain": {"median": statistics.median(r["vs_plain"] for r in rounds),
                            "worst": min(r["vs_plain"] for r in rounds)},
               "vs_plain_kept": {"median": statistics.median(r["vs_plain_kept"] for r in rounds),
