@@ -23,6 +23,7 @@ Examples:
   python benchmarks/ingest_pair.py --images coil20 --size original --pairs 3
   python benchmarks/ingest_pair.py --images oxford --size max:512 --pairs 3 --out r.json
   python benchmarks/ingest_pair.py --images oxford --size max:512 --buckets 32,64 --pairs 2
+  python benchmarks/ingest_pair.py --ceiling 60 --size max:1024     # 4032 px JPEGs, null network
 """
 
 from __future__ import annotations
@@ -201,6 +202,83 @@ def bucket_fidelity(images: str, size: str, buckets: list[int], rounds: int) -> 
     return out
 
 
+class NullPooled:
+    """A pooled batch of zeros, already on the host."""
+
+    def __init__(self, out: dict) -> None:
+        self.out = out
+
+    def result(self) -> dict:
+        return self.out
+
+
+class NullNetwork:
+    """The real extractor's interface and output shapes, with no network: what is left of an
+    ingest is the host's work (read, hash, decode, resize, batch, commit)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.device, self.local = real.device, real.local
+        self.layers, self.poolings = real.layers, real.poolings
+        self.dims = real.output_dims()  # (computed by a small forward: once)
+
+    def output_dims(self) -> dict:
+        return self.dims
+
+    def local_channels(self) -> dict:
+        return self.real.local_channels()
+
+    def pad_to(self, h: int, w: int) -> tuple[int, int]:
+        return self.real.pad_to(h, w)
+
+    def pool_batch(self, x, sizes=None) -> NullPooled:
+        n = x.shape[0]
+        return NullPooled({k: np.zeros((n, d), np.float32) for k, d in self.output_dims().items()})
+
+
+def host_ceiling(n: int, side: int, size: str) -> dict:
+    """Images/s of an ingest whose network does nothing, from `n` JPEGs `side` px wide (made
+    from the repository's photos, upscaled), at the size policy `size`; and of decoding alone."""
+    from PIL import Image
+
+    import imgdb.ingest.pipeline as pipeline
+    from imgdb.features.images import SizePolicy, iter_decoded
+    from imgdb.ingest import IngestOptions, run_ingest
+
+    photos = sorted((DATA / "oxford5k" / "images").glob("*.jpg"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "big"
+        folder.mkdir()
+        for i in range(n):
+            with Image.open(photos[i % len(photos)]) as im:
+                im = im.convert("RGB")
+                h = round(side * im.height / im.width)
+                im.resize((side, h), Image.Resampling.BILINEAR).save(folder / f"{i:05d}.jpg",
+                                                                     quality=90)
+        files = sorted(folder.iterdir())
+        megapixels = sum(Image.open(f).width * Image.open(f).height for f in files) / len(files) / 1e6
+        real_build = pipeline._build_extractor
+        pipeline._build_extractor = lambda *a, **k: NullNetwork(real_build(*a, **k))
+        try:
+            opts = IngestOptions(backbone="efficientnet_lite0", weights="imagenet",
+                                 layers="head", poolings=",".join(POOLINGS), size=size)
+            t = time.perf_counter()
+            summary = run_ingest([folder], Path(tmp) / "null.h5", opts)
+            ingest_s = time.perf_counter() - t
+        finally:
+            pipeline._build_extractor = real_build
+        assert summary.failed == 0, summary.failures
+        t = time.perf_counter()
+        for _ in iter_decoded(files, SizePolicy.parse(size), workers=0):
+            pass
+        decode_s = time.perf_counter() - t
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"images": n, "megapixels_each": round(megapixels, 1), "size": size, "cores": cores,
+            "null_ingest_img_s": round(n / ingest_s, 1),
+            "null_ingest_img_s_per_core": round(n / ingest_s / cores, 1),
+            "decode_one_thread_img_s": round(n / decode_s, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", choices=sorted(IMAGE_SETS), default="coil20")
@@ -209,9 +287,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--buckets", help="instead: shape buckets N,M,... against exact shapes "
                                       "(time and cosine per pooling)")
+    ap.add_argument("--ceiling", type=int, metavar="N",
+                    help="instead: the host-side ceiling, an ingest of N multi-megapixel JPEGs "
+                         "with a null network (images/s per core)")
+    ap.add_argument("--side", type=int, default=4032, help="with --ceiling: the JPEGs' width")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one run, in a subprocess
     ap.add_argument("--vectors", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ceiling:
+        res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "machine": f"{platform.machine()}, load {os.getloadavg()[0]:.1f}",
+               **host_ceiling(args.ceiling, args.side, args.size)}
+        print(json.dumps(res))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
+        return
     if args.buckets:
         res = bucket_fidelity(args.images, args.size, [int(b) for b in args.buckets.split(",")],
                               args.pairs)
