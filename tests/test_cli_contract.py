@@ -48,7 +48,7 @@ MISUSE = [
     ("workers", (*INGEST, "--workers", "-1"), 2, "minimum 0"),
     ("batch-pixels", (*INGEST, "--batch-pixels", "-5"), 2, "minimum 0"),
     ("buckets-negative", (*INGEST, "--buckets", "-8"), 2, "minimum 0"),
-    ("buckets-keep-local", (*INGEST, "--buckets", "32", "--keep-local", "block5"), 2,
+    ("buckets-keep-local", (*INGEST, "--buckets", "32", "--keep-local", "conv5_3"), 2,
      "--keep-local"),
     ("decode", (*INGEST, "--decode", "nvjpeg"), 2, "'cpu', 'gpu'"),
     ("decode-gpu-no-cuda", (*INGEST, "--decode", "gpu", "--device", "cpu"), 1, "--decode gpu"),

@@ -85,9 +85,6 @@ def ingest(
         raise UsageError("--address, --gpus-per-worker and --cpus-per-worker go with "
                          "--engine ray")
     local = [spec for specs in keep_local for spec in specs]
-    if buckets and local:
-        raise UsageError("--buckets cannot be combined with --keep-local (kept cells must be "
-                         "each image's own grid)")
     _check_layers(backbone.value, layers, local)
     options = IngestOptions(backbone=backbone.value, weights=weights,
                             layers=",".join(layers) if layers else None,

@@ -2,10 +2,11 @@
 
 The work list is planned against the store (new, changed, not yet computed for this extractor,
 or failed transiently). The local executor drives the stages (`stages.py`): decode workers
-(threads; Pillow releases the GIL), a pixel-budget batcher, forward threads (one forward per
-batch for every layer and pooling), a reorder buffer, and a writer thread that commits rows in
-discovery order while the next batches compute, so an interrupted run followed by a rerun
-leaves exactly the rows an uninterrupted run would have written. Every queue is bounded.
+(threads; Pillow releases the GIL), a pixel-budget batcher, the forward (one per batch for every
+layer and pooling; on this thread, or on `forward_threads` worker threads), a reorder buffer,
+and a writer thread that commits rows in discovery order while the next batches compute, so an
+interrupted run followed by a rerun leaves exactly the rows an uninterrupted run would have
+written. Every queue is bounded.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy,
                                iter_decoded)
 from ..store import (FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED, STATE_FAILED,
-                     STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_OK, ImageRow, RowUpdate, StoreWriter)
+                     STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_OK, ImageRow,
+                     RowUpdate, StoreWriter)
 from .plan import IngestOptions, IngestSummary, WorkItem, plan
 from .setup import (ExtractorSetup, extractor_settings, find_files, grow, resolve_setup,
                     start_run)
@@ -135,8 +137,8 @@ def _check_options(options: IngestOptions, local_specs) -> None:
     if options.forward_threads < 0 or options.torch_threads < 0:
         raise UserError("forward threads and torch threads must be >= 0 (0: automatic)")
     if options.buckets and local_specs:
-        raise UserError("shape buckets cannot be combined with --keep-local (kept cells must "
-                        "be the image's own grid); leave --buckets at 0")
+        raise UsageError("--buckets cannot be combined with --keep-local (kept cells must be "
+                         "each image's own grid)")
 
 
 def _threads(options: IngestOptions, device) -> tuple[int, int]:

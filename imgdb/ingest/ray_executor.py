@@ -67,7 +67,7 @@ def _import_ray():
 
 
 # ---------------------------------------------------------------------------------------------
-# what the driver resolves (the same choices as a local ingest)
+# the driver's side
 
 
 def _known(table, row: int | None) -> str:
