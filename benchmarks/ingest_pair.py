@@ -20,7 +20,7 @@ the median and the worst). Vectors are compared (cosine per pooling against both
 so a speed-up cannot hide a different answer.
 
 Examples:
-  python benchmarks/ingest_pair.py --images coil20 --size original --pairs 3
+  python benchmarks/ingest_pair.py --images coil20 --size original --pairs 3 --copies 6
   python benchmarks/ingest_pair.py --images oxford --size max:512 --pairs 3 --out r.json
   python benchmarks/ingest_pair.py --images oxford --size max:512 --buckets 32,64 --pairs 2
   python benchmarks/ingest_pair.py --ceiling 60 --size max:1024     # 4032 px JPEGs, null network
@@ -129,7 +129,7 @@ def run_imgdb(files_dir: Path, size: str, workdir: Path) -> tuple[float, dict[st
     return seconds, out
 
 
-def measure(mode: str, images: str, size: str, out: Path) -> dict:
+def measure(mode: str, folder: Path, size: str, out: Path) -> dict:
     """One run in this (fresh) process, `mode` one of plain-timm, plain, plain-kept, imgdb (see
     the module doc); the vectors go to `out`."""
     import torch
@@ -138,7 +138,6 @@ def measure(mode: str, images: str, size: str, out: Path) -> dict:
                                           preprocessing)
     from imgdb.features.images import discover
 
-    folder = IMAGE_SETS[images]
     if mode == "imgdb":
         with tempfile.TemporaryDirectory() as tmp:
             seconds, vectors = run_imgdb(folder, size, Path(tmp))
@@ -291,7 +290,11 @@ def main() -> None:
                     help="instead: the host-side ceiling, an ingest of N multi-megapixel JPEGs "
                          "with a null network (images/s per core)")
     ap.add_argument("--side", type=int, default=4032, help="with --ceiling: the JPEGs' width")
+    ap.add_argument("--copies", type=int, default=1, metavar="K",
+                    help="ingest K copies of each image (distinct files), so fixed costs "
+                         "(network build, last commit) weigh as in a larger collection")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one run, in a subprocess
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vectors", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ceiling:
@@ -310,21 +313,29 @@ def main() -> None:
             args.out.write_text(json.dumps(res, indent=1))
         return
     if args.measure:
-        print(json.dumps(measure(args.measure, args.images, args.size, args.vectors)))
+        print(json.dumps(measure(args.measure, args.folder or IMAGE_SETS[args.images], args.size,
+                                 args.vectors)))
         return
 
+    import shutil
     import subprocess
 
     modes = ("plain-timm", "plain", "plain-kept", "imgdb")
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for f in discover_files(args.images):
+            for c in range(args.copies):
+                shutil.copyfile(f, folder / f"c{c}_{Path(f).name}")
+        n = len(discover_files(args.images)) * args.copies
         for k in range(args.pairs):
             order = modes if k % 2 == 0 else modes[::-1]
             got = {}
             for mode in order:  # each in a fresh process: nothing process-wide leaks across
                 vec = Path(tmp) / f"{mode}.npz"
-                proc = subprocess.run([sys.executable, __file__, "--measure", mode, "--images",
-                                       args.images, "--size", args.size, "--vectors", str(vec)],
+                proc = subprocess.run([sys.executable, __file__, "--measure", mode, "--folder",
+                                       str(folder), "--size", args.size, "--vectors", str(vec)],
                                       capture_output=True, text=True, check=True)
                 got[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
                 got[mode + "_vectors"] = dict(np.load(vec))
@@ -345,12 +356,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     import torch
 
-    n = len(discover_files(args.images))
     med = {m: statistics.median(r[m] for r in rounds) for m in modes}
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load "
                          f"{os.getloadavg()[0]:.1f} after, torch {torch.__version__}",
-              "images": args.images, "n": n, "size": args.size,
+              "images": args.images, "copies": args.copies, "n": n, "size": args.size,
               "img_per_s": {m: round(n / med[m], 1) for m in modes},
               "vs_plain_timm": {"median": statistics.median(r["vs_plain_timm"] for r in rounds),
                                 "worst": min(r["vs_plain_timm"] for r in rounds)},
