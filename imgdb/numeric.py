@@ -1,4 +1,5 @@
-"""The shared numeric helpers (one home): L2 and power normalisation of row vectors.
+"""The shared numeric helpers (one home): L2 and power normalisation of row vectors, the
+merge of multi-scale vectors, the feature-map cells of a query region.
 
 They take numpy arrays or torch tensors (without importing torch), so the CLI paths that never
 touch a network stay light.
@@ -34,3 +35,24 @@ def power_normalize(x, alpha: float | None):
         return x.sign() * x.abs().pow(alpha)
     x = np.asarray(x)
     return np.sign(x) * np.abs(x) ** alpha
+
+
+def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
+    """One scale: the raw vector. Several: the mean of the L2-normalised per-scale vectors."""
+    if len(per_scale) == 1:
+        return per_scale[0]
+    return l2_normalize(np.stack(per_scale).astype(np.float32)).mean(axis=0)
+
+
+def region_cells(h: int, w: int, region: tuple[float, float, float, float]) -> np.ndarray:
+    """(h, w) bool: cells whose centres ((j + 0.5) / w, (i + 0.5) / h) lie in the fractional box
+    (x1, y1, x2, y2), or the cell nearest its centre when none does (Babenko sec. 4's
+    query-region protocol on a feature map)."""
+    x1, y1, x2, y2 = region
+    cols = [j for j in range(w) if x1 <= (j + 0.5) / w <= x2]
+    rows = [i for i in range(h) if y1 <= (i + 0.5) / h <= y2]
+    cols = cols or [min(w - 1, max(0, int((x1 + x2) / 2 * w)))]
+    rows = rows or [min(h - 1, max(0, int((y1 + y2) / 2 * h)))]
+    out = np.zeros((h, w), dtype=bool)
+    out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+    return out

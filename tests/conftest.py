@@ -11,12 +11,17 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pytest
+
+# Exported networks (features.runtime) go to a cache of this test session, not the user's
+# (subprocesses inherit it); a caller may point the suite at its own.
+os.environ.setdefault("IMGDB_CACHE_DIR", tempfile.mkdtemp(prefix="imgdb-test-cache-"))
 
 #: Sample photos of scikit-image; each gets a crop and a mirrored copy (a group of three).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")

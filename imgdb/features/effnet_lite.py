@@ -46,8 +46,19 @@ class FoldedConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same:
+            if torch.jit.is_tracing() and self.stride[0] == 2 and self.kernel_size[0] % 2:
+                return super().forward(_traced_same_pad(x, self.kernel_size[0]))
             x = F.pad(x, _same_padding(x.shape[-2:], self.kernel_size[0], self.stride[0]))
         return super().forward(x)
+
+
+def _traced_same_pad(x: torch.Tensor, k: int) -> torch.Tensor:
+    """TF SAME padding for stride 2 and an odd kernel, in a form an ONNX export keeps dynamic:
+    the total is k - 2 + (side % 2), split as (k - 1) // 2 after and the rest before, i.e.
+    pad (k - 1) // 2 on both sides and drop the first row/column when the side is even."""
+    h, w = x.shape[-2], x.shape[-1]
+    p = (k - 1) // 2
+    return F.pad(x, (p, p, p, p))[:, :, (h + 1) % 2:, (w + 1) % 2:]
 
 
 def _same_padding(size, k: int, s: int) -> tuple[int, int, int, int]:

@@ -16,8 +16,8 @@ from torch import nn
 from . import pooling as pooling_mod
 from .backbones import Backbone, WeightsChoice, inference_stages, preprocessing
 from ..errors import UserError
-from ..numeric import l2_normalize
-from .localfeat import LocalSet, LocalSpec, region_cells, select_batch
+from ..numeric import merge_scales, region_cells
+from .localfeat import LocalSet, LocalSpec, select_batch
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -31,23 +31,6 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device(spec)
     except RuntimeError:
         raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
-
-
-def idle_cpu_threads() -> int:
-    """Threads for a CPU forward of a few images: the cores the load average leaves free (at
-    least 1). On busy cores every extra OpenMP thread waits a scheduler slice at each operator:
-    measured on 2 loaded cores, one 1024-px EfficientNet-Lite0 forward took 1.6 s with 2 threads
-    and 0.5 s with 1. OMP_NUM_THREADS, when set, decides instead."""
-    import os
-
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(int(cores or 1), int((cores or 1) - busy + 0.5)))
 
 
 def crop_feature_map(fmap: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
@@ -86,13 +69,6 @@ def _output_side(module: nn.Module, n: int) -> int:
         if name != "downsample":
             n = _output_side(child, n)
     return n
-
-
-def merge_scales(per_scale: list[np.ndarray]) -> np.ndarray:
-    """One scale: the raw vector. Several: the mean of the L2-normalised per-scale vectors."""
-    if len(per_scale) == 1:
-        return per_scale[0]
-    return l2_normalize(np.stack(per_scale).astype(np.float32)).mean(axis=0)
 
 
 class FeatureExtractor:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..numeric import region_cells
 
 MASKS = ("max", "sum", "sift")
 
@@ -92,19 +93,6 @@ def device_masks(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None
                  for kp, px in zip(keypoints, pixels)]
         return torch.from_numpy(np.stack(masks)).to(fmap.device)
     raise UserError(f"unknown mask {mask!r}; use {', '.join(MASKS)}")
-
-
-def region_cells(h: int, w: int, region: tuple[float, float, float, float]) -> np.ndarray:
-    """(h, w) bool: cells whose centres ((j + 0.5) / w, (i + 0.5) / h) lie in the fractional box
-    (x1, y1, x2, y2), or the cell nearest its centre when none does (as crop_feature_map)."""
-    x1, y1, x2, y2 = region
-    cols = [j for j in range(w) if x1 <= (j + 0.5) / w <= x2]
-    rows = [i for i in range(h) if y1 <= (i + 0.5) / h <= y2]
-    cols = cols or [min(w - 1, max(0, int((x1 + x2) / 2 * w)))]
-    rows = rows or [min(h - 1, max(0, int((y1 + y2) / 2 * h)))]
-    out = np.zeros((h, w), dtype=bool)
-    out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
-    return out
 
 
 def select_batch(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None = None,

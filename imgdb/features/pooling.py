@@ -27,15 +27,8 @@ __all__ = [
     "crow_channel_weights",
 ]
 
-#: Default SPoC sigma factor: one third of the distance centre -> closest boundary.
-SPOC_DEFAULT_S = 1.0 / 3.0
-#: CroW epsilon of the channel (sparsity-sensitive) weight, Kalantidis eq. 6.
-CROW_EPS = 1e-6
-#: GeM clamp floor and R-MAC normalisation epsilon (cnnimageretrieval-pytorch defaults).
-GEM_EPS = 1e-6
-RMAC_EPS = 1e-6
-RMAC_OVERLAP = 0.4
-
+from .pooling_np import (CROW_EPS, GEM_EPS, RMAC_EPS, RMAC_OVERLAP, SPOC_DEFAULT_S,  # noqa: F401
+                         quadrant_bounds, rmac_regions, spoc_weights)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -58,11 +51,7 @@ def _spatial_max(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _spoc_weights_cpu(h: int, w: int, s: float) -> torch.Tensor:
-    sigma = s * (min(h, w) / 2.0)
-    y = torch.arange(h, dtype=torch.float64) - (h - 1) / 2.0
-    xx = torch.arange(w, dtype=torch.float64) - (w - 1) / 2.0
-    d2 = y[:, None] ** 2 + xx[None, :] ** 2
-    return torch.exp(-d2 / (2.0 * sigma * sigma)).float()
+    return torch.tensor(spoc_weights(h, w, s))
 
 
 def _spoc_weights(h: int, w: int, s: float, device: torch.device) -> torch.Tensor:
@@ -80,14 +69,7 @@ def _spoc_weights_on(h: int, w: int, s: float, device: torch.device) -> torch.Te
 
 def _quadrant_macs(x: torch.Tensor) -> list[torch.Tensor]:
     """MAC of TL, TR, BL, BR quadrants (each (B, C))."""
-    h, w = x.shape[-2:]
-    top, bottom = (0, math.ceil(h / 2)), (h // 2, h)
-    left, right = (0, math.ceil(w / 2)), (w // 2, w)
-    out = []
-    for r0, r1 in (top, bottom):
-        for c0, c1 in (left, right):
-            out.append(_spatial_max(x[:, :, r0:r1, c0:c1]))
-    return out
+    return [_spatial_max(x[:, :, r0:r1, c0:c1]) for r0, r1, c0, c1 in quadrant_bounds(*x.shape[-2:])]
 
 
 def crow_spatial_weights(x: torch.Tensor) -> torch.Tensor:
@@ -120,37 +102,7 @@ def _gem_from_clamped(xc: torch.Tensor, p: float) -> torch.Tensor:
     return xc.pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
-@functools.lru_cache(maxsize=256)
-def _rmac_regions(h: int, w: int, levels: int) -> tuple[tuple[int, int, int], ...]:
-    """R-MAC regions (top, left, side) for an h x w map, Tolias et al. 2016.
-
-    Follows cnnimageretrieval-pytorch ``rmac(x, L, eps)`` step by step, including its
-    float32 arithmetic, so the selected regions are identical.
-    """
-    steps = torch.tensor([2, 3, 4, 5, 6, 7], dtype=torch.float32)
-    short = min(w, h)
-    b = (max(h, w) - short) / (steps - 1)
-    idx = int(torch.argmin(torch.abs(((short**2 - short * b) / short**2) - RMAC_OVERLAP)))
-    wd = hd = 0
-    if h < w:
-        wd = idx + 1
-    elif h > w:
-        hd = idx + 1
-
-    regions: list[tuple[int, int, int]] = []
-    for l in range(1, levels + 1):
-        wl = math.floor(2 * short / (l + 1))
-        if wl == 0:
-            continue
-        wl2 = math.floor(wl / 2 - 1)
-        bw = 0 if l + wd == 1 else (w - wl) / (l + wd - 1)
-        cen_w = torch.floor(wl2 + torch.arange(l + wd, dtype=torch.float32) * bw) - wl2
-        bh = 0 if l + hd == 1 else (h - wl) / (l + hd - 1)
-        cen_h = torch.floor(wl2 + torch.arange(l + hd, dtype=torch.float32) * bh) - wl2
-        for i in cen_h.tolist():
-            for j in cen_w.tolist():
-                regions.append((int(i), int(j), wl))
-    return tuple(regions)
+_rmac_regions = rmac_regions  # (top, left, side) of every region, shared with the numpy form
 
 
 def _l2n(v: torch.Tensor, eps: float = RMAC_EPS) -> torch.Tensor:

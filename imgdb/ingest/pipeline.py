@@ -117,6 +117,10 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
         writer.discard_if_empty()
         raise
     summary.seconds = time.perf_counter() - started
+    if not options.buckets:  # once per machine and network: later queries run without torch
+        from ..features.onnx_export import ensure_exported
+
+        ensure_exported(setup.backbone, setup.weights, layers, extractor)
     return summary
 
 
@@ -270,7 +274,7 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
               summary: IngestSummary, progress: Callable[[int, int], None] | None,
               forward_threads: int = 1) -> None:
     """The local executor: decode -> batch -> forward + pool -> reorder -> commit (a thread)."""
-    from ..features.extract import merge_scales
+    from ..numeric import merge_scales
     from ..features.localfeat import LocalSet
 
     n_scales = len(scales)

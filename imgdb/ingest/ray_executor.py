@@ -191,7 +191,7 @@ class Embedder:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from ..features.extract import merge_scales
+        from ..numeric import merge_scales
         from ..features.localfeat import LocalSet
 
         n = len(batch["seq"])
@@ -424,6 +424,9 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
         writer.discard_if_empty()
         raise
     summary.seconds = time.perf_counter() - started
+    from ..features.onnx_export import ensure_exported
+
+    ensure_exported(setup.backbone, setup.weights, layers, extractor)  # for torch-free queries
     return summary
 
 

