@@ -5,10 +5,10 @@ One ingest keeps the local features of a layer with every mask (none, max, sum, 
 mask and method the script fits a codebook (timed), then encodes every image twice, in the same
 process:
 
-naive   one image at a time through imgdb.encoding's set functions in float64 numpy/torch on the
+naive   one image at a time through imgdb.codebooks.reference's set functions in float64 on the
         CPU (vlad(); LocalPCA + TembModel.transform then democratic() or a sum; fisher_vector()),
         then post_process -- the straightforward reading of the papers' formulas.
-imgdb   imgdb.codebook.Encoder: the features of many images in one device pass (float32), sums
+imgdb   imgdb.codebooks.encoder: the features of many images in one device pass (float32), sums
         with index_add, the democratic Sinkhorn per image on the device.
 
 The vectors of the two must agree (the worst cosine distance is printed), so a speed-up cannot
@@ -39,10 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from imgdb import encoding as enc  # noqa: E402
-from imgdb.codebook import CodebookOptions, fit_codebook, run_encode  # noqa: E402
-from imgdb.models import list_models, load_arrays  # noqa: E402
-from imgdb.store import iter_local, local_spans, open_read, resolve_local, valid_mask  # noqa: E402
+from imgdb.codebooks import reference as ref  # noqa: E402
+from imgdb.codebooks.encode import run_encode  # noqa: E402
+from imgdb.codebooks.fit import CodebookOptions, fit_codebook  # noqa: E402
+from imgdb.codebooks.training import LocalPCA, TembModel, post_process  # noqa: E402
+from imgdb.numeric import l2_normalize  # noqa: E402
+from imgdb.store import open_read  # noqa: E402
 
 COIL = ROOT / "tests" / "data" / "coil20" / "images"  # the tests' 243-image COIL-20 subset
 MASKS = ("", ":max", ":sum", ":sift")
@@ -56,27 +58,28 @@ METHODS = {  # name -> (fit options, aggregate)
 
 
 def naive_vector(x: np.ndarray, arrays: dict, attrs: dict, aggregate: str) -> np.ndarray:
-    """One image, float64, the set functions of imgdb.encoding (the reference path)."""
+    """One image, float64, the paper-literal set functions (imgdb.codebooks.reference)."""
     x = x.astype(np.float64)
     method = attrs["method"]
     if method == "vlad":
-        x = enc._l2_np(x)
+        x = l2_normalize(x)
     if "pca_components" in arrays:
-        x = enc.LocalPCA.from_arrays({"mean": arrays["pca_mean"],
-                                      "components": arrays["pca_components"]}).transform(x)
+        x = LocalPCA.from_arrays({"mean": arrays["pca_mean"],
+                                  "components": arrays["pca_components"]}).transform(x)
     if method == "vlad":
-        agg = enc.vlad(x, arrays["centroids"].astype(np.float64))
+        agg = ref.vlad(x, arrays["centroids"].astype(np.float64))
     elif method == "temb":
-        tm = enc.TembModel(centroids=arrays["centroids"], mean=arrays["temb_mean"],
-                           projection=arrays["temb_projection"])
+        tm = TembModel.from_arrays({"centroids": arrays["centroids"], "mean": arrays["temb_mean"],
+                                    "projection": arrays["temb_projection"],
+                                    "eigenvalues": arrays["temb_eigenvalues"]})
         phi = tm.transform(x)
-        agg = enc.democratic(phi) if aggregate == "democratic" else enc.sum_aggregate(phi)
+        agg = ref.democratic(phi) if aggregate == "democratic" else ref.sum_aggregate(phi)
     else:
-        agg = enc.fisher_vector(x, arrays["gmm_weights"], arrays["gmm_means"],
+        agg = ref.fisher_vector(x, arrays["gmm_weights"], arrays["gmm_means"],
                                 arrays["gmm_variances"])
     rot = ({k: arrays[f"rotation_{aggregate}_{k}"] for k in ("mean", "projection")}
            if int(attrs["rotate"]) else None)
-    return enc.post_process(agg, rot, float(attrs["power"]) or None, int(attrs["drop"]))[None]
+    return post_process(agg, rot, float(attrs["power"]) or None, int(attrs["drop"]))[None]
 
 
 def main() -> None:
@@ -109,13 +112,13 @@ def main() -> None:
     rows_out = []
     for mask in MASKS:
         key = args.layer + mask
-        with open_read(db) as fh:
-            info = resolve_local(fh, key)
-            start, count = local_spans(fh, info)
-            ok = np.flatnonzero(valid_mask(fh, info.extractor) & (start >= 0))
+        with open_read(db) as view:
+            info = view.local(key)
+            start, count = view.local_spans(info)
+            ok = view.local_usable_rows(info)
             per_image = float(count[ok].mean())
-            sets = {r: f for r, f, _ in iter_local(fh, info, ok)}
-        version = None
+            sets = {r: f for r, f, _ in view.iter_local(info, ok)}
+        version = model = None
         for label, (fit_kw, aggregate) in METHODS.items():
             fit_s = 0.0
             if fit_kw is not None:
@@ -130,12 +133,9 @@ def main() -> None:
             t = time.perf_counter()
             summary = run_encode(db, version, None, aggregate, "model", args.device)
             enc_s = time.perf_counter() - t
-            with open_read(db) as fh:
-                m = [x for x in list_models(fh, "codebook") if x.version == version][0]
-                arrays, attrs = load_arrays(fh, m), m.attrs
-                g = fh["descriptors"][summary.descriptor.rsplit("/", 2)[0]]
-                stored = g[summary.descriptor.split("/")[-2]][summary.descriptor.split("/")[-1]]
-                stored = stored[:]
+            with open_read(db) as view:
+                arrays, attrs = view.model_arrays(model), model.attrs
+                stored = view.vectors(view.descriptor(summary.descriptor))
             sample = ok[np.linspace(0, len(ok) - 1, min(args.naive_limit, len(ok))).astype(int)]
             t = time.perf_counter()
             naive = np.concatenate([naive_vector(sets[r], arrays, attrs, aggregate) for r in sample])

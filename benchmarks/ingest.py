@@ -10,7 +10,7 @@ naive   one image at a time: PIL open -> convert("RGB") -> resize (same size pol
 imgdb   imgdb.ingest.run_ingest into a fresh store: threaded decode, batches of equal-size
         images, one forward for all layers x poolings, pooling on the device, periodic commits.
 
-Both use the same network (imgdb.backbones.load_network, seeded for --weights none) so the
+Both use the same network (imgdb.features.backbones.load_network, seeded for --weights none) so the
 vectors must agree; the worst relative difference is printed, with the reason when decoding
 differs (EXIF orientation, JPEG draft decoding, reducing_gap), so a speed-up cannot hide a
 wrong answer.
@@ -166,7 +166,7 @@ def make_synthetic(folder: Path, n: int, w: int, h: int) -> list[Path]:
 
 
 def list_images(args: argparse.Namespace) -> list[Path]:
-    from imgdb.images import discover
+    from imgdb.features.images import discover
 
     folder = Path(IMAGE_SETS.get(args.images, args.images)).expanduser()
     if not folder.exists():
@@ -190,8 +190,8 @@ def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from imgdb.backbones import load_network, preprocessing
-    from imgdb.pooling import get_pooling
+    from imgdb.features.backbones import load_network, preprocessing
+    from imgdb.features.pooling import get_pooling
 
     backbone, weights, policy = cfg["backbone"], cfg["weights"], cfg["policy"]
     t0 = time.perf_counter()
@@ -246,12 +246,13 @@ def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
 @contextlib.contextmanager
 def instrument():
     """Time FeatureExtractor set-up/forward and store commits; record every batch size."""
-    from imgdb import extract, store
+    from imgdb import store
+    from imgdb.features import extract
 
     rec = {"init": 0.0, "probe": 0.0, "forward": 0.0, "commit": 0.0, "commits": 0,
            "batches": Counter(), "shapes": Counter()}
     fe, sw = extract.FeatureExtractor, store.StoreWriter
-    orig = (fe.__init__, fe.__call__, fe.output_dims, sw.commit)
+    orig = (fe.__init__, fe.pool_batch, fe.output_dims, sw.commit)
     state = {"probe": False}
 
     def init(self, *a, **k):
@@ -259,9 +260,9 @@ def instrument():
         orig[0](self, *a, **k)
         rec["init"] += time.perf_counter() - t
 
-    def call(self, pixels):
+    def call(self, pixels, sizes=None):  # the pipeline's forward: on CUDA, its launch only
         t = time.perf_counter()
-        out = orig[1](self, pixels)  # ends with .cpu(): synchronised on CUDA too
+        out = orig[1](self, pixels, sizes)
         if not state["probe"]:
             rec["forward"] += time.perf_counter() - t
             rec["batches"][int(pixels.shape[0])] += 1
@@ -285,11 +286,11 @@ def instrument():
             rec["commit"] += time.perf_counter() - t
             rec["commits"] += 1
 
-    fe.__init__, fe.__call__, fe.output_dims, sw.commit = init, call, dims, commit
+    fe.__init__, fe.pool_batch, fe.output_dims, sw.commit = init, call, dims, commit
     try:
         yield rec
     finally:
-        fe.__init__, fe.__call__, fe.output_dims, sw.commit = orig
+        fe.__init__, fe.pool_batch, fe.output_dims, sw.commit = orig
 
 
 def run_imgdb(files: list[Path], args: argparse.Namespace, db: Path) -> dict:
@@ -334,15 +335,14 @@ def compare(files: list[Path], naive_h5: Path, db: Path, extractor: str, cfg: di
     import h5py
     from PIL import Image
 
-    from imgdb.images import load_image
-    from imgdb.store import open_read, read_images
+    from imgdb.features.images import load_image
+    from imgdb.store import open_read
 
-    with open_read(db) as fh:
-        table = read_images(fh)
-        row = {p: i for i, p in enumerate(table.path)}
+    with open_read(db) as view:
+        row = {p: i for i, p in enumerate(view.images().path)}
         idx = np.array([row[str(f)] for f in files])
-        g = fh["descriptors"][extractor]
-        store_vecs = {(l, p): g[l][p][:][idx] for l in cfg["layers"] for p in cfg["poolings"]}
+        store_vecs = {(l, p): view.vectors(view.descriptor(f"{extractor}/{l}/{p}"), idx)
+                      for l in cfg["layers"] for p in cfg["poolings"]}
     per: dict[str, float] = {}
     worst = 0.0
     nonfinite = 0
@@ -478,10 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from imgdb.backbones import get_backbone, parse_layers, parse_weights
-    from imgdb.extract import resolve_device
-    from imgdb.images import SizePolicy
-    from imgdb.pooling import DEFAULT_POOLINGS, canonical_pooling_name
+    from imgdb.features.backbones import get_backbone, parse_layers, parse_weights
+    from imgdb.features.extract import resolve_device
+    from imgdb.features.images import SizePolicy
+    from imgdb.features.pooling import DEFAULT_POOLINGS, canonical_pooling_name
 
     device = resolve_device(args.device)
     backbone = get_backbone(args.backbone)
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:  # page cache warm for both methods
             f.read_bytes()
         # imports and weight files warm, outside the timings
-        from imgdb.backbones import load_network
+        from imgdb.features.backbones import load_network
         load_network(cfg["backbone"], cfg["weights"])
         import h5py  # noqa: F401
         import imgdb.ingest  # noqa: F401

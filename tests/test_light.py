@@ -152,6 +152,17 @@ def test_light_path_is_used_only_where_it_gives_the_stored_vectors(tmp_path, mon
                            "auto") is None
 
 
+def test_a_damaged_cached_model_leaves_torch_in_charge(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGDB_CACHE_DIR", str(tmp_path))
+    cached = ensure_exported(get_backbone("efficientnet_lite0"), parse_weights("imagenet"),
+                             ("head",))
+    assert cached is not None
+    cached.model.write_bytes(cached.model.read_bytes()[:1000])  # truncated
+    base = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["head"],
+            "poolings": ["gem-p3"]}
+    assert light_extractor(base, None, "auto") is None
+
+
 def test_network_key_names_what_decides_the_weights():
     keys = {network_key("efficientnet_lite0", w, d) for w in ("imagenet", "none", "file:ab")
             for d in ("head", "block6")}

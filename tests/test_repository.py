@@ -78,3 +78,26 @@ def test_no_private_name_is_imported_across_modules() -> None:
                 found += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def test_benchmarks_and_tests_import_only_what_imgdb_has() -> None:
+    """Every `from imgdb... import name` in benchmarks/ and tests/ (also inside functions, which
+    only run on a GPU or in a long benchmark) names a module and attribute that exist."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and \
+                    (node.module or "").split(".")[0] == "imgdb":
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError:
+                    missing.append(f"{where} {node.module}")
+                    continue
+                missing += [f"{where} {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert missing == []

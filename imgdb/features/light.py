@@ -74,7 +74,12 @@ def light_extractor(settings: dict, wanted: Sequence[tuple[str, str]] | None, de
         network = CachedNetwork.find(network_key(settings["backbone"], weights_identity(settings),
                                                  deepest))
         if network is not None and all(layer in network.taps for layer in layers):
-            return LightExtractor(network, layers, poolings, idle_cpu_threads())
+            light = LightExtractor(network, layers, poolings, idle_cpu_threads())
+            try:
+                light.stages.session(light.threads)  # a damaged file fails here, not mid-query
+            except Exception:  # noqa: BLE001 - onnxruntime's own error types: torch runs instead
+                return None
+            return light
     return None
 
 
