@@ -1,7 +1,7 @@
 """Export a network's inference stages to ONNX, checked equal to torch, into the cache.
 
-torch's TorchScript-based exporter needs no extra package. Every tap up to the deepest is an
-output; height and width stay dynamic (EfficientNet's TF "SAME" padding is traced as a fixed pad
+torch's TorchScript-based exporter (it needs the `onnx` package) writes the graph. Every tap up
+to the deepest is an output; height and width stay dynamic (EfficientNet's TF "SAME" padding is traced as a fixed pad
 and a size-dependent slice, `effnet_lite.FoldedConv`). Before the model is kept, ONNX Runtime
 runs it on inputs of odd and even sizes and every tap must equal torch's within `TOLERANCE`
 (relative to the map's largest value); a network that fails is recorded as refused and runs

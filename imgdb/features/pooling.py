@@ -102,9 +102,6 @@ def _gem_from_clamped(xc: torch.Tensor, p: float) -> torch.Tensor:
     return xc.pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
-_rmac_regions = rmac_regions  # (top, left, side) of every region, shared with the numpy form
-
-
 def _l2n(v: torch.Tensor, eps: float = RMAC_EPS) -> torch.Tensor:
     return v / (torch.linalg.vector_norm(v, ord=2, dim=1, keepdim=True) + eps)
 
@@ -112,7 +109,7 @@ def _l2n(v: torch.Tensor, eps: float = RMAC_EPS) -> torch.Tensor:
 def _rmac_from_mac(x: torch.Tensor, global_mac: torch.Tensor, levels: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     v = _l2n(global_mac)
-    for top, left, side in _rmac_regions(h, w, levels):
+    for top, left, side in rmac_regions(h, w, levels):  # shared with the numpy form
         v = v + _l2n(_spatial_max(x[:, :, top : top + side, left : left + side]))
     return v
 

@@ -1,7 +1,7 @@
 """The network's convolutional stages as an ONNX model run by ONNX Runtime (no torch needed).
 
-On a CPU, ONNX Runtime runs the same stages 1.3-3x faster than torch (benchmarks/RESULTS-ingest.md)
-and starts in a tenth of the time `import torch` takes, which is what makes a cold `imgdb query`
+On a CPU, ONNX Runtime runs the same stages about as fast as torch (benchmarks/runtimes.py) but
+imports in a tenth of the time `import torch` takes, which is what makes a cold `imgdb query`
 fast. The model is exported once from the torch stages (`features.onnx_export`), checked equal
 to them, and kept in a per-user cache keyed by everything that decides its weights:
 
