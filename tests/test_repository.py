@@ -68,7 +68,8 @@ def test_committed_completions_are_current(shell: str) -> None:
 
 
 def test_no_private_name_is_imported_across_modules() -> None:
-    """A module's `_names` are its own: what another module needs is public (named, documented)."""
+    """A module's `_names` are its own: what another module needs is public (named, documented),
+    whether imported by name or reached as an attribute of an imported module or class."""
     import ast
 
     found = []
@@ -77,6 +78,14 @@ def test_no_private_name_is_imported_across_modules() -> None:
             if isinstance(node, ast.ImportFrom):
                 found += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
+        tree = ast.parse(path.read_text())
+        imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+        found += [f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in imported and node.attr.startswith("_")
+                  and not node.attr.startswith("__")]
     assert found == []
 
 

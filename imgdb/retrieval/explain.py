@@ -237,16 +237,17 @@ def _linear_pooling(family: str, param, x, compute):
             return beta * x.sum(dim=(2, 3))
         weighted = (x * s).sum(dim=(2, 3))
         return beta * weighted if family == "crow" else weighted
-    if family == "spoc":  # the cached weights are inference tensors: a plain copy for autograd
-        weights = P._spoc_weights(x.shape[2], x.shape[3], float(param), x.device).clone()
-        return (x * weights.to(x.dtype)).sum(dim=(2, 3))
+    if family == "spoc":  # a plain tensor of the shared weights (cached ones are inference tensors)
+        weights = torch.tensor(P.spoc_weights(x.shape[2], x.shape[3], float(param)),
+                               device=x.device, dtype=x.dtype)
+        return (x * weights).sum(dim=(2, 3))
     if family == "rmac":
         def part(region):
             m = region.amax(dim=(2, 3))
             return m / (torch.linalg.vector_norm(m.detach(), dim=1, keepdim=True) + P.RMAC_EPS)
         h, w = x.shape[-2:]
         v = part(x)
-        for top, left, side in P._rmac_regions(h, w, int(param)):
+        for top, left, side in P.rmac_regions(h, w, int(param)):
             v = v + part(x[:, :, top:top + side, left:left + side])
         return v
     return compute(P.FeatureMap(x), param).to(x.dtype)

@@ -227,7 +227,7 @@ def create_app(engine: Engine, limits: Limits | None = None,
             raise RequestError("index must be a name, not a file", 400)
         choice = await asyncio.to_thread(engine.choice, key or None)
         extractor = choice.descriptor.split("/")[0]
-        pair = Engine._pair(choice)
+        pair = Engine.pair(choice)
         if (upload is None or upload == "") == (id_text is None or id_text == ""):
             raise RequestError("give an image file (image=FILE) or a stored id (id=N), one of "
                                "them", 400)

@@ -340,10 +340,11 @@ class Engine:
         width, height = SizePolicy.parse(describer.base["size"]).target(512, 384)
         probe = np.full((height, width, 3), 128, np.uint8)
         image = SimpleNamespace(pixels=[probe] * len(describer.base["scales"]))
-        self._forward(extractor, [(image, self._pair(self.default))])
+        self._forward(extractor, [(image, self.pair(self.default))])
 
     @staticmethod
-    def _pair(choice: Choice) -> tuple[str, str]:
+    def pair(choice: Choice) -> tuple[str, str]:
+        """(layer, pooling) of a searchable choice's descriptor."""
         _, layer, pooling = choice.descriptor.rsplit("/", 2)
         return layer, pooling
 
@@ -582,7 +583,7 @@ def explain(engine: Engine, kind: str, on: str, choice: Choice, result: int,
     if query_row is not None:
         engine.check_row(query_row, extractor)
     searcher = engine.searcher(choice)
-    layer, pooling = Engine._pair(choice)
+    layer, pooling = Engine.pair(choice)
     ex = Explainer(engine.describer(extractor), layer, pooling, searcher.transform)
     if ex.describer.encoding is not None:
         ex.layer = ex.describer.encoding["key"].split(":")[0]
