@@ -194,12 +194,17 @@ def test_cold_query_runs_without_torch_and_answers_as_torch(photo_store, cli, tm
     with Image.open(groups["chelsea"][0]) as im:
         w, h = im.size
         ImageOps.mirror(im.crop((w // 10, h // 6, w - w // 5, h))).save(query)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    home = tmp_path / "home"  # ONNX Runtime's telemetry would leave a device id here
+    home.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(home))
+    for name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED", "CI", "XDG_CACHE_HOME"):
+        env.pop(name, None)
     args = ["query", str(query), "--db", str(db), "--descriptor", "head/gem-p3", "-k", "5",
             "--exact", "--json"]
     light = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], env=env,
                            capture_output=True, text=True, timeout=300)
     assert light.returncode == 0, light.stderr
+    assert list(home.rglob("*")) == []  # nothing written outside the store and imgdb's cache
     blocker = tmp_path / "a file"
     blocker.write_text("")
     with_torch = cli(*args, env={"IMGDB_CACHE_DIR": str(blocker / "cache")})  # no export: torch

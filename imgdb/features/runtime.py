@@ -135,7 +135,7 @@ class OnnxStages:
         """The session running on `threads` intra-op threads (made on first use)."""
         threads = max(1, int(threads))
         if threads not in self._sessions:
-            import onnxruntime as ort
+            ort = import_onnxruntime()
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
@@ -151,6 +151,18 @@ class OnnxStages:
         """The feature maps of `taps` for a normalised float32 (B, 3, H, W) batch."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         return self.session(threads).run(list(taps), {"x": x})
+
+
+def import_onnxruntime():
+    """onnxruntime, imported with its telemetry off unless the user decided otherwise: recent
+    Linux releases write a device id under ~/.cache/Microsoft and report usage over the network
+    unless told not to (ORT_DISABLE_TELEMETRY in 1.32, ORT_TELEMETRY_DISABLED in later ones),
+    and imgdb sends nothing anywhere."""
+    for name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED"):
+        os.environ.setdefault(name, "1")
+    import onnxruntime
+
+    return onnxruntime
 
 
 def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
