@@ -410,8 +410,8 @@ DecoderOpt = Annotated[Decoder, typer.Option(
     help="cpu (Pillow in --workers threads) or gpu (JPEGs decoded on the CUDA device).")]
 ForwardThreads = Annotated[int, typer.Option(
     "--forward-threads", parser=integer(0), metavar="N",
-    help="Forwards computed at once on a CPU, 0: one (more is faster on a busy machine, but "
-         "vectors then depend on batch cuts at ~1e-5).")]
+    help="Forwards computed at once, 0: automatic (two on a CPU with 2+ cores, each on half "
+         "of them; one on CUDA).")]
 TorchThreads = Annotated[int, typer.Option(
     "--torch-threads", parser=integer(0), metavar="N",
     help="Intra-op threads per forward, 0: the cores divided by --forward-threads.")]

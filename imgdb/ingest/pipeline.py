@@ -148,14 +148,16 @@ def _check_options(options: IngestOptions, local_specs) -> None:
 def _threads(options: IngestOptions, device) -> tuple[int, int]:
     """(forward threads, torch intra-op threads per forward) for this run.
 
-    Default: one forward at a time on every core. Two forwards on half the cores each are
-    faster on a loaded CPU (benchmarks/RESULTS-ingest.md), but oneDNN's single-thread kernels
-    round differently with the batch size, so a run's vectors would depend (at ~1e-5) on how
-    its batches were cut (an interrupted run and its rerun would not match an uninterrupted
-    one bit for bit); that is the opt-in `forward_threads=2`."""
+    Default on a CPU with 2 or more cores: two forwards at once, each on half the cores; one
+    512-px forward at a time on two OpenMP threads spends much of its time at the barriers of
+    small deep-layer operators, two single-threaded forwards do not (Oxford crops at max:512:
+    2.33-2.63 s against 2.95-4.12 s, benchmarks/RESULTS-ingest.md). Vectors depend on how a run
+    cut its batches at ~1e-5 either way (oneDNN rounds differently with the batch size on some
+    CPUs), so a resumed run equals an uninterrupted one to that precision, not bit for bit.
+    On CUDA (or one core): one forward at a time."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = max(1, cores or 1)
-    forward = options.forward_threads or 1
+    forward = options.forward_threads or (2 if device.type == "cpu" and cores >= 2 else 1)
     intra = options.torch_threads or (0 if device.type == "cuda" else max(1, cores // forward))
     return forward, intra
 
@@ -285,10 +287,11 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
     batcher = PixelBatcher(budget, options.batch_size, window=max(2 * options.batch_size, 64),
                            window_pixels=4 * budget)
     forward = _Forward(extractor, policy, scales, options)
-    # One forward at a time runs on this thread: torch's OpenMP team of the main thread is
-    # 1.3-1.6x faster than a second thread's on a CPU (benchmarks/RESULTS-ingest.md); decoding
-    # and commits still run beside it. The last batch's vectors are fetched after the next
-    # batch is launched, so on CUDA their copy back overlaps it.
+    # One forward at a time (CUDA, one core, or asked for) runs on this thread: torch's OpenMP
+    # team of the main thread is 1.3-1.6x faster than a second thread's; on a CPU two forwards
+    # of one thread each run on a pool by default (see _threads). Decoding and commits run
+    # beside them. The last batch's vectors are fetched after the next batch is launched, so on
+    # CUDA their copy back overlaps it.
     pool = (ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward")
             if forward_threads > 1 else None)
     inflight: deque[Future] = deque()

@@ -40,7 +40,7 @@ class IngestOptions:
     batch_pixels: int = 0  # pixel budget of a batch; 0: 2^18 on a CPU, 2^24 on CUDA
     buckets: int = 0  # pad images to multiples of N px and batch them (0: equal shapes only)
     decode: str = "cpu"  # cpu | gpu (JPEGs decoded on the CUDA device, others on the CPU)
-    forward_threads: int = 0  # batches computed at once; 0: one (see pipeline._threads)
+    forward_threads: int = 0  # batches computed at once; 0: two on a CPU, one on CUDA (_threads)
     torch_threads: int = 0  # intra-op threads per forward; 0: cores / forward_threads
     keep_freed_memory: bool = True  # glibc reuses freed memory (stages.keep_freed_memory)
 
