@@ -190,9 +190,20 @@ def list_images(args: argparse.Namespace) -> list[Path]:
 # the naive baseline
 
 
+def write_vectors(out_h5: Path, files: list[Path], vectors: dict) -> float:
+    """A baseline's vectors to an HDF5 file (paths, then LAYER/POOLING datasets); seconds."""
+    import h5py
+
+    t = time.perf_counter()
+    with h5py.File(out_h5, "w") as fh:
+        fh["paths"] = np.array([str(f) for f in files], dtype=h5py.string_dtype())
+        for (layer, pooling), vs in vectors.items():
+            fh.create_dataset(f"{layer}/{pooling}", data=np.stack(vs).astype(np.float32))
+    return time.perf_counter() - t
+
+
 def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
     """What a first script written without care does; returns timings."""
-    import h5py
     import torch
     from PIL import Image
     from torchvision import transforms
@@ -232,12 +243,7 @@ def run_naive(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
                         h = stage(h)
                     vectors[(layer, pooling)].append(get_pooling(pooling)(h).cpu().numpy()[0])
         t_forward += time.perf_counter() - t2
-    t = time.perf_counter()
-    with h5py.File(out_h5, "w") as fh:
-        fh["paths"] = np.array([str(f) for f in files], dtype=h5py.string_dtype())
-        for (layer, pooling), vs in vectors.items():
-            fh.create_dataset(f"{layer}/{pooling}", data=np.stack(vs).astype(np.float32))
-    t_write = time.perf_counter() - t
+    t_write = write_vectors(out_h5, files, vectors)
     total = time.perf_counter() - t0
     return {"seconds": total, "images": len(files), "ok": len(files),
             "forwards": len(files) * len(cfg["layers"]) * len(cfg["poolings"]),
@@ -251,7 +257,6 @@ def run_plain(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
     shape into batches of up to 64, one forward through imgdb's BatchNorm-folded stages on the
     device for every layer, imgdb's torch poolings on the device, vectors kept in memory and
     written at the end (no crash safety, no resumability, no store)."""
-    import h5py
     import torch
     from PIL import Image
 
@@ -306,12 +311,7 @@ def run_plain(files: list[Path], cfg: dict, out_h5: Path, device) -> dict:
     for group in groups.values():
         if group:
             run(group)
-    t = time.perf_counter()
-    with h5py.File(out_h5, "w") as fh:
-        fh["paths"] = np.array([str(f) for f in files], dtype=h5py.string_dtype())
-        for (layer, pooling), vs in vectors.items():
-            fh.create_dataset(f"{layer}/{pooling}", data=np.stack(vs).astype(np.float32))
-    t_write = time.perf_counter() - t
+    t_write = write_vectors(out_h5, files, vectors)
     return {"seconds": time.perf_counter() - t0, "images": len(files), "ok": len(files),
             "forwards": forwards[0], "pixels_per_image": pixels / len(files),
             "breakdown": {"setup (build net)": t_setup, "decode+resize": times["decode"],
