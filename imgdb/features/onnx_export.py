@@ -123,19 +123,24 @@ def ensure_exported(backbone, weights, layers: Sequence[str], extractor=None
     from .backbones import inference_stages, preprocessing
     from .runtime import network_key
 
+    from importlib.util import find_spec
+
     try:
-        if extractor is not None and extractor.device.type == "cpu":
-            names, stages = list(extractor.stage_names), list(extractor.stages)
-        else:
-            named = inference_stages(backbone, weights)
-            deepest = max(i for i, (name, _) in enumerate(named) if name in set(layers))
-            names = [name for name, _ in named[:deepest + 1]]
-            stages = [module for _, module in named[:deepest + 1]]
+        order = backbone.layer_names()
+        deepest = max(layers, key=order.index)
         identity = f"file:{weights.sha}" if weights.kind == "file" else weights.kind
-        key = network_key(backbone.name, identity, names[-1])
+        key = network_key(backbone.name, identity, deepest)
         cached = CachedNetwork.find(key)
         if cached is not None or CachedNetwork.refused(key) is not None:
             return cached
+        if not onnxruntime_installed() or find_spec("onnx") is None:
+            return None  # before building anything
+        if extractor is not None and extractor.device.type == "cpu" \
+                and extractor.stage_names[-1] == deepest:
+            names, stages = list(extractor.stage_names), list(extractor.stages)
+        else:
+            named = inference_stages(backbone, weights)[:order.index(deepest) + 1]
+            names, stages = [n for n, _ in named], [m for _, m in named]
         mean, std = preprocessing(backbone, weights)
         return export_network(key, stages, names, mean, std)
     except Exception:  # noqa: BLE001 - an optional speed-up must never fail the command
