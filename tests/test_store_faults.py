@@ -582,10 +582,11 @@ def test_100_reads_during_an_ingest_see_whole_commits(tmp_path: Path) -> None:
     ok(ingest(next_folder(), db, "--batch-size", str(batch)))  # readers have rows to query
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8:strict")
 
-    def start_ingest() -> subprocess.Popen:
+    def start_ingest() -> subprocess.Popen:  # one forward at a time: readers meet more commits
         return subprocess.Popen([sys.executable, "-m", "imgdb", "ingest", str(next_folder()),
                                  "--db", str(db), *NET, "--batch-size", str(batch),
-                                 "--commit-seconds", "0"], stdout=subprocess.DEVNULL,
+                                 "--commit-seconds", "0", "--forward-threads", "1"],
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, env=env)
 
     reads = [("info", "--json"),
