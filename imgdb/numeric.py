@@ -1,5 +1,5 @@
 """The shared numeric helpers (one home): L2 and power normalisation of row vectors, the
-merge of multi-scale vectors, the feature-map cells of a query region.
+merge of multi-scale vectors, the feature-map cells (and crop) of a query region.
 
 They take numpy arrays or torch tensors (without importing torch), so the CLI paths that never
 touch a network stay light.
@@ -56,3 +56,11 @@ def region_cells(h: int, w: int, region: tuple[float, float, float, float]) -> n
     out = np.zeros((h, w), dtype=bool)
     out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
     return out
+
+
+def crop_feature_map(fmap, region: tuple[float, float, float, float]):
+    """Keep the cells of a (B, C, h, w) map (numpy or torch) whose centres
+    ((j + 0.5) / w, (i + 0.5) / h) lie in the fractional box (x1, y1, x2, y2); at least the one
+    cell nearest to the box centre."""
+    ys, xs = np.nonzero(region_cells(fmap.shape[-2], fmap.shape[-1], region))
+    return fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]

@@ -16,7 +16,7 @@ from torch import nn
 from . import pooling as pooling_mod
 from .backbones import Backbone, WeightsChoice, inference_stages, preprocessing
 from ..errors import UserError
-from ..numeric import merge_scales, region_cells
+from ..numeric import crop_feature_map, merge_scales  # noqa: F401 (crop_feature_map: API)
 from .localfeat import LocalSet, LocalSpec, select_batch
 
 
@@ -31,13 +31,6 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device(spec)
     except RuntimeError:
         raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
-
-
-def crop_feature_map(fmap: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
-    """Keep the cells of a (B, C, h, w) map whose centres ((j + 0.5) / w, (i + 0.5) / h) lie in
-    the fractional box (x1, y1, x2, y2); at least the one cell nearest to the box centre."""
-    ys, xs = np.nonzero(region_cells(fmap.shape[-2], fmap.shape[-1], region))
-    return fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
 def _output_side(module: nn.Module, n: int) -> int:

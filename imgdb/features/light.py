@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..numeric import merge_scales, region_cells
+from ..numeric import crop_feature_map, merge_scales
 from .pooling_np import numpy_pooling, pool_all_np
 from .runtime import (CachedNetwork, OnnxStages, idle_cpu_threads, network_key, normalise,
                       onnxruntime_installed, weights_identity)
@@ -43,14 +43,13 @@ class LightExtractor:
     def describe(self, scaled_pixels: Sequence[np.ndarray], region: Region | None = None
                  ) -> dict[tuple[str, str], np.ndarray]:
         """One image at each scale -> {(layer, pooling): vector}, as ingest stores it; `region`
-        keeps the cells whose centres fall in the fractional box (as `crop_feature_map`)."""
+        keeps the cells whose centres fall in the fractional box (`numeric.crop_feature_map`)."""
         outs = []
         for px in scaled_pixels:
             out = {}
             for layer, fmap in self.feature_maps(np.ascontiguousarray(px)[None]).items():
                 if region is not None:
-                    ys, xs = np.nonzero(region_cells(fmap.shape[-2], fmap.shape[-1], region))
-                    fmap = fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+                    fmap = crop_feature_map(fmap, region)
                 for name, vec in pool_all_np(fmap, self.poolings).items():
                     out[(layer, name)] = vec[0]
             outs.append(out)
