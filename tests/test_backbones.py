@@ -183,6 +183,68 @@ def test_lean_efficientnet_equals_timm(variant: str) -> None:
     assert max(gaps.values()) < 1e-4, gaps
 
 
+@pytest.mark.parametrize("size", [(130, 172), (131, 172), (130, 173)])
+def test_fused_cpu_convolutions_equal_timm(size: tuple[int, int]) -> None:
+    """The CPU path (oneDNN convolutions with ReLU6 / residual sums fused, SAME padding as a
+    grown kernel) equals timm's network on even and mixed-parity sides, channels-last input
+    as ingest feeds it, and leaves every stage's input (a tap handed out) unwritten."""
+    from imgdb.features import onednn
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert onednn.FUSED_CONV is not None  # else the fused path would silently not run
+    backbone = get_backbone("efficientnet_lite0")
+    model = load_network(backbone, NONE)
+    _randomise_batchnorm(model, 5)
+    ref = backbone.stages(model)
+    fast = backbone.lean(model.state_dict())
+    x = (torch.rand(2, 3, *size) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    gaps = _relative_gap(ref, fast, x)
+    assert max(gaps.values()) < 1e-4, gaps
+    with torch.inference_mode():
+        for _, stage in fast:
+            kept = x.clone()
+            y = stage(x)
+            assert torch.equal(x, kept)
+            x = y
+    # the plain modules (the path of other devices and of the ONNX export) give the same maps
+    plain = [(n, m) for n, m in fast]
+    saved, onednn.FUSED_CONV = onednn.FUSED_CONV, None
+    try:
+        x = torch.rand(1, 3, *size)
+        unfused = _relative_gap(ref, plain, x)
+    finally:
+        onednn.FUSED_CONV = saved
+    assert max(unfused.values()) < 1e-4, unfused
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "googlenet"])
+def test_adopted_convolutions_keep_the_function(name: str) -> None:
+    """torchvision backbones' inference stages: every convolution a CpuConv2d (VGG's ReLUs
+    folded into them), the same maps as the reference network on channels-last and NCHW
+    input, on the fused path and on the eager one other devices take."""
+    from imgdb.features import onednn
+    from imgdb.features.backbones import inference_stages
+
+    backbone = get_backbone(name)
+    fast = inference_stages(backbone, NONE)
+    convs = [m for _, s in fast for m in s.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m, onednn.CpuConv2d) for m in convs)
+    if name == "vgg16":
+        assert not any(isinstance(m, torch.nn.ReLU) for _, s in fast for m in s.modules())
+        assert all(m.activation == "relu" for m in convs)
+    ref = backbone.stages(load_network(backbone, NONE))
+    x = torch.rand(1, 3, 70, 91) * 2 - 1
+    assert max(_relative_gap(ref, fast, x.contiguous(
+        memory_format=torch.channels_last)).values()) < 1e-4
+    saved, onednn.FUSED_CONV = onednn.FUSED_CONV, None
+    try:
+        gaps = _relative_gap(ref, fast, x)
+    finally:
+        onednn.FUSED_CONV = saved
+    assert max(gaps.values()) < 1e-4, gaps
+
+
 @pytest.mark.parametrize("name", ["resnet50", "googlenet", "efficientnet_lite0"])
 def test_batchnorm_folding_keeps_the_function(name: str) -> None:
     from imgdb.features.backbones import fold_batchnorm, inference_stages

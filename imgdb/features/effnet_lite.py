@@ -17,6 +17,10 @@ Every BatchNorm (eps 1e-3, TensorFlow's) is folded into the convolution before i
 w' = w * g / sqrt(v + eps), b' = b0 - m * g / sqrt(v + eps). Activations and residual sums
 work in place on each convolution's fresh output (never on a block's input, which may be a
 tap handed out): the same values, 8% less time per forward on a CPU.
+
+On a CPU each convolution runs as one oneDNN primitive with its ReLU6 or residual sum fused in
+(`onednn`), and TF SAME padding as a symmetric pad with the kernel grown by one zero row/column
+on each even side (the same sums, no padded copy of the input): 1.05-1.1x per forward.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import onednn
 
 BN_EPS = 1e-3  # the TensorFlow-ported EfficientNets' BatchNorm epsilon
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
@@ -42,9 +48,12 @@ class FoldedConv(nn.Conv2d):
         super().__init__(in_per_group * groups, out_c, k, stride=stride,
                          padding=0 if stride > 1 else k // 2, groups=groups, bias=True,
                          device="meta")
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        # channels-last: the layout oneDNN takes (one in NCHW would be copied every call)
+        self.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last),
+                                   requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False)
         self.same = stride > 1
+        self.grown: dict[tuple[int, int], torch.Tensor] = {}  # run(): SAME kernels by parity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same:
@@ -52,6 +61,33 @@ class FoldedConv(nn.Conv2d):
                 return super().forward(_traced_same_pad(x, self.kernel_size[0]))
             x = F.pad(x, _same_padding(x.shape[-2:], self.kernel_size[0], self.stride[0]))
         return super().forward(x)
+
+    def run(self, x: torch.Tensor, relu6: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+        """This convolution, plus `residual` if given, then ReLU6 if asked: one fused oneDNN
+        primitive on a CPU (`onednn`), the module and in-place ops elsewhere. `residual` is
+        read, never written."""
+        activation = "relu6" if relu6 else "none"
+        if not onednn.fusable(x, self.weight):
+            y = self(x)
+            if residual is not None:
+                y.add_(residual)
+            return onednn.activate(y, activation)
+        k, s = self.kernel_size[0], self.stride[0]
+        weight, pad = self.weight, list(self.padding)
+        if self.same:
+            if s == 2 and k % 2:  # SAME: k-2 (even side: one more after) -> a zero first row
+                parity = ((x.shape[-2] + 1) % 2, (x.shape[-1] + 1) % 2)
+                weight = self.grown.get(parity)
+                if weight is None:
+                    weight = F.pad(self.weight, (parity[1], 0, parity[0], 0)).contiguous(
+                        memory_format=torch.channels_last)
+                    self.grown[parity] = weight
+                pad = [(k - 1) // 2] * 2
+            else:
+                x, pad = F.pad(x, _same_padding(x.shape[-2:], k, s)), [0, 0]
+        return onednn.conv(x, weight, self.bias, pad, [s, s], [1, 1], self.groups, activation,
+                           residual)
 
 
 def _traced_same_pad(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,8 +125,7 @@ class SeparableBlock(nn.Module):
         self.skip = stride == 1 and self.dw.in_channels == self.pw.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pw(F.relu6(self.dw(x), inplace=True))
-        return y.add_(x) if self.skip else y
+        return self.pw.run(self.dw.run(x, relu6=True), residual=x if self.skip else None)
 
 
 class InvertedResidual(nn.Module):
@@ -102,13 +137,13 @@ class InvertedResidual(nn.Module):
         self.skip = stride == 1 and self.pw.in_channels == self.pwl.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pwl(F.relu6(self.dw(F.relu6(self.pw(x), inplace=True)), inplace=True))
-        return y.add_(x) if self.skip else y
+        y = self.dw.run(self.pw.run(x, relu6=True), relu6=True)
+        return self.pwl.run(y, residual=x if self.skip else None)
 
 
 class ConvReLU6(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu6(super().forward(x), inplace=True)
+        return self[0].run(x, relu6=True)
 
 
 def stage_depths(state: dict[str, torch.Tensor]) -> list[int]:

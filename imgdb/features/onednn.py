@@ -1,0 +1,110 @@
+"""Convolutions as single oneDNN primitives on a CPU, with their activation or residual sum fused.
+
+Eager torch runs a CPU convolution, then its ReLU as a second pass over the map; for 1x1
+convolutions in batches under 16 on one thread (ingest's default of two single-threaded
+forwards) it even picks an im2col path that copies channels-last maps to NCHW and back. The
+fused oneDNN op torch.compile's CPU backend emits (`torch.ops.mkldnn._convolution_pointwise`)
+does each convolution, its bias, a ReLU/ReLU6 and a residual sum in one primitive on the
+channels-last layout. Maps equal the eager modules' within float rounding; on other devices,
+dtypes, or while traced (the ONNX export), the eager modules run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
+
+
+def _fused_op():
+    """torch's fused oneDNN convolution op, or None where this build has none."""
+    try:
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+FUSED_CONV = _fused_op()
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this convolution can take the fused path: float32 on a CPU, outside autocast
+    (which would not cast for the op), not traced, nothing to differentiate (it has no
+    backward)."""
+    return (FUSED_CONV is not None and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+
+
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int],
+         stride: list[int], dilation: list[int], groups: int, activation: str = "none",
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """activation(conv(x) + bias [+ residual]) as one oneDNN primitive (see `fusable`);
+    `residual` is read, never written."""
+    if residual is None:
+        attr, scalars = ACTIVATIONS[activation]
+        return FUSED_CONV(x, weight, bias, padding, stride, dilation, groups, attr, scalars, "")
+    y = FUSED_CONV.binary(x, residual, weight, bias, padding, stride, dilation, groups, "add",
+                          1.0, None, [], None)
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    return y.relu_() if activation == "relu" else y
+
+
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The eager path's activation, in place on a fresh convolution output."""
+    if activation == "relu6":
+        return F.relu6(y, inplace=True)
+    return y.relu_() if activation == "relu" else y
+
+
+class CpuConv2d(nn.Conv2d):
+    """An nn.Conv2d (weights channels-last) that runs as one fused oneDNN primitive on a CPU,
+    with the ReLU that followed it in a Sequential folded in (`activation`)."""
+
+    activation: str = "none"
+
+    @classmethod
+    def adopt(cls, src: nn.Conv2d, activation: str = "none") -> "CpuConv2d":
+        """The same convolution (its parameters shared, not copied) as a CpuConv2d."""
+        new = cls(src.in_channels, src.out_channels, src.kernel_size, stride=src.stride,
+                  padding=src.padding, dilation=src.dilation, groups=src.groups,
+                  bias=src.bias is not None, device="meta")
+        new.weight = nn.Parameter(src.weight.detach().contiguous(memory_format=torch.channels_last),
+                                  requires_grad=False)
+        if src.bias is not None:
+            new.bias = nn.Parameter(src.bias.detach(), requires_grad=False)
+        new.activation = activation
+        return new.train(src.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.padding, str) or not fusable(x, self.weight):
+            return activate(super().forward(x), self.activation)
+        return conv(x, self.weight, self.bias, list(self.padding), list(self.stride),
+                    list(self.dilation), self.groups, self.activation)
+
+
+def adopt_convolutions(module: nn.Module) -> int:
+    """Turn every plain nn.Conv2d under `module` into a CpuConv2d in place; a ReLU right after
+    one in a Sequential is folded into it (and becomes an Identity: the Sequential's output is
+    unchanged). Returns how many convolutions were adopted."""
+    count = 0
+    children = list(module.named_children())
+    for i, (name, child) in enumerate(children):
+        if type(child) is nn.Conv2d and child.padding_mode == "zeros":
+            activation = "none"
+            after = [(n, c) for n, c in children[i + 1:] if type(c) is not nn.Identity][:1]
+            if isinstance(module, nn.Sequential) and after and type(after[0][1]) is nn.ReLU:
+                activation = "relu"  # (Identity: a BatchNorm folded into this convolution)
+                setattr(module, after[0][0], nn.Identity())
+            setattr(module, name, CpuConv2d.adopt(child, activation))
+            count += 1
+        else:
+            count += adopt_convolutions(child)
+    return count
