@@ -71,6 +71,7 @@ class FeatureExtractor:
                  poolings: tuple[str, ...], device: torch.device, precision: str = "fp32",
                  local: tuple[LocalSpec, ...] = (), bucket: int = 0) -> None:
         self.local = tuple(local)
+        self._probed: tuple[dict, dict] | None = None  # see _probe
         self.bucket = int(bucket)  # pad inputs to multiples of this (0: exact shapes; see pad_to)
         layers = tuple(dict.fromkeys([*layers, *(s.layer for s in self.local)]))
         self.layers = layers
@@ -266,14 +267,21 @@ class FeatureExtractor:
     @torch.inference_mode()
     def local_channels(self) -> dict[str, int]:
         """Channels of every kept local-feature set (local key -> C), from a tiny forward."""
-        maps = self.feature_maps(torch.zeros((1, 64, 64, 3), dtype=torch.uint8))
-        return {spec.key: int(maps[spec.layer].shape[1]) for spec in self.local}
+        return dict(self._probe()[1])
 
-    @torch.inference_mode()
     def output_dims(self) -> dict[tuple[str, str], int]:
         """Descriptor dimension of every (layer, pooling), found with a tiny forward."""
-        probe = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
-        return {k: v.shape[1] for k, v in self(probe).items()}
+        return dict(self._probe()[0])
+
+    @torch.inference_mode()
+    def _probe(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """(output dims, local channels) from one tiny forward, kept: both are fixed by the
+        network, layers and poolings (an ingest asks several times before its first batch)."""
+        if self._probed is None:
+            maps = self.feature_maps(torch.zeros((1, 64, 64, 3), dtype=torch.uint8))
+            self._probed = ({k: int(v.shape[1]) for k, v in self._pool(maps).items()},
+                            {spec.key: int(maps[spec.layer].shape[1]) for spec in self.local})
+        return self._probed
 
 
 @functools.lru_cache(maxsize=8192)

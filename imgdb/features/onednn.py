@@ -1,12 +1,15 @@
-"""Convolutions as single oneDNN primitives on a CPU, with their activation or residual sum fused.
+"""CPU convolutions without eager torch's extra passes and copies.
 
 Eager torch runs a CPU convolution, then its ReLU as a second pass over the map; for 1x1
 convolutions in batches under 16 on one thread (ingest's default of two single-threaded
-forwards) it even picks an im2col path that copies channels-last maps to NCHW and back. The
-fused oneDNN op torch.compile's CPU backend emits (`torch.ops.mkldnn._convolution_pointwise`)
-does each convolution, its bias, a ReLU/ReLU6 and a residual sum in one primitive on the
-channels-last layout. Maps equal the eager modules' within float rounding; on other devices,
-dtypes, or while traced (the ONNX export), the eager modules run.
+forwards) it picks an im2col path that copies channels-last maps to NCHW and back. Here a
+convolution runs as the fused oneDNN op torch.compile's CPU backend emits
+(`torch.ops.mkldnn._convolution_pointwise`: convolution, bias, ReLU/ReLU6 and residual sum in
+one primitive on the channels-last layout), and a 1x1 convolution of a channels-last map as one
+GEMM (oneDNN builds a primitive for every new map shape, the GEMM needs none; images of many
+sizes each bring a new shape). Maps equal the eager modules' within float rounding; on other
+devices, dtypes, under autocast, while traced (the ONNX export) or differentiated, the eager
+modules run.
 """
 
 from __future__ import annotations
@@ -45,8 +48,22 @@ def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int],
          stride: list[int], dilation: list[int], groups: int, activation: str = "none",
          residual: torch.Tensor | None = None) -> torch.Tensor:
-    """activation(conv(x) + bias [+ residual]) as one oneDNN primitive (see `fusable`);
-    `residual` is read, never written."""
+    """activation(conv(x) + bias [+ residual]) as one oneDNN primitive, or a 1x1 convolution of
+    a channels-last map as one GEMM (see `fusable`); `residual` is read, never written."""
+    out_c, in_c, kh, kw = weight.shape
+    if kh == kw == 1 and groups == 1 and stride == [1, 1] and padding == [0, 0] \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        # (N*H*W, C) @ (C, O): a oneDNN primitive is built for every new map shape (~8% of a
+        # forward when every image has its own size); the GEMM needs none
+        n, _, h, w = x.shape
+        rows, wt = x.permute(0, 2, 3, 1).reshape(-1, in_c), weight.view(out_c, in_c).t()
+        if residual is not None:
+            y = torch.addmm(residual.permute(0, 2, 3, 1).reshape(-1, out_c), rows, wt)
+            if bias is not None:
+                y.add_(bias)
+        else:
+            y = torch.addmm(bias, rows, wt) if bias is not None else rows @ wt
+        return activate(y.view(n, h, w, out_c).permute(0, 3, 1, 2), activation)
     if residual is None:
         attr, scalars = ACTIVATIONS[activation]
         return FUSED_CONV(x, weight, bias, padding, stride, dilation, groups, attr, scalars, "")

@@ -292,7 +292,13 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
     # of one thread each run on a pool by default (see _threads). Decoding and commits run
     # beside them. The last batch's vectors are fetched after the next batch is launched, so on
     # CUDA their copy back overlaps it.
-    pool = (ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward")
+    # Each forward thread sets torch's thread count itself: OpenMP keeps it per thread, and a
+    # new thread's default (all cores) would give every GEMM a team of its own (oversubscribed)
+    import torch
+
+    pool = (ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward",
+                               initializer=torch.set_num_threads,
+                               initargs=(torch.get_num_threads(),))
             if forward_threads > 1 else None)
     inflight: deque[Future] = deque()
     # seq -> (update, vectors per scale, scales done)
