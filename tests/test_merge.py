@@ -18,7 +18,7 @@ from helpers import run_cli
 from imgdb.errors import UserError
 from imgdb.store import STATUS_FAILED, StoreWriter, open_read
 from imgdb.store.merge import merge_stores
-from synth import EXTRACTOR, make_photos, make_store, snapshot
+from synth import EXTRACTOR, assert_same_store, make_photos, make_store, snapshot
 
 FAST = ["--backbone", "efficientnet_lite0", "--weights", "none", "--size", "original",
         "--pooling", "sum,mac,gem-p3", "--layers", "head", "--keep-local", "block5:max",
@@ -110,6 +110,16 @@ def test_merge_refuses_incompatible_stores_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "does not exist" in proc.stderr
     with pytest.raises(UserError, match="differs in size"):  # into an existing OUT too
         merge_stores([tmp_path / "size.h5"], tmp_path / "a.h5")
+    # an OUT with rows lacking a shard's extractor: refused (its vectors of rows OUT already
+    # holds would be dropped), and OUT is left as it was
+    with StoreWriter(tmp_path / "more.h5") as w:
+        w.ensure_extractor("vgg16-none-orig", {"backbone": "vgg16"}, {("pool5", "mac"): 8})
+    before = snapshot(tmp_path / "a.h5")
+    proc = run_cli("merge", str(tmp_path / "more.h5"), "--db", str(tmp_path / "a.h5"),
+                   check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "has extractor vgg16-none-orig, which" in proc.stderr and "(1 rows)" in proc.stderr
+    assert_same_store(snapshot(tmp_path / "a.h5"), before, rel=0.0)
 
 
 @pytest.mark.slow

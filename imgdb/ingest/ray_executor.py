@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -315,10 +316,11 @@ def _quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _cluster(ray, ropts: RayOptions) -> None:
+def _cluster(ray, ropts: RayOptions) -> bool:
+    """Connect to (or start) the cluster; True when it was started here, for this run."""
     _quiet_ray()
     if ray.is_initialized():
-        return
+        return False
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                   configure_logging=True)
     address = ropts.address or os.environ.get("RAY_ADDRESS")
@@ -333,6 +335,7 @@ def _cluster(ray, ropts: RayOptions) -> None:
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {ropts.address}: "
                         f"{str(exc).splitlines()[0]}") from None
+    return kwargs["address"] == "local"
 
 
 def _pool(ray, ropts: RayOptions) -> tuple[int, float, float]:
@@ -480,7 +483,7 @@ def _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor,
 
     merge_ready(force=False)
     if todo:
-        _cluster(ray, ropts)
+        started_here = _cluster(ray, ropts)
         actors, gpus, cpus = _pool(ray, ropts)
         summary.engine.update(actors=actors, gpus_per_worker=gpus, cpus_per_worker=cpus)
         spec = {
@@ -495,7 +498,7 @@ def _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor,
         }
         batch = ropts.batch_size or options.batch_size
         ds = _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch,
-                      actors, gpus, cpus)
+                      actors, gpus, cpus, restarts=not started_here)
         decode_pids, actor_pids = set(), set()
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -564,7 +567,13 @@ def _decode_memory(settings: dict, batch: int) -> int:
 
 
 def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch, actors, gpus,
-             cpus):
+             cpus, restarts: bool = True):
+    """The Ray Data pipeline: work items -> decode tasks -> the network actors' shard writes.
+
+    `restarts`: Ray Data's default of restarting a lost actor. Ray 2.60 then logs an error line
+    to the driver's terminal for every actor (its own constructor arguments live in the object
+    store, ray-project/ray#53727); on a cluster started for this run, on this machine, a lost
+    actor instead stops the run with a one-line error, and a rerun resumes from the shards."""
     import pyarrow as pa
 
     from ray.data import ActorPoolStrategy, DataContext
@@ -594,8 +603,18 @@ def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch
                         memory=_decode_memory(settings, batch),
                         fn_kwargs={"size": settings["size"], "scales": list(settings["scales"]),
                                    "max_pixels": int(settings["max_pixels"]), "sift": sift})
-    return ds.map_batches(_bound(spec), batch_size=batch, batch_format="numpy",
-                          compute=ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=cpus)
+    embed = dict(batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+                 num_gpus=gpus, num_cpus=cpus)
+    if not restarts:
+        # max_restarts has no named parameter yet; the **ray_remote_args that carry it warn of
+        # their removal in Ray 2.64, after which the default (restarts) applies
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            try:
+                return ds.map_batches(_bound(spec), **embed, max_restarts=0)
+            except TypeError:
+                pass
+    return ds.map_batches(_bound(spec), **embed)
 
 
 def _bound(spec: dict) -> type:

@@ -111,11 +111,14 @@ def difference(a: ExtractorShape, b: ExtractorShape, a_name: str, b_name: str) -
 
 
 def check_compatible(shapes: Sequence[tuple[str, dict[str, ExtractorShape]]],
-                     out: tuple[str, dict[str, ExtractorShape]] | None) -> dict[str, ExtractorShape]:
+                     out: tuple[str, dict[str, ExtractorShape]] | None,
+                     out_rows: int = 0) -> dict[str, ExtractorShape]:
     """The extractors the shards share; a UserError naming the first difference otherwise.
 
     Every shard holding rows must have the same extractors with the same settings; OUT may
     have more extractors (merged rows are pending there), but the ones it shares must agree.
+    An OUT that holds rows must already have every extractor of the shards: a shard's row
+    whose path OUT holds is skipped, so vectors of an extractor OUT lacks would be dropped.
     """
     first_name, first = None, None
     for name, ext in shapes:
@@ -138,6 +141,11 @@ def check_compatible(shapes: Sequence[tuple[str, dict[str, ExtractorShape]]],
         return {}
     if out is not None:
         out_name, out_ext = out
+        missing = sorted(set(first) - set(out_ext))
+        if out_rows and missing:
+            raise UserError(f"cannot merge into {out_name}: {first_name} has extractor "
+                            f"{missing[0]}, which {out_name} ({out_rows} rows) has not; ingest "
+                            f"those images with it, or merge into a new store")
         for key in sorted(first):
             if key in out_ext:
                 why = difference(out_ext[key], first[key], out_name, first_name)
@@ -510,7 +518,8 @@ def merge_stores(shards: Sequence[str | Path], out: str | Path,
     with StoreWriter(out) as writer:
         try:
             with writer.read() as view:
-                extractors = check_compatible(shapes, (str(out), extractor_shapes(view)))
+                extractors = check_compatible(shapes, (str(out), extractor_shapes(view)),
+                                              view.rows)
                 index = PathIndex(view)
             ensure_extractors(writer, extractors)
             summary.extractors = sorted(extractors)
