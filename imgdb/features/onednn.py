@@ -22,16 +22,33 @@ ACTIVATIONS = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh",
 
 
 def _fused_op():
-    """torch's fused oneDNN convolution op, or None where this build has none."""
+    """torch's fused oneDNN convolution op, or None where this build has none or its signature
+    differs from the one used here (tried once on a tiny input, with every form `conv` uses)."""
     try:
-        if torch.backends.mkldnn.is_available():
-            return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):
-        pass
-    return None
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._convolution_pointwise
+        x, w, b = torch.ones(1, 2, 3, 3), torch.ones(2, 2, 1, 1), torch.zeros(2)
+        y = op(x, w, b, [0, 0], [1, 1], [1, 1], 1, "hardtanh", [0.0, 6.0], "")
+        z = op.binary(x, x, w, b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+        if float(y.sum()) != 36.0 or float(z.sum()) != 54.0:
+            return None
+        return op
+    except Exception:  # noqa: BLE001 - any failure: the eager modules run instead
+        return None
+
+
+def _autocast_check():
+    """A no-argument test for CPU autocast on this torch (the API changed in torch 2.4)."""
+    try:
+        torch.is_autocast_enabled("cpu")
+        return lambda: torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled
 
 
 FUSED_CONV = _fused_op()
+_cpu_autocast = _autocast_check()
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -40,7 +57,7 @@ def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     backward)."""
     return (FUSED_CONV is not None and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            and not _cpu_autocast()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.jit.is_tracing() and not torch.jit.is_scripting())
 
