@@ -36,18 +36,6 @@ from imgdb.features.images import SizePolicy, discover, iter_decoded  # noqa: E4
 CROPS = REPO / "tests" / "data" / "oxford5k" / "query_crops"
 
 
-def onednn_only(x, weight, bias, padding, stride, dilation, groups, activation="none",
-                residual=None):
-    """onednn.conv without its GEMM route: every convolution one fused oneDNN primitive."""
-    if residual is None:
-        attr, scalars = onednn.ACTIVATIONS[activation]
-        return onednn.FUSED_CONV(x, weight, bias, padding, stride, dilation, groups, attr,
-                                 scalars, "")
-    y = onednn.FUSED_CONV.binary(x, residual, weight, bias, padding, stride, dilation, groups,
-                                 "add", 1.0, None, [], None)
-    return onednn.activate(y, activation)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -62,11 +50,11 @@ def main() -> None:
               for _, _, d in iter_decoded(files, SizePolicy.parse("max:512"), workers=0)]
     weights = parse_weights("imagenet" if "efficientnet" in args.backbone else "none")
     stages = [m for _, m in inference_stages(get_backbone(args.backbone), weights)]
-    fused, gemm = onednn.FUSED_CONV, onednn.conv
-    variants = {"eager": (None, gemm), "onednn": (fused, onednn_only), "onednn+gemm": (fused, gemm)}
+    fused = onednn.FUSED_CONV
+    variants = {"eager": (None, True), "onednn": (fused, False), "onednn+gemm": (fused, True)}
 
     def use(name: str) -> None:
-        onednn.FUSED_CONV, onednn.conv = variants[name]
+        onednn.FUSED_CONV, onednn.GEMM_1X1 = variants[name]
 
     def forward(px: torch.Tensor) -> torch.Tensor:
         x = px.permute(0, 3, 1, 2).float()

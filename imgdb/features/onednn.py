@@ -48,6 +48,7 @@ def _autocast_check():
 
 
 FUSED_CONV = _fused_op()
+GEMM_1X1 = True  # 1x1 convolutions of channels-last maps as GEMMs (off: oneDNN, for comparison)
 _cpu_autocast = _autocast_check()
 
 
@@ -68,7 +69,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, paddi
     """activation(conv(x) + bias [+ residual]) as one oneDNN primitive, or a 1x1 convolution of
     a channels-last map as one GEMM (see `fusable`); `residual` is read, never written."""
     out_c, in_c, kh, kw = weight.shape
-    if kh == kw == 1 and groups == 1 and stride == [1, 1] and padding == [0, 0] \
+    if GEMM_1X1 and kh == kw == 1 and groups == 1 and stride == [1, 1] and padding == [0, 0] \
             and x.is_contiguous(memory_format=torch.channels_last):
         # (N*H*W, C) @ (C, O): a oneDNN primitive is built for every new map shape (~8% of a
         # forward when every image has its own size); the GEMM needs none
