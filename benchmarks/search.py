@@ -13,9 +13,9 @@ What is measured (each with the code path named):
   build     imgdb.retrieval.index.build_index(db, descriptor, "none", trees=T, seed=0), wall time, with a
             phase breakdown (add_item loop incl. HDF5 reads / Annoy build / save / rest) taken by
             timestamping a subclass of annoy.AnnoyIndex (patched into the annoy module).
-  warm      in-process, loaded once as `imgdb query` does: open_read -> plan_query ->
-            post_processor -> imgdb.retrieval.search.make_searcher; then each query is timed as
-            run_queries does it (transform.transform + search(q, k)) -> p50 / p99 / mean ms.
+  warm      in-process, loaded once as `imgdb query` does: QueryService.plan -> .space (the
+            index loaded); then each query is timed as the query path runs it
+            (transform.transform + QueryService.rank) -> p50 / p99 / mean ms.
   exact     imgdb.retrieval.index.topk_exact through make_searcher with no index (what `imgdb query --exact`
             runs), one query at a time, for a few queries: it streams the whole store.
   recall@10 Annoy (as above) against exact top-10 computed in numpy on the same L2-normalised
@@ -279,20 +279,23 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
 
 
 def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dict:
-    from imgdb.retrieval.pca import post_processor
-    from imgdb.retrieval.search import QueryPlan, make_searcher, plan_query
+    from imgdb.retrieval.request import QueryRequest
+    from imgdb.retrieval.service import QueryPlan, QueryService
     from imgdb.store import open_read
 
     out: dict = {}
+    service = QueryService(db)
     with open_read(db) as view:
         t = time.perf_counter()
-        plan = plan_query(view, db, None, None, None, False)  # what `imgdb query --id 0` does
+        request = QueryRequest(k=K)
+        plan = service.plan(request)  # what `imgdb query --id 0` does
         out["plan_query_s"] = time.perf_counter() - t
-        info = view.descriptor(plan.descriptor)
-        transform, _ = post_processor(view, info.name, plan.model)
         t = time.perf_counter()
-        search = make_searcher(view, db, plan, info, transform, None)  # the CLI default search_k
+        _, transform = service.space(plan, request)  # the CLI default search_k
         out["searcher_load_s"] = time.perf_counter() - t
+
+        def search(q: np.ndarray, k: int):  # the query path's search (the loaded space)
+            return service.rank(plan, request, q)
         t = time.perf_counter()
         view.content_hash(EXTRACTOR)
         out["content_hash_s"] = time.perf_counter() - t
@@ -318,13 +321,16 @@ def warm_queries(args: argparse.Namespace, db: Path, queries: np.ndarray) -> dic
         log(f"warm Annoy queries: p50 {out['latency_ms']['p50']:.3f} ms, "
             f"p99 {out['latency_ms']['p99']:.3f} ms over {len(lat)}")
 
-        exact = make_searcher(view, db, QueryPlan(plan.descriptor, None, None), info, transform, None)
+        exact_plan = QueryPlan(plan.descriptor, None, None)
+
+        def exact(q: np.ndarray, k: int):  # every stored vector, streamed
+            return service.rank(exact_plan, request, q)
         ex_ids, ex_ms = [], []
         for q in queries[:args.exact_queries]:
             found, ms = one(q, exact)
             ex_ids.append(found)
             ex_ms.append(ms)
-            log(f"exact query (topk_exact): {ms / 1e3:.2f} s")
+            log(f"exact query (streamed): {ms / 1e3:.2f} s")
         out["exact_ids"] = ex_ids
         out["exact_ms"] = ex_ms
     return out

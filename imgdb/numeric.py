@@ -64,3 +64,30 @@ def crop_feature_map(fmap, region: tuple[float, float, float, float]):
     cell nearest to the box centre."""
     ys, xs = np.nonzero(region_cells(fmap.shape[-2], fmap.shape[-1], region))
     return fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def rank_order(primary: np.ndarray, *tiebreak: np.ndarray, top: int | None = None,
+               ids: np.ndarray | None = None) -> np.ndarray:
+    """Positions by descending `primary`, ties by descending `tiebreak` keys, then by the lower
+    id (`ids`, default the position itself); only the first `top` when given, without sorting
+    the rest. The one top-k of the project: every ranking (exact, index, shard merge,
+    re-ranking) orders its items with it, so equal scores always come out in the same order."""
+    primary = np.asarray(primary)
+    idx = np.arange(len(primary))
+    key = idx if ids is None else np.asarray(ids)
+    return _rank_subset(idx, key, (primary, *tiebreak), top)
+
+
+def _rank_subset(idx: np.ndarray, key: np.ndarray, keys: tuple, top: int | None) -> np.ndarray:
+    if top is None or top >= len(idx):
+        return idx[np.lexsort([key[idx]] + [-k[idx] for k in reversed(keys)])]
+    if top <= 0:
+        return idx[:0]
+    if not keys:
+        return idx[np.argsort(key[idx], kind="stable")][:top]
+    p = keys[0][idx]
+    edge = p[np.argpartition(-p, top - 1)[:top]].min()
+    above = idx[p > edge]  # fewer than `top`: all kept, sorted in full
+    tied = idx[p == edge]  # compete for the remaining places by the next key
+    return np.concatenate([_rank_subset(above, key, keys, None),
+                           _rank_subset(tied, key, keys[1:], top - len(above))])

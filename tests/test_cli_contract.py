@@ -277,6 +277,11 @@ def test_choices_equal_their_registries() -> None:
     forms = [f"{p.family}-{p.letter}<{'int' if p.integer else 'float'}>"
              for p in pooling.REGISTRY.values() if p.letter]
     assert sorted(choices.POOLING_FORMS) == sorted(forms)
+    # every row of the pooling table has its torch form, and its numpy form (the cold query)
+    from imgdb.features import pooling_np, poolings
+
+    assert {s.family for s in poolings.TABLE} <= set(pooling.REGISTRY)
+    assert {s.family for s in poolings.TABLE} == set(pooling_np.NUMPY)
     assert choices.MASKS == MASKS
     assert choices.values(choices.Preset) == list(PRESETS)
     assert choices.values(choices.Method) == list(METHODS)

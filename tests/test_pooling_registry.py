@@ -19,9 +19,7 @@ def rms_pooling():
     register(Pooling("rms", lambda m, _: m.x.pow(2).mean(dim=(2, 3)).sqrt(),
                      doc="root mean square over H, W"))
     yield "rms"
-    pooling.REGISTRY.pop("rms")
-    pooling._resolve.cache_clear()
-    pooling._function.cache_clear()
+    pooling.unregister("rms")
 
 
 def _photos(folder: Path) -> list[Path]:

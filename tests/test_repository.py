@@ -110,3 +110,104 @@ def test_benchmarks_and_tests_import_only_what_imgdb_has() -> None:
                             if not hasattr(module, a.name)
                             and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
     assert missing == []
+
+
+#: The packages of imgdb by layer, lowest first (README "Architecture"): a module imports only
+#: its own package and packages of lower layers.
+LAYERS = (
+    ("", "errors", "numeric", "digest"),
+    ("store", "features"),
+    ("codebooks", "ingest"),
+    ("retrieval",),
+    ("evaluation", "inventory", "serve"),
+    ("cli", "demo"),
+    ("__main__", "completions"),
+)
+
+
+def _imgdb_imports(path: Path, module: str) -> list[tuple[str, int]]:
+    """(imported imgdb module, line) of every import in a file, also inside functions."""
+    import ast
+
+    out = []
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out += [(n, node.lineno) for n in names if n == "imgdb" or n.startswith("imgdb.")]
+    return out
+
+
+def test_no_lower_layer_imports_a_higher_one() -> None:
+    """The picture of the README's architecture section, held against the code."""
+    layer = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
+    root = Path(__file__).resolve().parent.parent / "imgdb"
+    bad, unknown = [], set()
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        own = module.split(".")[1] if "." in module else ""
+        for target, line in _imgdb_imports(path, module):
+            other = target.split(".")[1] if "." in target else ""
+            for pkg in (own, other):
+                if pkg not in layer:
+                    unknown.add(pkg)
+            if own != other and own in layer and other in layer and layer[other] >= layer[own]:
+                bad.append(f"{path.relative_to(root.parent)}:{line} imports {target}")
+    assert not unknown, f"packages missing from LAYERS (and the README): {sorted(unknown)}"
+    assert not bad, "imports of a package on the same or a higher layer:\n" + "\n".join(bad)
+
+
+def test_the_readme_draws_the_layers() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    for names in LAYERS:
+        for pkg in names:
+            if pkg:
+                assert pkg in section, f"the README's architecture section does not name {pkg}"
+
+
+def test_no_library_module_speaks_the_command_line() -> None:
+    """Outside cli/, errors name request fields, never command-line flags (`{k}` rendered by
+    each front end, not `--k`); a whole command to run (`imgdb index build --db ...`) is the
+    fix and may be quoted. No module outside cli/ names the command line's error type."""
+    import ast
+    import re
+
+    errors = {"UserError", "InvalidRequest", "StoreError", "StoreDamaged", "DiskFull",
+              "WeightsError", "RequestError", "refuse"}
+    flag = re.compile(r"(?<![\w{-])--[a-z]")
+    root = Path(__file__).resolve().parent.parent / "imgdb"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        if rel.parts[1] == "cli" or path.name == "demo.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"\bUsageError\b", text):
+            bad.append(f"{rel}: names UsageError")
+        for node in ast.walk(ast.parse(text)):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) in errors):
+                continue
+            words = " ".join(c.value for a in node.args for c in ast.walk(a)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str))
+            if flag.search(words) and not re.search(r"imgdb [a-z]+ ", words):
+                bad.append(f"{rel}:{node.lineno}: {words[:80]!r}")
+    assert not bad, "library errors that name command-line flags:\n" + "\n".join(bad)
+
+
+def test_the_readme_prints_the_pooling_table() -> None:
+    """The README's descriptor table is the pooling table itself (one source of names)."""
+    from imgdb.features.poolings import markdown_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme

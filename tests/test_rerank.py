@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgdb.errors import UsageError, UserError
+from imgdb.errors import InvalidRequest, UserError
 from imgdb.retrieval.graph import (exact_graph, find_graph, fit_graph, graph_status,
                                    knn_exact, load_graph, mutual_affinity, symmetric_normalize,
                                    top_k)
 from imgdb.retrieval.rerank import (L2, Collection, Diffusion, KReciprocal, QueryExpansion,
                                     conjugate_gradient, expand, kreciprocal_database,
-                                    kreciprocal_query, parse_qe, parse_rerank, qe_weights)
+                                    kreciprocal_query, qe_weights)
+from imgdb.retrieval.request import parse_qe, parse_rerank
 from imgdb.retrieval.source import resolve
 from imgdb.store import ImageRow, RowUpdate, StoreWriter, open_read
 
@@ -294,21 +295,26 @@ def test_query_expansion_ranker() -> None:
 
 
 def test_option_parsers() -> None:
-    d = parse_rerank("diffusion:k=7,alpha=0.9")
+    (d,) = parse_rerank("diffusion:k=7,alpha=0.9")
     assert (d.k, d.alpha) == (7, 0.9) and d.spec == "diffusion:k=7,alpha=0.9"
-    kr = parse_rerank("kreciprocal:k1=12,k2=4,lambda=0.2")
+    (kr,) = parse_rerank("kreciprocal:k1=12,k2=4,lambda=0.2")
     assert (kr.k1, kr.k2, kr.lam) == (12, 4, 0.2)
-    assert parse_rerank("kreciprocal").spec == "kreciprocal:k1=20,k2=6,lambda=0.3"
+    assert parse_rerank("kreciprocal")[0].spec == "kreciprocal:k1=20,k2=6,lambda=0.3"
+    # a chain: an item with '=' and no ':' belongs to the stage before it
+    chain = parse_rerank("diffusion:k=7,alpha=0.9,kreciprocal:k1=5,k2=2")
+    assert [st.spec for st in chain] == ["diffusion:k=7,alpha=0.9",
+                                         "kreciprocal:k1=5,k2=2,lambda=0.3"]
     assert parse_qe("3").m == 3 and parse_qe("3").alpha == 0 and parse_qe("0") is None
     a = parse_qe("alpha:3,7")
     assert (a.alpha, a.m) == (3.0, 7)
     assert parse_qe("alpha:1").m == 10
     for bad in ("diffusion:k=0", "diffusion:alpha=1", "diffusion:beta=2", "kreciprocal:k1",
-                "pagerank", "diffusion:k=3,k=4", "kreciprocal:lambda=nan"):
-        with pytest.raises(UsageError):
+                "pagerank", "diffusion:k=3,k=4", "kreciprocal:lambda=nan", "diffusion,diffusion",
+                "diffusion,", ""):
+        with pytest.raises(InvalidRequest):
             parse_rerank(bad)
     for bad in ("alpha", "alpha:x", "alpha:3,0", "-1", "beta:2"):
-        with pytest.raises(UsageError):
+        with pytest.raises(InvalidRequest):
             parse_qe(bad)
 
 
@@ -341,7 +347,8 @@ def test_fusion_vectors_by_hand(tmp_path: Path) -> None:
 def test_fusion_through_pca_index_graph_and_query(tmp_path: Path) -> None:
     from imgdb.retrieval.index import build_index
     from imgdb.retrieval.pca import fit_pca_model
-    from imgdb.retrieval.search import plan_query, run_queries
+    from imgdb.retrieval.request import QueryRequest
+    from imgdb.retrieval.service import QueryService
 
     rng = np.random.default_rng(1)
     db = tmp_path / "f.h5"
@@ -363,9 +370,8 @@ def test_fusion_through_pca_index_graph_and_query(tmp_path: Path) -> None:
     # Annoy on 60 items with 50 trees finds the exact neighbours
     assert np.array_equal(ann.neighbours, ex.neighbours)
     assert ann.similarities == pytest.approx(ex.similarities, abs=1e-5)
-    with open_read(db) as view:
-        plan = plan_query(view, db, None, name, "v1", exact=True)
-    res = run_queries(db, [], [12], plan, 5, rerank=Diffusion())
+    _, res = QueryService(db).answer(QueryRequest(descriptor=name, model="v1", k=5,
+                                                  rerank=(Diffusion(),)), ids=[12])
     assert res[0].hits[0].id == 12
     assert all(labels[h.id] == labels[12] for h in res[0].hits)
 
@@ -404,15 +410,16 @@ def test_graph_model_provenance_staleness_and_exactness(tmp_path: Path) -> None:
 
 
 def test_diffusion_query_through_the_store_equals_the_in_memory_ranking(tmp_path: Path) -> None:
-    from imgdb.retrieval.search import QueryPlan, run_queries
+    from imgdb.retrieval.request import QueryRequest
+    from imgdb.retrieval.service import QueryService
 
     rng = np.random.default_rng(4)
     db = tmp_path / "d.h5"
     x = np.abs(rng.normal(size=(80, 12))).astype(np.float32)
     make_store(db, {("head", "mac"): x})
     fit_graph(db, "head/mac", k=10)
-    plan = QueryPlan(f"{EXT}/head/mac", None, None)
-    got = run_queries(db, [], [3, 50], plan, 80, rerank=Diffusion())
+    request = QueryRequest(descriptor=f"{EXT}/head/mac", exact=True, k=80, rerank=(Diffusion(),))
+    _, got = QueryService(db).answer(request, ids=[3, 50])
     unit_x = x / np.linalg.norm(x, axis=1, keepdims=True)
     coll = Collection(unit_x)
     want = Diffusion(k=10).rank(unit_x[[3, 50]], coll)

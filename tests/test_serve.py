@@ -268,8 +268,11 @@ def test_streamed_body_over_the_limit(engine) -> None:
 
 
 @pytest.mark.parametrize("fields,needle", [
-    ({"k": "0"}, "k must be"), ({"k": "101"}, "k must be"), ({"k": "ten"}, "k must be"),
-    ({"k": "-3"}, "k must be"), ({"qe": "-1"}, "qe must be"), ({"qe": "99"}, "qe must be"),
+    ({"k": "0"}, "k: must be"), ({"k": "101"}, "k: must be"), ({"k": "ten"}, "k: must be"),
+    ({"k": "-3"}, "k: must be"), ({"qe": "-1"}, "qe: '-1': give M"), ({"qe": "99"}, "qe: must be"),
+    ({"rerank": "pagerank"}, "rerank: 'pagerank' is not a re-ranking"),
+    ({"rerank": "diffusion:k=0"}, "rerank: diffusion: k=0 must be between 1 and 1000"),
+    ({"graph": "v1"}, "graph chooses the graph of rerank; give rerank too"),
     ({"bbox": "1,2,3"}, "bbox"), ({"bbox": "a,b,c,d"}, "bbox"), ({"bbox": "50,50,10,10"}, "bbox"),
     ({"bbox": "-5,0,100,100"}, "bbox"), ({"bbox": "nan,0,100,100"}, "bbox"),
     ({"bbox": "0,0,10,10"}, "crop box"), ({"index": "no-such-index"}, "unknown index"),

@@ -69,7 +69,7 @@ def test_roundtrip_arrays_and_errors() -> None:
     model = PCAWhitening(dims=3, whiten=False, power=None).fit(x)
     again = PCAWhitening.from_arrays(model.arrays(), whiten=False, power=None)
     np.testing.assert_array_equal(again.transform(x), model.transform(x))
-    with pytest.raises(UserError, match="--dims 10 or fewer"):
+    with pytest.raises(UserError, match="dims 10 or fewer"):
         PCAWhitening(dims=11).fit(x)
 
 

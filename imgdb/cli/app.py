@@ -1,7 +1,7 @@
 """The `imgdb` Typer app and its entry point: every user mistake ends as one line on stderr.
 
 Exit codes: 0 done, 1 the request cannot be done (`UserError`), 2 bad usage (a value the parser
-refused, or a `UsageError` found later), 130 interrupted. Anything else is a bug: one line that
+refused, or an `InvalidRequest` found later), 130 interrupted. Anything else is a bug: one line that
 says so (`--debug` shows the traceback).
 
 Commands live in one module per group (ingest, store, fit, index, query, evaluate, serve);
@@ -16,7 +16,7 @@ from typing import Annotated, Sequence
 
 import typer
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError
 from . import evaluate, fit, index, ingest, query, serve, store
 from .render import escape
 
@@ -55,6 +55,21 @@ def _error(message: str) -> None:
     typer.echo("error: " + escape(str(message)), err=True)
 
 
+#: how the command line spells a request field the library names (others: --field-name)
+FLAGS = {"k": "-k", "ids": "--id", "images": "IMAGE", "model": "--pca",
+         "descriptors": "--descriptor"}
+
+
+def flag(field: str) -> str:
+    """The command-line option of a request field (`search_k` -> `--search-k`)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _message(exc: UserError) -> str:
+    """A library error in the command line's words (request fields as its options)."""
+    return exc.render(flag)
+
+
 def _usage_error(exc: Exception) -> int:
     """A parse error as one line: what is wrong and where to read about it."""
     ctx = getattr(exc, "ctx", None)
@@ -77,8 +92,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if _STATE["debug"]:
             raise
-        _error(str(exc))
-        return 2 if isinstance(exc, UsageError) else 1
+        _error(_message(exc))
+        return 2 if isinstance(exc, InvalidRequest) else 1
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:

@@ -1,10 +1,11 @@
 """The command line's fixed choices, as Enums (so `--help` and shell completion list them).
 
 The names are written here, not imported from their registries, because those registries
-import torch and `imgdb --help` must start without it. tests/test_cli_contract.py checks that
-every list here equals its registry (backbones.BACKBONES, pooling.DEFAULT_POOLINGS and
-REGISTRY, localfeat.MASKS, codebooks PRESETS / METHODS / AGGREGATES, groundtruth.PROTOCOLS):
-adding a backbone, pooling, preset... there makes that test name the line to add here.
+import torch and `imgdb --help` must start without it (the poolings come from their torch-free
+table). tests/test_cli_contract.py checks that every list here equals its registry
+(backbones.BACKBONES, localfeat.MASKS, codebooks PRESETS / METHODS / AGGREGATES,
+groundtruth.PROTOCOLS): adding a backbone, preset... there makes that test name the line to add
+here.
 """
 
 from __future__ import annotations
@@ -110,11 +111,9 @@ class Aggregate(Choice):
     democratic = "democratic"
 
 
-#: imgdb.features.pooling.DEFAULT_POOLINGS (what ingest stores when --pooling is not given).
-DEFAULT_POOLINGS: tuple[str, ...] = ("sum", "spoc", "mac", "mac2x2", "crow", "crow-sw",
-                                     "crow-ssw", "gem-p3", "rmac-l3")
-#: The parametrised pooling families of imgdb.features.pooling.REGISTRY: family-letter<value>.
-POOLING_FORMS: tuple[str, ...] = ("spoc-s<float>", "gem-p<float>", "rmac-l<int>")
+#: What ingest stores when --pooling is not given, and the parametrised forms
+#: (family-letter<value>): the pooling table itself, which is torch-free.
+from ..features.poolings import DEFAULT_POOLINGS, POOLING_FORMS  # noqa: E402
 #: Local-feature masks of imgdb.features.localfeat.MASKS (--keep-local LAYER:MASK).
 MASKS: tuple[str, ...] = ("max", "sum", "sift")
 #: --size forms (imgdb.features.images.SizePolicy).

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import InvalidRequest as UsageError
 from .choices import Protocol, QueryMode
 from .options import (Db, Descriptors, Device, EvalDims, GroupRegex, Json, Power, ProtocolOpt,
                       QueryExpansions, QueryModeOpt, Reranks, existing_dir, existing_path,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import InvalidRequest as UsageError
 from .choices import Aggregate, GraphMethod
 from .options import (AggregateOpt, CodebookDims, CodebookK, CodebookPower, Db, Descriptor,
                       Device, Drop, EncodePower, Json, LocalKey, MaxFeatures, MethodOpt,

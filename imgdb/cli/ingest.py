@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, List, Optional
 
 import typer
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest as UsageError, UserError
+from ..ingest.options import IngestOptions as D
 from .choices import Backbone, Decoder, Engine, Precision
 from .options import (BackboneOpt, BatchPixels, BatchSize, Buckets, CommitSeconds, Db,
                       DecoderOpt, Device, ForwardThreads, Json, KeepFreedMemory, KeepLocal,
@@ -33,23 +33,23 @@ def ingest(
     paths: Paths,
     db: Db,
     backbone: BackboneOpt = Backbone.vgg16,
-    weights: Weights = "imagenet",
+    weights: Weights = D.weights,
     layers: Layers = None,
     pooling: Poolings = None,
-    size: Size = "max:1024",
+    size: Size = D.size,
     scales: Scales = "1",
-    device: Device = "auto",
-    batch_size: BatchSize = 64,
-    batch_pixels: BatchPixels = 0,
-    buckets: Buckets = 0,
-    workers: Workers = min(8, os.cpu_count() or 1),
+    device: Device = D.device,
+    batch_size: BatchSize = D.batch_size,
+    batch_pixels: BatchPixels = D.batch_pixels,
+    buckets: Buckets = D.buckets,
+    workers: Workers = D.workers,
     decode: DecoderOpt = Decoder.cpu,
-    forward_threads: ForwardThreads = 0,
-    torch_threads: TorchThreads = 0,
-    keep_freed_memory: KeepFreedMemory = True,
+    forward_threads: ForwardThreads = D.forward_threads,
+    torch_threads: TorchThreads = D.torch_threads,
+    keep_freed_memory: KeepFreedMemory = D.keep_freed_memory,
     precision: PrecisionOpt = Precision.fp32,
-    max_pixels: MaxPixels = 120_000_000,
-    commit_seconds: CommitSeconds = 2.0,
+    max_pixels: MaxPixels = D.max_pixels,
+    commit_seconds: CommitSeconds = D.commit_seconds,
     keep_local: KeepLocal = [],  # noqa: B006 (typer reads the default; never mutated)
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Retry every failed file (transient failures such as permissions "

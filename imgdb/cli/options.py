@@ -115,8 +115,8 @@ def size_policy(text: str) -> str:
 
 
 def pooling_list(text: str) -> NameList:
-    """`--pooling`: comma-separated pooling names of the registry, parameters included."""
-    from ..features.pooling import canonical_pooling_name  # the registry (imports torch)
+    """`--pooling`: comma-separated pooling names of the table, parameters included."""
+    from ..features.poolings import canonical_pooling_name  # torch-free
 
     names = []
     for item in _items(text):
@@ -236,14 +236,15 @@ def index_name(text: str) -> str:
 
 
 def bbox(text: str) -> Box:
-    """`--bbox x1,y1,x2,y2` in pixels: finite, x1, y1 >= 0, x2 > x1, y2 > y1."""
-    values = [s.strip() for s in str(text).split(",")]
-    if len(values) != 4:
-        raise _bad(f"{text!r} must be x1,y1,x2,y2 (four numbers, pixels)")
-    x1, y1, x2, y2 = (number(0.0)(v) for v in values)
-    if x2 <= x1 or y2 <= y1:
-        raise _bad(f"{text!r} needs x2 > x1 and y2 > y1")
-    return Box((x1, y1, x2, y2))
+    """`--bbox x1,y1,x2,y2` in pixels: finite, x1, y1 >= 0, x2 > x1, y2 > y1 (the request's
+    parser, the API's too)."""
+    from ..errors import InvalidRequest
+    from ..retrieval.request import parse_bbox
+
+    try:
+        return Box(parse_bbox(text))
+    except InvalidRequest as exc:
+        raise _bad(exc.render(with_field=False)) from None
 
 
 def encode_power(text: str) -> float | str:
@@ -301,28 +302,32 @@ def graph_version(text: str) -> str:
     return spec
 
 
-def qe_spec(text: str) -> str:
-    """`--qe`: M (average QE) or alpha:A[,M] (alpha-QE), checked by the re-ranking library."""
-    from ..errors import UserError
-    from ..retrieval.rerank import parse_qe
+def _request_value(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """A parser of one query-request value, checked by the request's own parser (the one the
+    HTTP API uses too): its message, without the field name typer already shows."""
+    from ..errors import InvalidRequest
 
-    try:
-        parse_qe(text)
-    except UserError as exc:
-        raise _bad(str(exc).removeprefix("--qe ")) from None
-    return str(text).strip()
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except InvalidRequest as exc:
+            raise _bad(exc.render(with_field=False)) from None
+        return str(text).strip()
+    return check
+
+
+def qe_spec(text: str) -> str:
+    """`--qe`: M (average QE) or alpha:A[,M] (alpha-QE)."""
+    from ..retrieval.request import parse_qe
+
+    return _request_value(parse_qe)(text)
 
 
 def rerank_spec(text: str) -> str:
-    """`--rerank`: diffusion[:KEY=VALUE,...] or kreciprocal[:KEY=VALUE,...]."""
-    from ..errors import UserError
-    from ..retrieval.rerank import parse_rerank
+    """`--rerank`: a chain of stages, stage[:KEY=VALUE,...][,stage...]."""
+    from ..retrieval.request import parse_rerank
 
-    try:
-        parse_rerank(text)
-    except UserError as exc:
-        raise _bad(str(exc).removeprefix("--rerank ")) from None
-    return str(text).strip()
+    return _request_value(parse_rerank)(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,13 +494,14 @@ QueryExpansions = Annotated[Optional[List[str]], typer.Option(
     help="Query expansion, each its own row beside L2 (repeatable): M = average QE with the "
          "top M; alpha:A[,M] = alpha-QE.")]
 Rerank = Annotated[Optional[str], typer.Option(
-    "--rerank", parser=rerank_spec, metavar="diffusion[:k=K,...]|kreciprocal[:k1=..,...]",
+    "--rerank", parser=rerank_spec, metavar="STAGE[:k=v,..][,STAGE..]",
     help="Re-rank with the store's kNN graph (imgdb fit graph): diffusion (Iscen et al.) or "
-         "kreciprocal (Zhong et al.); options after ':' as KEY=VALUE.")]
+         "kreciprocal (Zhong et al.); options after ':' as KEY=VALUE; stages in a chain are "
+         "comma-separated.")]
 Reranks = Annotated[Optional[List[str]], typer.Option(
-    "--rerank", parser=rerank_spec, metavar="diffusion[:...]|kreciprocal[:...]",
+    "--rerank", parser=rerank_spec, metavar="STAGE[:k=v,..][,STAGE..]",
     help="Re-ranking, each its own row beside L2 (repeatable): diffusion[:k=K,alpha=A,gamma=G,"
-         "iter=N] or kreciprocal[:k1=K1,k2=K2,lambda=L].")]
+         "iter=N] or kreciprocal[:k1=K1,k2=K2,lambda=L], or a comma-separated chain of them.")]
 GraphVersion = Annotated[Optional[str], typer.Option(
     "--graph", parser=graph_version, metavar="vN|latest",
     help="Graph model version for --rerank (default: the newest current one; see imgdb "

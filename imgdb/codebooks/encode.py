@@ -40,8 +40,8 @@ def find_codebook(view: StoreView, ref: str, local: str | None = None) -> ModelI
         return found[0]
     if not found:
         raise UserError(f"no codebook {version}; stored: " + ", ".join(m.id for m in models))
-    raise UserError(f"codebook {version} exists for several local features; pass --local or the "
-                    f"full id: " + ", ".join(m.id for m in found))
+    raise UserError(f"codebook {version} exists for several local features; give {{local}} or "
+                    f"the full id: " + ", ".join(m.id for m in found), mentions=("local",))
 
 
 def encoding_name(model: ModelInfo, aggregate: str, power: float | None) -> tuple[str, str, str]:

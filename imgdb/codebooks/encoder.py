@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError
 from . import reference
 from .tensors import EPS, l2_normalize, nearest_centroid, sinkhorn_weights
 from .training import TembModel, fit_gmm, fit_kmeans, post_process
@@ -195,9 +195,9 @@ class Encoder:
         self.rotation = None
         if int(attrs["rotate"]):
             if self.power != fit_power:
-                raise UsageError(f"the codebook's rotation was learned with power "
+                raise InvalidRequest(f"the codebook's rotation was learned with power "
                                 f"{fit_power or 'none'}; encode with that power or refit the "
-                                f"codebook with --power")
+                                f"codebook with another power", "power")
             self.rotation = {n: arrays[f"rotation_{aggregate}_{n}"] for n in ("mean", "projection")}
         self.drop = int(attrs["drop"])
         tensors = {name: torch.from_numpy(np.asarray(a, np.float32)).to(self.device)

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError, refuse
 from ..store import LocalInfo, ModelInfo, StoreView, StoreWriter, open_read
 from .encoder import AGGREGATES, Encoder, method
 from .tensors import l2_normalize
@@ -72,10 +72,10 @@ def resolve_options(o: CodebookOptions) -> dict:
     method(o.method)
     preset = o.preset or DEFAULT_PRESET[o.method]
     if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; use {', '.join(PRESETS)}")
+        raise InvalidRequest(f"unknown preset {preset!r}; use {', '.join(PRESETS)}")
     p_method, p_k, p_d = PRESETS[preset]
     if p_method != o.method:
-        raise UsageError(f"preset {preset} is a {p_method} setting, not {o.method}")
+        raise InvalidRequest(f"preset {preset} is a {p_method} setting, not {o.method}")
     power, rotate, drop, keep = POST[preset]
     rotate = rotate if o.rotate is None else o.rotate
     out = {
@@ -88,9 +88,10 @@ def resolve_options(o: CodebookOptions) -> dict:
         "max_features": o.max_features, "seed": o.seed,
     }
     if (out["drop"] or out["keep"]) and not out["rotate"]:
-        raise UsageError("--drop and --dims apply to the rotation; they need --rotate")
+        raise refuse("{drop} and {dims} apply to the rotation; they need {rotate}", "drop",
+                     "dims", "rotate")
     if out["k"] < 1:
-        raise UsageError("--k must be at least 1")
+        raise InvalidRequest("must be at least 1", "k")
     return out
 
 
@@ -142,12 +143,14 @@ def _check_rotation_images(n: int, opts: dict) -> None:
     if n <= 2 * opts["drop"]:
         raise UserError(f"the rotation is learned on {n} images, too few to drop "
                         f"{opts['drop']} components (their vectors would be all noise); "
-                        f"fit on a bigger store with --from, or lower --drop (need "
-                        f"images > 2 x drop), or --no-rotate")
+                        f"fit on a bigger store with {{from}}, or lower {{drop}} (need "
+                        f"images > 2 x drop), or {{no_rotate}}",
+                        mentions=("from", "drop", "no_rotate"))
     if opts["keep"] and n <= opts["drop"] + opts["keep"]:
         raise UserError(f"the rotation is learned on {n} images, too few to whiten "
                         f"{opts['drop'] + opts['keep']} components; fit on a bigger store with "
-                        f"--from, or lower --dims, or --no-rotate")
+                        f"{{from}}, or lower {{dims}}, or {{no_rotate}}",
+                        mentions=("from", "dims", "no_rotate"))
 
 
 def _fit_arrays(x: np.ndarray, opts: dict, name: str, device) -> dict[str, np.ndarray]:
@@ -158,13 +161,14 @@ def _fit_arrays(x: np.ndarray, opts: dict, name: str, device) -> dict[str, np.nd
         x = l2_normalize(x)
     if opts["pca_d"]:
         if opts["pca_d"] > x.shape[1]:
-            raise UserError(f"--pca-d {opts['pca_d']} exceeds the {x.shape[1]} channels of {name}")
+            raise UserError(f"{opts['pca_d']} exceeds the {x.shape[1]} channels of {name}",
+                            "pca_d")
         lpca = LocalPCA(opts["pca_d"]).fit(x)
         arrays["pca_mean"], arrays["pca_components"] = lpca.mean, lpca.components
         x = lpca.transform(x)
     if len(x) < opts["k"]:
         raise UserError(f"cannot fit {opts['k']} words on {len(x)} local features; use a "
-                        f"smaller --k or more images")
+                        f"smaller {{k}} or more images", mentions=("k",))
     arrays.update(m.fit(x, opts["k"], opts["seed"], device))
     return arrays
 
@@ -183,8 +187,9 @@ def _fit_rotations(view: StoreView, info: LocalInfo, arrays: dict, attrs: dict, 
                               for _, sets in local_batches(view, info, rows)])
         dims = opts["drop"] + opts["keep"] if opts["keep"] else None
         if dims and dims > agg.shape[1]:
-            raise UserError(f"--dims {opts['keep']} (+ --drop {opts['drop']}) exceeds the "
-                            f"{agg.shape[1]} dimensions of the aggregated vectors")
+            raise UserError(f"{opts['keep']} (+ {{drop}} {opts['drop']}) exceeds the "
+                            f"{agg.shape[1]} dimensions of the aggregated vectors", "dims",
+                            mentions=("drop",))
         if log and aggregate == AGGREGATES[0] and len(rows) < (dims or agg.shape[1]):
             log(f"note: the rotation whitens {dims or agg.shape[1]} dimensions learned on "
                 f"{len(rows)} images; the directions the images do not span get the "
@@ -217,7 +222,8 @@ def fit_codebook(db: Path, local: str, options: CodebookOptions, source: Path | 
             info = view.local(name)
         except UserError:
             raise UserError(f"{src} has no local features {name}; ingest it with the same "
-                            f"settings and --keep-local {name.split('/', 1)[1]}") from None
+                            f"settings and {{keep_local}} {name.split('/', 1)[1]}",
+                            mentions=("keep_local",)) from None
         if opts["rotate"]:  # before the costly fit: can these images support the rotation?
             _check_rotation_images(len(view.local_usable_rows(info)), opts)
         x, n_images, available = sample_features(view, info, opts["max_features"], opts["seed"])

@@ -14,9 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError
 from ..retrieval.pca import training_vectors
-from ..retrieval.rerank import L2, Collection, Ranker, parse_qe, parse_rerank
+from ..retrieval.request import parse_qe, parse_rerank
+from ..retrieval.rerank import Collection, Ranker, rank_chain
 from ..retrieval.source import VectorSource, resolve, resolve_all
 from ..retrieval.whitening import Identity, PCAWhitening
 from ..store import open_read
@@ -74,6 +75,7 @@ class EvalResult:
     cells: list[Cell] = field(default_factory=list)
     rankings: dict = field(default_factory=dict)  # (descriptor, whitening, dims, ranking) ->
     # per query, the store rows of its top 10
+    scores: dict = field(default_factory=dict)  # the same keys -> per query, their scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +127,8 @@ def _select_queries(gt: GroundTruth, key_rows: dict[str, int], paths: list[str],
             take(i, q, row, None)
         elif row is None:
             why = ("not in the store" if gt.queries_in_database else
-                   "queries of this protocol are not database images: pass --queries DIR "
-                   "or --queries-db STORE")
+                   "queries of this protocol are not database images: give the query "
+                   "photos' folder or a store of them")
             skipped.append((q.name, f"query image {q.image} {why}"))
         else:
             take(i, q, row, Path(paths[row]) if opts.query_mode != "full" else None)
@@ -134,13 +136,16 @@ def _select_queries(gt: GroundTruth, key_rows: dict[str, int], paths: list[str],
 
 
 class _QueryVectors:
-    """Raw query vectors per descriptor: stored, from a second store, or described as ingest
-    did (network forwards happen outside the store's lock)."""
+    """Raw query vectors per descriptor: stored, from a second store, or described by the query
+    path's describer (`QueryService.describe`: as ingest did, batched; network forwards happen
+    outside the store's lock). Each image is described once per extractor, for every pooling."""
 
     def __init__(self, db: Path, qs: _QuerySet, opts: EvalOptions) -> None:
+        from ..retrieval.service import QueryService
+
         self.db, self.qs, self.opts = db, qs, opts
-        self._describers: dict[str, object] = {}
-        self._extracted: dict[tuple[str, str, str], dict] = {}
+        self.service = QueryService(db, opts.device)
+        self._extracted: dict[str, list[dict]] = {}  # extractor -> per query (None: stored)
 
     def get(self, source: VectorSource) -> np.ndarray:
         if self.opts.queries_db:
@@ -153,16 +158,26 @@ class _QueryVectors:
         with open_read(self.db) as view:
             stored = dict(zip(stored_rows, source.vectors(view, stored_rows))) \
                 if stored_rows else {}
-            if any(f is not None for f in self.qs.files):
-                from ..retrieval.describe import QueryDescriber
-
-                for ext in source.extractors:
-                    if ext not in self._describers:
-                        self._describers[ext] = QueryDescriber(view, ext, device=self.opts.device)
+            todo = {ext: self.service.describer(view, ext) for ext in source.extractors
+                    if ext not in self._extracted and any(f is not None for f in self.qs.files)}
+        for ext, describer in todo.items():
+            self._extracted[ext] = self._describe(describer)
         out = []
-        for q, row, f in zip(self.qs.queries, self.qs.rows, self.qs.files):
-            out.append(stored[row] if f is None else self._extract(source, q, f))
+        for i, (row, f) in enumerate(zip(self.qs.rows, self.qs.files)):
+            out.append(stored[row] if f is None else source.from_described(
+                {ext: self._extracted[ext][i] for ext in source.extractors}))
         return np.asarray(out, dtype=np.float32)
+
+    def _describe(self, describer) -> list[dict | None]:
+        from ..retrieval.service import QueryInput
+
+        mode = self.opts.query_mode
+        inputs = [QueryInput(q.name, path=f,
+                             crop=q.bbox if mode == "crop-image" else None,
+                             region=q.bbox if mode == "crop-features" else None)
+                  for q, f in zip(self.qs.queries, self.qs.files) if f is not None]
+        described = iter(self.service.describe(describer, inputs))
+        return [next(described) if f is not None else None for f in self.qs.files]
 
     def _other_store(self, source: VectorSource) -> dict[str, np.ndarray]:
         with open_read(self.opts.queries_db) as view:
@@ -175,41 +190,21 @@ class _QueryVectors:
             paths = view.paths(rows)
         return {image_key(p): v for p, v in zip(paths, x)}
 
-    def _extract(self, source: VectorSource, q: Query, path: Path) -> np.ndarray:
-        described = {}
-        for ext in source.extractors:
-            key = (ext, str(path), q.name)
-            if key not in self._extracted:
-                describer = self._describers[ext]
-                mode = self.opts.query_mode
-                img = describer.load(path, q.bbox if mode == "crop-image" else None)
-                self._extracted[key] = describer.describe(img, _feature_region(q, img, mode))
-            described[ext] = self._extracted[key]
-        return source.from_described(described)
-
-
-def _feature_region(q: Query, img, mode: str) -> tuple[float, float, float, float] | None:
-    """The query box as fractions of the image, in crop-features mode (Babenko sec.4)."""
-    if mode != "crop-features" or q.bbox is None:
-        return None
-    x1, y1, x2, y2 = q.bbox
-    return (x1 / img.width, y1 / img.height, x2 / img.width, y2 / img.height)
-
 
 # --------------------------------------------------------------------------------------------
 # evaluation
 
 
-def _scores_for(gt: GroundTruth, qs: _QuerySet, orders: list[np.ndarray],
-                db_keys: np.ndarray, db_rows: np.ndarray
-                ) -> tuple[dict[str, list[QueryScores]], dict, list[float], list[np.ndarray], int]:
+def _scores_for(gt: GroundTruth, qs: _QuerySet, rankings: list, db_keys: np.ndarray,
+                db_rows: np.ndarray
+                ) -> tuple[dict[str, list[QueryScores]], dict, list[float], list[tuple], int]:
     """Score every query's ranking (database positions, best first) in each setup (ids, not
     names, in the loop)."""
     setups = gt.setups()
     per_setup: dict[str, list[QueryScores]] = {s: [] for s in setups}
     positions: dict[str, dict[str, np.ndarray]] = {s: {} for s in setups}
     ns_values: list[float] = []
-    top: list[np.ndarray] = []  # per query: store rows of its top 10
+    top: list[tuple] = []  # per query: store rows of its top 10 and their scores
     key_pos: dict[str, int] = {}
     for i, k in enumerate(db_keys.tolist()):
         key_pos.setdefault(k, i)
@@ -217,10 +212,11 @@ def _scores_for(gt: GroundTruth, qs: _QuerySet, orders: list[np.ndarray],
     row_pos = {int(r): i for i, r in enumerate(db_rows)}
     first_setup = next(iter(setups))
     for qi, (q, row, gi) in enumerate(zip(qs.queries, qs.rows, qs.gt_index)):
-        order = orders[qi]
+        order, scores = rankings[qi].order, rankings[qi].scores
         if gt.exclude_query_from_ranking and row is not None and row in row_pos:
-            order = order[order != row_pos[row]]
-        top.append(db_rows[order[:10]])
+            keep = order != row_pos[row]
+            order, scores = order[keep], scores[keep]
+        top.append((db_rows[order[:10]], np.asarray(scores[:10], np.float64)))
         for setup, pairs in setups.items():
             positives, junk = pairs[gi]
             if gt.exclude_query_from_ranking:
@@ -242,39 +238,51 @@ def _scores_for(gt: GroundTruth, qs: _QuerySet, orders: list[np.ndarray],
     return per_setup, positions, ns_values, top, missing_total
 
 
-def rankers(opts: EvalOptions) -> list[Ranker]:
-    """L2 first, then each query expansion and re-ranking asked for (each is a row)."""
-    out: list[Ranker] = [L2()]
+def rankers(opts: EvalOptions) -> list[tuple[Ranker, ...]]:
+    """The rows' rankings: L2 first (no stage), then each query expansion and each re-ranking
+    chain asked for (`--rerank verify,diffusion` is one row)."""
+    out: list[tuple[Ranker, ...]] = [()]
     qes = opts.qe if isinstance(opts.qe, (list, tuple)) else [opts.qe]
     for qe in qes:
         ranker = qe if isinstance(qe, Ranker) else parse_qe(qe) if qe not in (None, "") else None
         if ranker is not None:
-            out.append(ranker)
+            out.append((ranker,))
     for spec in opts.rerank or ():
-        out.append(spec if isinstance(spec, Ranker) else parse_rerank(spec))
-    labels = [r.spec for r in out]
+        chain = (spec,) if isinstance(spec, Ranker) else tuple(spec) \
+            if isinstance(spec, (list, tuple)) else parse_rerank(spec)
+        out.append(chain)
+    labels = [chain_spec(c) for c in out]
     for i, lab in enumerate(labels):
         if lab in labels[:i]:
             raise UserError(f"the ranking {lab} is asked for twice")
     return out
 
 
+def chain_spec(chain: Sequence[Ranker]) -> str:
+    return ",".join(st.spec for st in chain) or "L2"
+
+
+def chain_label(chain: Sequence[Ranker]) -> str:
+    return " + ".join(st.label for st in chain) or "L2"
+
+
 class _Collections:
-    """The database side of each ranker for one (descriptor, whitening, dims): the store's
+    """The database side of each ranking for one (descriptor, whitening, dims): the store's
     current graph when there is one for this descriptor without PCA and it holds enough
     neighbours (what `imgdb query --rerank` uses), else the exact graph computed here."""
 
     def __init__(self, db: Path, source: VectorSource, vectors: np.ndarray, rows: np.ndarray,
                  stored_ok: bool) -> None:
         self.db, self.source, self.rows, self.stored_ok = db, source, rows, stored_ok
-        self.plain = Collection(vectors)
+        self.plain = Collection(vectors, rows=rows)
         self._stored: dict[int, Collection | None] = {}
 
-    def for_ranker(self, ranker: Ranker) -> tuple[Collection, Ranker]:
-        if not ranker.graph_k:
-            return self.plain, ranker
-        coll = self._stored_graph(ranker.min_graph_k) or self.plain
-        return coll, ranker.bind(coll)
+    def for_chain(self, chain: Sequence[Ranker]) -> tuple[Collection, tuple[Ranker, ...]]:
+        need = max([st.min_graph_k for st in chain if st.graph_k] + [0])
+        if not need:
+            return self.plain, tuple(chain)
+        coll = self._stored_graph(need) or self.plain
+        return coll, tuple(st.bind(coll) if st.needs_collection else st for st in chain)
 
     def _stored_graph(self, need: int) -> Collection | None:
         if not self.stored_ok:
@@ -291,7 +299,7 @@ class _Collections:
                 if model is not None:
                     graph = load_graph(view, model)
             if model is not None and np.array_equal(graph.rows, self.rows):
-                coll = Collection(self.plain.vectors, graph)
+                coll = Collection(self.plain.vectors, graph, rows=self.rows)
             self._stored[need] = coll
         return self._stored[need]
 
@@ -321,8 +329,8 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
         chosen = resolve_all(view, opts.descriptors)
     gt = load_ground_truth(gt_path, opts.protocol, images=paths, group_regex=opts.group_regex)
     if opts.query_mode != "full" and not any(q.bbox for q in gt.queries):
-        raise UsageError(f"--query {opts.query_mode} crops the queries to their boxes, but this "
-                         f"{gt.protocol} ground truth has none")
+        raise InvalidRequest(f"{opts.query_mode} crops the queries to their boxes, but this "
+                             f"{gt.protocol} ground truth has none", "query")
     result = EvalResult(gt.protocol, gt.source, 0, 0)
     qv = None
     qs = None
@@ -353,8 +361,8 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                 limit = min(fit_on.shape[0], fit_on.shape[1])
                 dims_list = [d for d in (opts.dims or [min(limit, raw_db.shape[1])]) if d <= limit]
                 if not dims_list:
-                    raise UserError(f"--dims {','.join(map(str, opts.dims))} exceed what "
-                                    f"{limit} vectors allow for {source.name}")
+                    raise UserError(f"{','.join(map(str, opts.dims))} exceed what "
+                                    f"{limit} vectors allow for {source.name}", "dims")
             for dims in dims_list:
                 transform = Identity(opts.power) if label == "none" else _fit(fit_on, dims, opts)
                 db_vec = transform.transform(raw_db)
@@ -362,17 +370,17 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                 # a stored graph was built on the stored vectors with L2 only
                 colls = _Collections(db, source, db_vec, db_rows,
                                      label == "none" and opts.power is None)
-                for ranker in chosen_rankers:
-                    coll, bound = colls.for_ranker(ranker)
-                    orders = [r.order for r in bound.rank(q_vec, coll)]
+                for chain in chosen_rankers:
+                    coll, bound = colls.for_chain(chain)
                     per_setup, positions, ns_values, top, missing = _scores_for(
-                        gt, qs, orders, keys, db_rows)
+                        gt, qs, rank_chain(bound, q_vec, coll), keys, db_rows)
                     result.missing_positives = missing
-                    name = bound.label
+                    name = chain_label(bound)
                     for setup, scores in per_setup.items():
                         result.cells.append(Cell(source.name, label, dims, setup,
                                                  summarize(scores),
                                                  scores, float(np.mean(ns_values))
                                                  if ns_values else None, positions[setup], name))
-                    result.rankings[(source.name, label, dims, name)] = top
+                    result.rankings[(source.name, label, dims, name)] = [r for r, _ in top]
+                    result.scores[(source.name, label, dims, name)] = [s for _, s in top]
     return result

@@ -445,8 +445,8 @@ def groups_from_regex(images: Sequence[str], pattern: str) -> GroundTruth:
     try:
         rx = re.compile(pattern)
     except re.error as exc:
-        raise UserError(f"--group-regex {pattern!r} is not a valid regular expression: "
-                        f"{exc}") from None
+        raise UserError(f"{pattern!r} is not a valid regular expression: {exc}",
+                        "group_regex") from None
     groups: dict[str, set[str]] = defaultdict(set)
     for p in images:
         key = image_key(p)
@@ -455,7 +455,7 @@ def groups_from_regex(images: Sequence[str], pattern: str) -> GroundTruth:
             label = m.group(1) if m.re.groups and m.group(1) is not None else m.group(0)
             groups[label].add(key)
     if not groups:
-        raise UserError(f"no image name matches --group-regex {pattern!r}")
+        raise UserError(f"no image name matches {pattern!r}", "group_regex")
     return _groups_to_gt({g: sorted(k) for g, k in groups.items()}, f"regex {pattern}")
 
 
@@ -470,7 +470,7 @@ def _not_groups_hint(folder: Path) -> str | None:
     if pickles or gt_dirs:
         found = ", ".join([*gt_dirs, *pickles][:4])
         return (f"{folder} is not a ground-truth folder itself but holds ground truth ({found}): "
-                f"give that path to --gt")
+                f"give that path as the ground truth")
     return None
 
 
@@ -488,8 +488,8 @@ def load_ground_truth(path: str | Path | None, protocol: str = "auto",
     images = [str(p) for p in (images if images is not None else [])]
     if group_regex:
         if protocol not in ("auto", "groups"):
-            raise UserError(f"--group-regex makes groups ground truth; it cannot be combined "
-                            f"with protocol {protocol}")
+            raise UserError(f"{{group_regex}} makes groups ground truth; it cannot be "
+                            f"combined with protocol {protocol}", mentions=("group_regex",))
         return groups_from_regex(images, group_regex)
     if protocol == "ukbench" and path is not None:
         raise UserError("the ukbench protocol reads its groups from the store's image names; "
@@ -500,8 +500,8 @@ def load_ground_truth(path: str | Path | None, protocol: str = "auto",
                             f"names, but no image names were given")
         return load_holidays(images) if protocol == "holidays" else load_ukbench(images)
     if path is None:
-        raise UserError("no ground truth given: expected --gt PATH (or --group-regex, or "
-                        "--protocol holidays|ukbench)")
+        raise UserError("no ground truth given: expected {gt} PATH (or {group_regex}, or "
+                        "{protocol} holidays|ukbench)", mentions=("gt", "group_regex", "protocol"))
     path = Path(path)
     if not path.exists():
         raise UserError(f"ground truth {path} does not exist")

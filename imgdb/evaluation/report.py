@@ -59,7 +59,7 @@ def _plot(result: EvalResult, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--report draws plots with matplotlib; install it: pip install matplotlib") from None
+        raise UserError("the report draws plots with matplotlib; install it: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(7, 5))
     for c in sorted(result.cells, key=lambda c: -np.nan_to_num(c.summary.mAP))[:12]:
         curves = [interpolated_pr(c.positions.get(q.name, np.zeros(0)), q.positives)

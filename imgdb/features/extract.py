@@ -26,11 +26,12 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise UserError("{device} cuda was asked for but no CUDA GPU is visible; use {device} cpu",
+                        mentions=("device",))
     try:
         return torch.device(spec)
     except RuntimeError:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
+        raise UserError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]", "device") from None
 
 
 def _output_side(module: nn.Module, n: int) -> int:
@@ -230,7 +231,7 @@ class FeatureExtractor:
             if region is None and self.bucket:  # as ingest computed it: padded to its bucket
                 outs.append(self._padded_one(pixels))
             else:
-                outs.append(self(pixels) if region is None else self._pool_region(pixels, region))
+                outs.append(self(pixels) if region is None else self.pool_region(pixels, region))
         return {k: merge_scales([o[k][0] for o in outs]) for k in outs[0]}
 
     @torch.inference_mode()
@@ -255,8 +256,10 @@ class FeatureExtractor:
         return self.pool_batch(padded, [(h, w)]).result()
 
     @torch.inference_mode()
-    def _pool_region(self, pixels: torch.Tensor, region: tuple[float, float, float, float]
-                     ) -> dict[tuple[str, str], np.ndarray]:
+    def pool_region(self, pixels: torch.Tensor, region: tuple[float, float, float, float]
+                    ) -> dict[tuple[str, str], np.ndarray]:
+        """(1, H, W, 3) -> every (layer, pooling) of the cells whose centres fall in the
+        fractional box `region` (Babenko sec.4's query-region protocol)."""
         out: dict[tuple[str, str], np.ndarray] = {}
         for layer, fmap in self.feature_maps(pixels).items():
             sub = crop_feature_map(fmap, region)

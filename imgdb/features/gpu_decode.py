@@ -32,10 +32,11 @@ def check_gpu_decode(device) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
+        raise UserError("{decode} gpu needs a CUDA GPU and none is visible; use {decode} cpu",
+                        mentions=("decode",))
     if getattr(device, "type", str(device)) != "cuda":
-        raise UserError("--decode gpu decodes on the network's device; use it with --device "
-                        "cuda (or auto), or use --decode cpu")
+        raise UserError("{decode} gpu decodes on the network's device; use it with {device} cuda "
+                        "(or auto), or use {decode} cpu", mentions=("decode", "device"))
 
 
 def load_deferred(path: str | Path, policy: SizePolicy, scales: Sequence[float] = (1.0,),

@@ -35,10 +35,10 @@ def parse_local_spec(spec: str) -> LocalSpec:
     """`conv5_3`, `conv5_3:max`, ... -> LocalSpec; a bad mask is a UserError naming the choices."""
     layer, _, mask = spec.strip().partition(":")
     if not layer:
-        raise UserError(f"--keep-local {spec!r}: give a layer, e.g. conv5_3 or conv5_3:max")
+        raise UserError(f"{spec!r}: give a layer, e.g. conv5_3 or conv5_3:max", "keep_local")
     if mask and mask not in MASKS:
-        raise UserError(f"--keep-local {spec!r}: unknown mask {mask!r}; use {', '.join(MASKS)} "
-                        f"or none (LAYER alone keeps every cell)")
+        raise UserError(f"{spec!r}: unknown mask {mask!r}; use {', '.join(MASKS)} or none "
+                        f"(LAYER alone keeps every cell)", "keep_local")
     return LocalSpec(layer, mask or None)
 
 

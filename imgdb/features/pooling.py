@@ -1,10 +1,11 @@
-"""Training-free global poolings of CNN feature maps, in one registry.
+"""Training-free global poolings of CNN feature maps on torch, one function per family.
 
 Every pooling maps a feature map ``x`` of shape (B, C, H, W) (any device, any floating dtype;
 post-ReLU expected, any finite input accepted) to a float32 descriptor (B, D) on the same
 device. A pooling is one function of a `FeatureMap` (which computes and shares the pieces
 several poolings use: sums, maxima, quadrant maxima, CroW weights) plus one `register` line;
-names carry their parameter (``gem-p3``, ``rmac-l3``, ``spoc-s0.5``).
+its name, parameter, default and formula are its row of the torch-free table
+(`features.poolings`); names carry their parameter (``gem-p3``, ``rmac-l3``, ``spoc-s0.5``).
 
 References: Babenko & Lempitsky 2015 (SPoC) sec. 3.2 eq. 3-4; Kalantidis et al. 2016 (CroW)
 sec. 4 eq. 3-6; Comor et al. 2016 eq. 1-3; Radenovic et al. 2018 (GeM); Tolias et al. 2016
@@ -22,13 +23,15 @@ import torch
 
 __all__ = [
     "POOLINGS", "DEFAULT_POOLINGS", "REGISTRY", "Pooling", "FeatureMap", "register",
-    "get_pooling", "pooled_dim", "canonical_pooling_name", "pool_all", "sum_pool", "spoc", "mac",
-    "mac2x2", "crow", "crow_sw", "crow_ssw", "gem", "rmac", "crow_spatial_weights",
-    "crow_channel_weights",
+    "unregister", "get_pooling", "pooled_dim", "canonical_pooling_name", "parse_pooling",
+    "pool_all", "sum_pool", "spoc", "mac", "mac2x2", "crow", "crow_sw", "crow_ssw", "gem", "rmac",
+    "crow_spatial_weights", "crow_channel_weights",
 ]
 
-from .pooling_np import (CROW_EPS, GEM_EPS, RMAC_EPS, RMAC_OVERLAP, SPOC_DEFAULT_S,  # noqa: F401
+from . import poolings as table
+from .pooling_np import (CROW_EPS, GEM_EPS, RMAC_EPS, RMAC_OVERLAP,  # noqa: F401
                          quadrant_bounds, rmac_regions, spoc_weights)
+from .poolings import DEFAULT_POOLINGS, SPOC_DEFAULT_S, canonical_pooling_name, pooled_dim
 
 # --------------------------------------------------------------------------- helpers
 
@@ -157,10 +160,9 @@ class FeatureMap:
 
 @dataclass(frozen=True)
 class Pooling:
-    """One pooling family: `compute(map, param)`, and its parameter when it has one.
-
-    A parametrised family is named `<family>-<letter><value>` (gem-p3); `show_default` says
-    whether the default value appears in the canonical name (gem-p3) or not (spoc)."""
+    """One pooling family's torch computation, `compute(map, param)`, with its name and
+    parameter as the table (`features.poolings`) gives them; a user's own family declares them
+    here and `register` adds them to the table."""
 
     family: str
     compute: Callable[[FeatureMap, float | int | None], torch.Tensor]
@@ -171,111 +173,39 @@ class Pooling:
     dim_factor: int = 1
     doc: str = ""
 
-    def parse(self, raw: str | None) -> float | int | None:
-        """The parameter from its text (None: the default); ValueError when invalid."""
-        if self.letter is None:
-            if raw is not None:
-                raise ValueError
-            return None
-        if raw is None:
-            return self.default
-        value = float(raw)
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError
-        if self.integer:
-            if value != int(value):
-                raise ValueError
-            return int(value)
-        return value
+    @classmethod
+    def of(cls, family: str, compute: Callable) -> "Pooling":
+        """A built-in family: its name, parameter and formula from the table."""
+        s = table.SPECS[family]
+        return cls(family, compute, s.letter, s.default, s.integer, s.show_default,
+                   s.dim_factor, f"{s.formula} ({s.reference})")
 
-    def name(self, param: float | int | None) -> str:
-        """The canonical name of this family at a parameter value."""
-        if self.letter is None or (param == self.default and not self.show_default):
-            return self.family
-        return f"{self.family}-{self.letter}{_fmt_num(param)}"
+    @property
+    def spec(self) -> table.PoolingSpec:
+        return table.SPECS[self.family]
 
 
 REGISTRY: dict[str, Pooling] = {}
 
 
-def _fmt_num(v: float) -> str:
-    if math.isfinite(v) and v == int(v) and abs(v) < 1e15:
-        return str(int(v))
-    return repr(float(v))
+_FUNCTIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
 
 
-def _unknown_msg(name: object) -> str:
-    forms = ", ".join(f"{p.family}-{p.letter}<{'int' if p.integer else 'float'}>"
-                      for p in REGISTRY.values() if p.letter)
-    return (f"Unknown pooling {name!r}; valid names are {', '.join(DEFAULT_POOLINGS)}"
-            f" and the parametrised forms {forms}.")
-
-
-@functools.lru_cache(maxsize=256)
-def _resolve(key: str) -> tuple[Pooling, float | int | None]:
-    if key in REGISTRY:
-        pooling = REGISTRY[key]
-        return pooling, pooling.parse(None)
-    for family in sorted(REGISTRY, key=len, reverse=True):
-        pooling = REGISTRY[family]
-        prefix = f"{family}-{pooling.letter}"
-        if pooling.letter and key.startswith(prefix):
-            try:
-                return pooling, pooling.parse(key[len(prefix):])
-            except ValueError:
-                raise ValueError(f"Invalid pooling {key!r}: the parameter of {family}-"
-                                 f"{pooling.letter}<value> must be a finite number > 0"
-                                 + (" and an integer" if pooling.integer else "") + ".") from None
-    raise ValueError(_unknown_msg(key))
-
-
-
-
-def register(pooling: Pooling) -> Pooling:
-    """Add a pooling family (its default-parameter name becomes usable everywhere)."""
-    REGISTRY[pooling.family] = pooling
-    _resolve.cache_clear()
-    return pooling
-
-
-register(Pooling("sum", lambda m, _: m.sum, doc="sum over H, W (Comor eq. 1; uCroW)"))
-register(Pooling("spoc", lambda m, s: (m.x * _spoc_weights(m.x.shape[2], m.x.shape[3], s,
-                                                             m.x.device)).sum(dim=(2, 3)),
-                 letter="s", default=SPOC_DEFAULT_S, show_default=False,
-                 doc="centred-Gaussian weighted sum, sigma = s * min(H, W) / 2 (Babenko eq. 3-4)"))
-register(Pooling("mac", lambda m, _: m.max, doc="max over H, W (Comor eq. 2)"))
-register(Pooling("mac2x2", lambda m, _: torch.cat(m.quadrant_maxima, dim=1), dim_factor=4,
-                 doc="MAC of the four quadrants [TL | TR | BL | BR] (Comor eq. 3)"))
-register(Pooling("crow", lambda m, _: m.crow_channel * m.crow_weighted_sum,
-                 doc="spatial and channel weighting (Kalantidis eq. 1, 3-6)"))
-register(Pooling("crow-sw", lambda m, _: m.crow_weighted_sum,
-                 doc="CroW spatial weighting only (Kalantidis Fig. 5b)"))
-register(Pooling("crow-ssw", lambda m, _: m.crow_channel * m.sum,
-                 doc="CroW channel weighting only (Kalantidis Fig. 5b)"))
-register(Pooling("gem", lambda m, p: _gem_from_clamped(m.clamped, p), letter="p", default=3.0,
-                 doc="generalised mean (mean x^p)^(1/p) (Radenovic et al. 2018)"))
-register(Pooling("rmac", lambda m, n: _rmac_from_mac(m.x, m.max, n), letter="l", default=3,
-                 integer=True, doc="regional MAC over L scales (Tolias et al. 2016)"))
-
-DEFAULT_POOLINGS: tuple[str, ...] = ("sum", "spoc", "mac", "mac2x2", "crow", "crow-sw",
-                                     "crow-ssw", "gem-p3", "rmac-l3")
-
-
-def parse_pooling(name: str) -> tuple[Pooling, float | int | None]:
-    """(family, parameter) of a pooling name; ValueError naming the valid forms."""
-    if not isinstance(name, str):
-        raise ValueError(_unknown_msg(name))
-    return _resolve(name.strip().lower())
-
-
-def canonical_pooling_name(name: str) -> str:
-    """Normalise a pooling name (case, numeric form), e.g. 'GEM-P3.0' -> 'gem-p3'."""
-    pooling, param = parse_pooling(name)
-    return pooling.name(param)
-
-
-@functools.lru_cache(maxsize=256)
 def _function(canonical: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function of a canonical name, made once (its family's re-registration drops it)."""
+    found = _FUNCTIONS.get(canonical)
+    if found is None:
+        pooling = parse_pooling(canonical)[0]
+        found = _FUNCTIONS[canonical] = (pooling.family, _make_function(canonical))
+    return found[1]
+
+
+def _forget(family: str) -> None:
+    for name in [n for n, (f, _) in _FUNCTIONS.items() if f == family]:
+        del _FUNCTIONS[name]
+
+
+def _make_function(canonical: str) -> Callable[[torch.Tensor], torch.Tensor]:
     pooling, param = parse_pooling(canonical)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -286,6 +216,46 @@ def _function(canonical: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
+def register(pooling: Pooling) -> Pooling:
+    """Add a pooling family (its default-parameter name becomes usable everywhere)."""
+    if pooling.family not in table.SPECS or table.SPECS[pooling.family] not in table.TABLE:
+        table.add(table.PoolingSpec(pooling.family, pooling.doc, "", pooling.letter,
+                                    pooling.default, pooling.integer, pooling.show_default,
+                                    pooling.dim_factor, in_defaults=False))
+    REGISTRY[pooling.family] = pooling
+    _forget(pooling.family)
+    return pooling
+
+
+def unregister(family: str) -> None:
+    """Remove a family a user registered (the built-ins stay)."""
+    if family in REGISTRY and table.SPECS.get(family) not in table.TABLE:
+        REGISTRY.pop(family)
+        table.remove(family)
+        _forget(family)
+
+
+register(Pooling.of("sum", lambda m, _: m.sum))
+register(Pooling.of("spoc", lambda m, s: (m.x * _spoc_weights(m.x.shape[2], m.x.shape[3], s,
+                                                                m.x.device)).sum(dim=(2, 3))))
+register(Pooling.of("mac", lambda m, _: m.max))
+register(Pooling.of("mac2x2", lambda m, _: torch.cat(m.quadrant_maxima, dim=1)))
+register(Pooling.of("crow", lambda m, _: m.crow_channel * m.crow_weighted_sum))
+register(Pooling.of("crow-sw", lambda m, _: m.crow_weighted_sum))
+register(Pooling.of("crow-ssw", lambda m, _: m.crow_channel * m.sum))
+register(Pooling.of("gem", lambda m, p: _gem_from_clamped(m.clamped, p)))
+register(Pooling.of("rmac", lambda m, n: _rmac_from_mac(m.x, m.max, n)))
+
+
+def parse_pooling(name: str) -> tuple[Pooling, float | int | None]:
+    """(family, parameter) of a pooling name, by the table's parser; ValueError naming the
+    valid forms (or a family without a torch computation)."""
+    spec, param = table.parse_pooling(name)
+    if spec.family not in REGISTRY:
+        raise ValueError(f"pooling {spec.family!r} has no torch computation")
+    return REGISTRY[spec.family], param
+
+
 def get_pooling(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The pooling function of a (possibly parametrised) name."""
     return _function(canonical_pooling_name(name))
@@ -294,11 +264,6 @@ def get_pooling(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 #: The default poolings by name (name -> function of a (B, C, H, W) map).
 POOLINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {n: get_pooling(n)
                                                                  for n in DEFAULT_POOLINGS}
-
-
-def pooled_dim(name: str, channels: int) -> int:
-    """Descriptor length for a pooling of a C-channel map (4C for mac2x2, Comor eq. 3)."""
-    return parse_pooling(name)[0].dim_factor * int(channels)
 
 
 def pool_all(x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:

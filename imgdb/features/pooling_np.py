@@ -1,23 +1,22 @@
 """The built-in poolings on numpy arrays, for the paths that run without torch (a cold query).
 
 Each function here computes what `features.pooling` computes on a torch tensor, from the same
-formulas and the same helpers (the SPoC weights and the R-MAC regions are defined here once and
-used by both); tests/test_pooling_np.py checks every family against the torch registry. A
-pooling registered only in `features.pooling` (a user's own) has no numpy form: `numpy_pooling`
-returns None and the caller runs torch.
+formulas (the table `features.poolings`) and the same helpers (the SPoC weights and the R-MAC
+regions are defined here once and used by both); tests/test_light.py checks every family
+against the torch registry. A pooling registered only in `features.pooling` (a user's own) has
+no numpy form: `numpy_pooling` returns None and the caller runs torch.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Callable, Iterable
 
 import numpy as np
 
-#: Default SPoC sigma factor: one third of the distance centre -> closest boundary.
-SPOC_DEFAULT_S = 1.0 / 3.0
+from .poolings import SPECS, SPOC_DEFAULT_S, TABLE, parse_pooling  # noqa: F401
+
 #: CroW epsilon of the channel (sparsity-sensitive) weight, Kalantidis eq. 6.
 CROW_EPS = 1e-6
 #: GeM clamp floor and R-MAC normalisation epsilon (cnnimageretrieval-pytorch defaults).
@@ -113,41 +112,42 @@ def _gem(x: np.ndarray, p: float) -> np.ndarray:
                     np.float32(1.0 / p))
 
 
-_FIXED: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "sum": lambda x: x.sum(axis=(2, 3)),
-    "mac": lambda x: x.max(axis=(2, 3)),
-    "mac2x2": lambda x: np.concatenate([x[:, :, r0:r1, c0:c1].max(axis=(2, 3))
-                                        for r0, r1, c0, c1 in quadrant_bounds(*x.shape[2:])],
-                                       axis=1),
-    "crow": lambda x: _crow_channel(x) * (x * _crow_spatial(x)).sum(axis=(2, 3)),
-    "crow-sw": lambda x: (x * _crow_spatial(x)).sum(axis=(2, 3)),
-    "crow-ssw": lambda x: _crow_channel(x) * x.sum(axis=(2, 3)),
+def _spoc(x: np.ndarray, s: float) -> np.ndarray:
+    return (x * spoc_weights(x.shape[2], x.shape[3], s)).sum(axis=(2, 3))
+
+
+def _mac2x2(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x[:, :, r0:r1, c0:c1].max(axis=(2, 3))
+                           for r0, r1, c0, c1 in quadrant_bounds(*x.shape[2:])], axis=1)
+
+
+#: family -> numpy function of (map, parameter): every family of the table that has one
+NUMPY: dict[str, Callable[[np.ndarray, float | int | None], np.ndarray]] = {
+    "sum": lambda x, _: x.sum(axis=(2, 3)),
+    "spoc": _spoc,
+    "mac": lambda x, _: x.max(axis=(2, 3)),
+    "mac2x2": lambda x, _: _mac2x2(x),
+    "crow": lambda x, _: _crow_channel(x) * (x * _crow_spatial(x)).sum(axis=(2, 3)),
+    "crow-sw": lambda x, _: (x * _crow_spatial(x)).sum(axis=(2, 3)),
+    "crow-ssw": lambda x, _: _crow_channel(x) * x.sum(axis=(2, 3)),
+    "gem": _gem,
+    "rmac": lambda x, n: _rmac(x, int(n)),
 }
-_PARAMETRISED = re.compile(r"^(spoc|gem|rmac)(?:-([slp])(.+))?$")
-_LETTERS = {"spoc": "s", "gem": "p", "rmac": "l"}
 
 
 def numpy_pooling(name: str) -> Callable[[np.ndarray], np.ndarray] | None:
     """The numpy function of a canonical pooling name ((B, C, H, W) float32 -> (B, D) float32),
-    or None when only torch has it."""
-    if name in _FIXED:
-        return _FIXED[name]
-    m = _PARAMETRISED.match(name)
-    if not m or (m.group(2) is not None and m.group(2) != _LETTERS[m.group(1)]):
-        return None
-    family, raw = m.group(1), m.group(3)
+    or None when only torch has it (a user's own pooling) or the name is not canonical."""
     try:
-        value = float(raw) if raw is not None else None
+        spec, param = parse_pooling(name)
     except ValueError:
         return None
-    if family == "spoc":
-        s = SPOC_DEFAULT_S if value is None else value
-        return lambda x: (x * spoc_weights(x.shape[2], x.shape[3], s)).sum(axis=(2, 3))
-    if value is None:
-        return None  # gem and rmac always name their parameter
-    if family == "gem":
-        return lambda x: _gem(x, value)
-    return lambda x: _rmac(x, int(value))
+    if spec.name(param) != name:
+        return None
+    fn = NUMPY.get(spec.family) if SPECS.get(spec.family) in TABLE else None
+    if fn is None:
+        return None
+    return lambda x: fn(x, param)
 
 
 def pool_all_np(x: np.ndarray, names: Iterable[str]) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError, refuse
 from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizePolicy,
                                iter_decoded)
 from ..store import (FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED, STATE_FAILED,
@@ -141,8 +141,8 @@ def _check_options(options: IngestOptions, local_specs) -> None:
     if options.forward_threads < 0 or options.torch_threads < 0:
         raise UserError("forward threads and torch threads must be >= 0 (0: automatic)")
     if options.buckets and local_specs:
-        raise UsageError("--buckets cannot be combined with --keep-local (kept cells must be "
-                         "each image's own grid)")
+        raise refuse("{buckets} cannot be combined with {keep_local} (kept cells must be each "
+                     "image's own grid)", "buckets", "keep_local")
 
 
 def _threads(options: IngestOptions, device) -> tuple[int, int]:

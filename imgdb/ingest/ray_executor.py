@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError, refuse
 from ..store import (FAILURE_PERMANENT, STATE_COMPUTED, STATE_FAILED, STATUS_FAILED,
                      STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read)
 from ..store.merge import (ExtractorShape, Pick, RowCopier, difference, extractor_shapes)
@@ -63,7 +63,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise UserError("--engine ray needs Ray (Ray Data): pip install 'imgdb[ray]'") from None
+        raise UserError("ray needs Ray (Ray Data): pip install 'imgdb[ray]'", "engine") from None
     return ray
 
 
@@ -348,13 +348,14 @@ def _pool(ray, ropts: RayOptions) -> tuple[int, float, float]:
     cpus = float(ropts.cpus_per_worker)
     if gpus > 0:
         if gpus > gpus_total:
-            raise UserError(f"--gpus-per-worker {gpus:g} but the cluster has {gpus_total:g} GPU(s)")
+            raise UserError(f"{gpus:g} but the cluster has {gpus_total:g} GPU(s)",
+                            "gpus_per_worker")
         actors = int(gpus_total // gpus)
     else:
         reserve = max(1.0, cpus_total // 4)
         actors = max(1, int((cpus_total - reserve) // cpus))
     if cpus > cpus_total:
-        raise UserError(f"--cpus-per-worker {cpus:g} but the cluster has {cpus_total:g} CPU(s)")
+        raise UserError(f"{cpus:g} but the cluster has {cpus_total:g} CPU(s)", "cpus_per_worker")
     return actors, gpus, cpus
 
 
@@ -368,15 +369,17 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
 
     ropts = ropts or RayOptions()
     local_only = [flag for flag, used in (
-        ("--buckets", options.buckets), ("--decode gpu", options.decode != "cpu"),
-        ("--batch-pixels", options.batch_pixels), ("--forward-threads", options.forward_threads),
-        ("--torch-threads", options.torch_threads)) if used]
+        ("buckets", options.buckets), ("decode", options.decode != "cpu"),
+        ("batch_pixels", options.batch_pixels), ("forward_threads", options.forward_threads),
+        ("torch_threads", options.torch_threads)) if used]
     if local_only:
-        raise UsageError(f"--engine ray does not take {', '.join(local_only)}: they tune the "
-                         "local executor (Ray actors batch equal shapes, with --cpus-per-worker "
-                         "torch threads)")
+        raise InvalidRequest(f"ray does not take {', '.join('{' + f + '}' for f in local_only)}: "
+                             f"they tune the local executor (Ray actors batch equal shapes, with "
+                             f"{{cpus_per_worker}} torch threads)", "engine",
+                             mentions=(*local_only, "cpus_per_worker"))
     if ropts.cpus_per_worker <= 0 or (ropts.gpus_per_worker or 0) < 0:
-        raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        raise refuse("{cpus_per_worker} must be > 0 and {gpus_per_worker} >= 0",
+                     "cpus_per_worker", "gpus_per_worker")
     ray = _import_ray()
     started = time.perf_counter()
     db = Path(db)

@@ -33,7 +33,8 @@ def resolve_setup(options: IngestOptions) -> ExtractorSetup:
     from ..features.backbones import get_backbone, parse_layers, parse_weights
     from ..features.images import SizePolicy
     from ..features.localfeat import parse_local_spec
-    from ..features.pooling import DEFAULT_POOLINGS, canonical_pooling_name, get_pooling
+    from ..features.pooling import get_pooling
+    from ..features.poolings import DEFAULT_POOLINGS, canonical_pooling_name
 
     policy = SizePolicy.parse(options.size)
     backbone = get_backbone(options.backbone)

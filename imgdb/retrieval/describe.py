@@ -79,62 +79,85 @@ class QueryDescriber:
                                     self._net)
         return self._net
 
-    def describe(self, image, region: Region | None = None) -> dict[tuple[str, str], np.ndarray]:
-        """A decoded image -> {(layer, pooling): raw vector} as stored (`region`: fractional box
-        of feature-map cells to keep, Babenko sec.4's query-region protocol)."""
+    def light(self):
+        """The torch-free extractor for this store's queries, or None (looked for once)."""
         if self._light is False:
             from ..features.light import light_extractor
 
-            self._light = None if self._net is not None else \
+            self._light = None if self.encoding is not None else \
                 light_extractor(self.base, self.wanted, self.device)
-        if self._light is not None and self.encoding is None:
-            return self._light.describe(image.pixels, region)
-        net = self._network()
-        if self.encoding is not None:
-            key = self.encoding["key"]
-            local = net.describe_local(image.pixels, region)[key]
-            return {(key, self.encoding["method"]): self._encoder.encode([local.features])[0]}
-        out = net.describe(image.pixels, region)
-        if self.wanted:
-            out = {k: v for k, v in out.items() if k in self.wanted}
-        return out
+        return self._light
+
+    def prepare(self) -> None:
+        """Load what describing needs now (the ONNX session, or the torch network), not in
+        the first request."""
+        if self.light() is None:
+            self._network()
+
+    def describe(self, image, region: Region | None = None) -> dict[tuple[str, str], np.ndarray]:
+        """A decoded image -> {(layer, pooling): raw vector} as stored (`region`: fractional box
+        of feature-map cells to keep, Babenko sec.4's query-region protocol)."""
+        return self.describe_many([image], [region])[0]
 
     def network(self):
-        """The feature extractor (built on first use): for explanation maps, which need the
-        feature maps themselves."""
+        """The torch feature extractor (built on first use): for explanation maps, which need
+        the feature maps themselves."""
         return self._network()
 
-    def describe_many(self, images: Sequence, pairs: Sequence[tuple[str, str]] | None = None
+    def describe_many(self, images: Sequence, regions: Sequence[Region | None] | None = None
                       ) -> list[dict[tuple[str, str], np.ndarray]]:
-        """Several decoded images -> one {(layer, pooling): raw vector} each, as `describe` gives
-        it; images of equal size share one forward per scale, as ingest batches them. `pairs`
-        (default: all this describer computes) selects the poolings to compute."""
-        if self.encoding is not None or not images:
-            return [self.describe(image) for image in images]
+        """Decoded images -> one {(layer, pooling): raw vector} each, exactly as ingest stored
+        them. The one way every query image is described: without torch when the network was
+        exported (`features.light`); else images of equal (bucket-padded) size share one
+        forward per scale, each pooling only its own cells, as ingest batches them."""
+        regions = list(regions) if regions is not None else [None] * len(images)
+        if not images:
+            return []
+        if self.encoding is not None:
+            net = self._network()
+            key = self.encoding["key"]
+            locals_ = [net.describe_local(im.pixels, r)[key] for im, r in zip(images, regions)]
+            vecs = self._encoder.encode([loc.features for loc in locals_])
+            return [{(key, self.encoding["method"]): v} for v in vecs]
+        light = self.light()
+        if light is not None:
+            return [light.describe(im.pixels, r) for im, r in zip(images, regions)]
+        return self._describe_torch(images, regions)
+
+    def _describe_torch(self, images: Sequence, regions: list) -> list[dict]:
         import torch
 
-        from ..features import pooling as pooling_mod
         from ..numeric import merge_scales
 
         net = self._network()
-        pairs = tuple(pairs) if pairs else tuple((l, p) for l in net.layers for p in net.poolings)
-        by_layer: dict[str, list[str]] = {}
-        for layer, pooling in pairs:
-            by_layer.setdefault(layer, []).append(pooling)
         per_image: list[list[dict]] = [[] for _ in images]
         for s in range(len(images[0].pixels)):
-            groups: dict[tuple[int, ...], list[int]] = {}
+            groups: dict[tuple[int, int], list[int]] = {}
             for i, image in enumerate(images):
-                groups.setdefault(image.pixels[s].shape, []).append(i)
-            for members in groups.values():
-                batch = torch.from_numpy(np.stack([images[i].pixels[s] for i in members]))
-                maps = net.feature_maps(batch)
-                pooled = {(layer, name): vec.cpu().numpy()
-                          for layer, names in by_layer.items()
-                          for name, vec in pooling_mod.pool_all(maps[layer].float(), names).items()}
+                if regions[i] is not None:  # Babenko's region protocol: its own forward
+                    pixels = torch.from_numpy(np.ascontiguousarray(image.pixels[s]))[None]
+                    pooled = net.pool_region(pixels, regions[i])
+                    per_image[i].append({k: v[0] for k, v in pooled.items()})
+                else:
+                    h, w = image.pixels[s].shape[:2]
+                    groups.setdefault(net.pad_to(h, w), []).append(i)
+            for (hb, wb), members in groups.items():
+                sizes = [images[i].pixels[s].shape[:2] for i in members]
+                batch = np.zeros((len(members), hb, wb, 3), np.uint8)
+                for j, i in enumerate(members):
+                    h, w = sizes[j]
+                    batch[j, :h, :w] = images[i].pixels[s]
+                padded = any((h, w) != (hb, wb) for h, w in sizes)
+                pooled = net.pool_batch(torch.from_numpy(batch),
+                                        [tuple(x) for x in sizes] if padded else None).result()
                 for j, i in enumerate(members):
                     per_image[i].append({k: v[j] for k, v in pooled.items()})
-        return [{k: merge_scales([o[k] for o in outs]) for k in pairs} for outs in per_image]
+        wanted = self.wanted
+        out = []
+        for outs in per_image:
+            keys = [k for k in outs[0] if not wanted or k in wanted]
+            out.append({k: merge_scales([o[k] for o in outs]) for k in keys})
+        return out
 
     def vector(self, path: str | Path, layer: str, pooling: str, crop: Region | None = None
                ) -> np.ndarray:

@@ -89,11 +89,16 @@ class Explainer:
         net = self.describer.network()
         return net.feature_maps(torch.from_numpy(np.ascontiguousarray(pixels))[None])[self.layer]
 
+    def _raw(self, described: dict) -> np.ndarray:
+        """This descriptor's raw vector in what the describer gave for an image."""
+        if self.describer.encoding is not None:  # an encoding gives its one vector
+            return np.asarray(next(iter(described.values())), np.float32)
+        return np.asarray(described[(self.layer, self.pooling)], np.float32)
+
     def vector(self, image) -> np.ndarray:
-        """The post-processed (unit) descriptor of a decoded image."""
-        raw = self.describer.describe_many([image], [(self.layer, self.pooling)])[0] \
-            if self.describer.encoding is None else self.describer.describe(image)
-        return self.transform.transform(np.asarray(list(raw.values())[0], np.float32)[None])[0]
+        """The post-processed (unit) descriptor of a decoded image (the query path's
+        describer)."""
+        return self.transform.transform(self._raw(self.describer.describe(image))[None])[0]
 
     # -- CroW ------------------------------------------------------------------------------------
     def crow_map(self, image) -> ExplanationMap:
@@ -125,7 +130,6 @@ class Explainer:
         base = float(self.vector(image) @ target)
         boxes = [(y, x) for y in ys for x in xs]
         sims = np.zeros(len(boxes), np.float32)
-        pairs = [(self.layer, self.pooling)]
         for start in range(0, len(boxes), max(1, int(batch))):
             chunk = boxes[start:start + batch]
             copies = []
@@ -140,11 +144,8 @@ class Explainer:
                     copy[y0:y1, x0:x1] = fill
                     occluded.append(copy)
                 copies.append(SimpleNamespace(pixels=occluded))
-            if self.describer.encoding is None:
-                raws = self.describer.describe_many(copies, pairs)
-            else:
-                raws = [self.describer.describe(c) for c in copies]
-            vecs = self.transform.transform(np.stack([list(r.values())[0] for r in raws]))
+            raws = self.describer.describe_many(copies)
+            vecs = self.transform.transform(np.stack([self._raw(r) for r in raws]))
             sims[start:start + len(chunk)] = vecs @ target
         drops = base - sims
         total = np.zeros((h, w), np.float64)
@@ -370,38 +371,42 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
     from ..digest import file_digest
     from ..features.images import load_query_image
     from ..store import open_read
-    from .search import plan_query
+    from .request import QueryRequest
+    from .service import QueryInput, QueryService
 
     db, image, out = Path(db), Path(os.path.abspath(image)), Path(out)
     if not image.is_file():
         raise UserError(f"query image {image} does not exist")
+    service = QueryService(db, device)
+    request = QueryRequest(index=index, descriptor=descriptor, model=pca, exact=True, k=2)
+    plan = service.plan(request)
     with open_read(db) as view:
-        plan = plan_query(view, db, index, descriptor, pca, exact=True)
-        ex = Explainer.for_descriptor(view, plan.descriptor, plan.model, device)
         info = view.descriptor(plan.descriptor)
-        rows, raw = view.valid_vectors(info)
-        if not len(rows):
-            raise UserError(f"descriptor {info.name} has no stored vectors; run imgdb ingest")
-        shas = view.column("sha", rows)
+        ex = Explainer.for_descriptor(view, plan.descriptor, plan.model, device,
+                                      service.describer(view, info.extractor))
+        valid = view.valid(info.extractor)
+        shas = view.column("sha")
         paths = view.paths()
         settings = ex.describer.base
+    if not valid.any():
+        raise UserError(f"descriptor {info.name} has no stored vectors; run imgdb ingest")
     query_image = ex.describer.load(image)
     q = ex.vector(query_image)
-    stored = ex.transform.transform(raw)
-    position = {int(r): i for i, r in enumerate(rows)}
-    if result is None:
+    if result is None:  # the best match other than the image itself (or a copy of it)
         own = file_digest(image).encode()
-        order = np.argsort(-(stored @ q), kind="stable")
-        others = [int(rows[i]) for i in order if shas[i] != own]
+        copies = int(((shas == own) & valid).sum())
+        hits = service.rank(plan, request.with_(k=min(int(valid.sum()), copies + 1)), q[None])[0]
+        others = [r for r, _ in hits if shas[r] != own]
         if not others:
             raise UserError("the store holds no other image to explain a match with; give "
-                            "--result ID")
+                            "{result}", mentions=("result",))
         result = others[0]
-    elif int(result) not in position:
+    elif not 0 <= int(result) < len(valid) or not valid[int(result)]:
         raise UserError(f"image id {result} is not an ingested image of this store with "
                         f"{info.name} (ids 0..{len(paths) - 1}; see imgdb info)")
     result = int(result)
-    r = stored[position[result]]
+    r = service.post_process(plan, request, service.raw_vectors(
+        plan, [QueryInput(str(result), row=result)])[0])[0]
     result_image = load_query_image(paths[result], settings)
     maps: list[tuple[str, ExplanationMap, np.ndarray]] = [
         ("query", ex.crow_map(query_image), query_image.pixels[0]),

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .search import QueryResult
+from .service import QueryResult
 
 THUMB = 240
 

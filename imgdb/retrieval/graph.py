@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError
 from ..store import ModelInfo, StoreView, StoreWriter, open_read
 from .pca import model_version, post_processor
 from .source import VectorSource, resolve
@@ -85,7 +85,8 @@ def knn_annoy(ann, n: int, k: int, search_k: int = -1, threads: int = 1,
         pairs = [(j, d) for j, d in zip(items, dist) if j != i][:k]
         if len(pairs) < k:  # Annoy found fewer candidates than asked (tiny or odd indexes)
             raise UserError(f"the Annoy index returned {len(pairs)} neighbours of item {i}, "
-                            f"{k} were asked; build the graph exactly with --method exact")
+                            f"{k} were asked; build the graph with {{method}} exact",
+                            mentions=("method",))
         js = np.fromiter((j for j, _ in pairs), np.int64, k)
         ds = np.fromiter((d for _, d in pairs), np.float64, k)
         s = 1.0 - ds * ds / 2.0
@@ -223,9 +224,9 @@ def exact_graph(vectors: np.ndarray, k: int, gamma: float = DEFAULT_GAMMA,
 
 def check_params(k: int, gamma: float) -> None:
     if not 1 <= k <= MAX_K:
-        raise UsageError(f"--k {k} is out of range: give 1 to {MAX_K} neighbours")
+        raise InvalidRequest(f"{k} is out of range: give 1 to {MAX_K} neighbours", "k")
     if not (np.isfinite(gamma) and gamma > 0):
-        raise UsageError(f"--gamma {gamma} must be a positive number")
+        raise InvalidRequest(f"{gamma} must be a positive number", "gamma")
 
 
 def rebuild_command(db: Path, model: ModelInfo) -> str:
@@ -304,7 +305,7 @@ def fit_graph(db: Path, descriptor: str, pca: str | None = None, k: int = DEFAUL
 
     check_params(k, gamma)
     if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+        raise InvalidRequest(f"must be one of {', '.join(METHODS)}", "method")
     db = Path(db)
     started = time.perf_counter()
     with open_read(db) as view:
@@ -317,7 +318,8 @@ def fit_graph(db: Path, descriptor: str, pca: str | None = None, k: int = DEFAUL
         if method == "annoy" and index is None:
             raise UserError(f"no current Annoy index of {source.name} with model {pca_id}; build "
                             f"one with: imgdb index build --db {db} --descriptor {source.name} "
-                            f"--pca {model_version(model)}, or use --method exact")
+                            f"--pca {model_version(model)}, or build the graph {{method}} exact",
+                            mentions=("method",))
         extra: dict = {}
         if index is not None:
             from annoy import AnnoyIndex

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ..digest import file_digest
-from ..errors import DiskFull, StoreDamaged, UsageError, UserError
+from ..errors import DiskFull, InvalidRequest, StoreDamaged, UserError
+from ..numeric import rank_order
 from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
 from ..store.indexfiles import IndexFile, index_files, stamp_path, verify_file
 from .pca import model_version, post_processor
@@ -57,7 +58,7 @@ class IndexStatus:
 def check_index_name(name: str) -> str:
     """Index names become file names: letters, digits and . _ + - only."""
     if not _NAME.match(name) or ".." in name:
-        raise UsageError(f"index name {name!r} is not allowed: use letters, digits, '.', '_', "
+        raise InvalidRequest(f"index name {name!r} is not allowed: use letters, digits, '.', '_', "
                          f"'+' and '-' (no '/', no leading '.')")
     return name
 
@@ -148,7 +149,7 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
     if name is not None:
         check_index_name(name)
     if shards < 1:
-        raise UsageError("--shards must be at least 1")
+        raise InvalidRequest("must be at least 1", "shards")
     if shards > 1:
         return _build_sharded(db, descriptor, model, name, trees, seed, shards, jobs)
     with StoreWriter(db, create=False) as writer:
@@ -370,7 +371,9 @@ class AnnoySearcher:
                                                     include_distances=True)
                 found.extend((int(rows[i]), 1.0 - d * d / 2.0) for i, d in zip(items, dist))
             if len(self.shards) > 1:  # merge the shards' top-k: by similarity, ties by id
-                found.sort(key=lambda hit: (-hit[1], hit[0]))
+                ids = np.array([r for r, _ in found], np.int64)
+                sims = np.array([s for _, s in found], np.float64)
+                found = [found[i] for i in rank_order(sims, ids=ids, top=k)]
             out.append(found[:k])
         return out
 
@@ -386,15 +389,13 @@ def topk_exact(queries: np.ndarray, view: StoreView, source: VectorSource | Desc
     for rows, raw in stream:
         sims = np.concatenate([best_sims, queries @ transform.transform(raw).T], axis=1)
         cand = np.concatenate([best_rows, np.broadcast_to(rows, (nq, len(rows)))], axis=1)
-        keep = min(k, sims.shape[1])
-        part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep] if keep < sims.shape[1] \
-            else np.broadcast_to(np.arange(sims.shape[1]), (nq, sims.shape[1]))
-        best_sims = np.take_along_axis(sims, part, axis=1)
-        best_rows = np.take_along_axis(cand, part, axis=1)
+        keep = [rank_order(sims[q], ids=cand[q], top=k) for q in range(nq)]
+        best_sims = np.stack([sims[q, i] for q, i in enumerate(keep)])
+        best_rows = np.stack([cand[q, i] for q, i in enumerate(keep)])
     out = []
     for q in range(nq):
-        order = np.lexsort((best_rows[q], -best_sims[q]))  # by similarity, ties by id
-        out.append([(int(best_rows[q, i]), float(best_sims[q, i])) for i in order])
+        # kept in rank order: by similarity, ties by id
+        out.append([(int(r), float(s)) for r, s in zip(best_rows[q], best_sims[q])])
     return out
 
 

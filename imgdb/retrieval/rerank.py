@@ -1,11 +1,13 @@
 """Rankings beyond one dot product: query expansion, diffusion, k-reciprocal re-ranking.
 
-A ranker takes post-processed query vectors and a `Collection` (the database's post-processed
-vectors and, when it needs one, their kNN graph) and returns one `Ranking` per query: database
-positions best first with the ranker's scores. `query`, `eval` and `serve` call the same rankers
-on the same inputs, so a query answered by `imgdb query` is ranked exactly as `eval` ranks it.
-Every query is ranked on its own (no batch effects): the answer never depends on which other
-queries were asked with it.
+A ranker is one *stage* of the query path: it takes a post-processed query vector, the ranking
+so far (`prior`: cosine order for the first stage) and a search space (a `Collection` of the
+database's post-processed vectors and, when it needs one, their kNN graph; or an index) and
+returns a `Ranking`: database positions best first with the stage's scores. `rank_chain` runs a
+chain of stages (`verify,diffusion`: diffusion seeded by what the stage before ranked first).
+`query`, `eval` and `serve` call the same chain on the same inputs (`retrieval.service`), so a
+query answered by `imgdb query` is ranked exactly as `eval` ranks it. Every query is ranked on
+its own (no batch effects): the answer never depends on which other queries were asked with it.
 
 - `L2`: cosine similarity (the dot product of unit vectors), ties by lower position.
 - `QueryExpansion`: average QE (Chum et al. 2007; Kalantidis et al. sec.5.1: the query plus its
@@ -27,15 +29,13 @@ queries were asked with it.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import UsageError, UserError
-from ..numeric import l2_normalize
+from ..errors import UserError
+from ..numeric import l2_normalize, rank_order
 from .graph import DEFAULT_GAMMA, KnnGraph, exact_graph
 
 # defaults (chosen by measurement on two collections: see README "Re-ranking")
@@ -64,10 +64,13 @@ class Collection:
     vectors: np.ndarray
     graph: KnnGraph | None = None
     gamma: float = DEFAULT_GAMMA  # of a graph computed here (a stored graph has its own)
+    rows: np.ndarray | None = None  # the store row of each item (default: its position)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        if self.rows is None:
+            self.rows = np.arange(len(self.vectors), dtype=np.int64)
         if self.graph is not None and self.graph.n != len(self.vectors):
             raise ValueError(f"the graph has {self.graph.n} items, the collection "
                              f"{len(self.vectors)}")
@@ -80,13 +83,24 @@ class Collection:
         """Cosine similarity of one query to every item (one matrix-vector product)."""
         return self.vectors @ np.asarray(q, np.float32)
 
+    def search(self, q: np.ndarray, top: int | None) -> Ranking:
+        """Cosine ranking of the items for one query (ties by the lower position)."""
+        s = self.similarities(q)
+        order = _order(s, top=top)
+        return Ranking(order, s[order])
+
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """Post-processed vectors of some items."""
+        return self.vectors[np.asarray(positions, np.int64)]
+
     def knn(self, k: int) -> KnnGraph:
         """A graph with at least k neighbours per item: the given one, or (without one) the
         exact graph, computed once."""
         if self.graph is not None:
             if self.graph.k < k:
                 raise UserError(f"{self.graph.label} holds {self.graph.k} neighbours per image; "
-                                f"this re-ranking needs {k} (fit a graph with --k {k})")
+                                f"this re-ranking needs {k} (fit a graph with imgdb fit graph "
+                                f"--k {k})")
             return self.graph
         if k >= self.n:
             raise UserError(f"a {k}-NN graph needs more than {k} images (the collection has "
@@ -108,27 +122,13 @@ class Collection:
 
 def _order(primary: np.ndarray, *tiebreak: np.ndarray, top: int | None = None) -> np.ndarray:
     """Positions by descending `primary`, ties by descending tiebreak keys, then by the lower
-    position; only the first `top` when given (without sorting the rest)."""
-    return _rank_subset(np.arange(len(primary)), (primary, *tiebreak), top)
-
-
-def _rank_subset(idx: np.ndarray, keys: tuple, top: int | None) -> np.ndarray:
-    if top is None or top >= len(idx):
-        return idx[np.lexsort([idx] + [-k[idx] for k in reversed(keys)])]
-    if top <= 0:
-        return idx[:0]
-    if not keys:
-        return np.sort(idx)[:top]
-    p = keys[0][idx]
-    edge = p[np.argpartition(-p, top - 1)[:top]].min()
-    above = idx[p > edge]  # fewer than `top`: all kept, sorted in full
-    tied = idx[p == edge]  # compete for the remaining places by the next key
-    return np.concatenate([_rank_subset(above, keys, None),
-                           _rank_subset(tied, keys[1:], top - len(above))])
+    position; only the first `top` when given (`numeric.rank_order`)."""
+    return rank_order(primary, *tiebreak, top=top)
 
 
 class Ranker:
-    """A way to rank the collection for a query."""
+    """A stage of the query path: re-orders the collection for a query, given the ranking so
+    far."""
 
     #: the option text that names this ranker (`diffusion:k=10,alpha=0.99`)
     spec: str = "L2"
@@ -136,35 +136,61 @@ class Ranker:
     graph_k: int = 0
     #: neighbours per database item a given (stored) graph must hold
     min_graph_k: int = 0
+    #: whether it needs every item's similarity (a `Collection`), not just an index's top-k
+    needs_collection: bool = True
 
     @property
     def label(self) -> str:
         return self.spec
+
+    @property
+    def needs(self) -> int:
+        """How many of the prior ranking's first items this stage reads."""
+        return 0
 
     def bind(self, coll: "Collection") -> "Ranker":
         """This ranker with every parameter that depends on the collection made concrete (a
         stored graph's k and gamma are the defaults of diffusion on it)."""
         return self
 
-    def rank_one(self, q: np.ndarray, coll: Collection, top: int | None) -> Ranking:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+        """The ranking of one query after this stage (`prior`: the ranking before it, at least
+        `needs` long)."""
         raise NotImplementedError
 
     def rank(self, queries: np.ndarray, coll: Collection, top: int | None = None
              ) -> list[Ranking]:
-        """Rank the collection for each query (the whole collection when `top` is None)."""
-        queries = np.asarray(queries, np.float32)
-        return [self.rank_one(q, coll, top) for q in queries]
+        """Rank the collection for each query (the whole collection when `top` is None), this
+        stage alone after the cosine ranking."""
+        return rank_chain((self,), queries, coll, top)
 
 
 class L2(Ranker):
     """Cosine similarity of unit vectors (the papers' ranking)."""
 
     spec = "L2"
+    needs_collection = False
 
-    def rank_one(self, q: np.ndarray, coll: Collection, top: int | None) -> Ranking:
-        s = coll.similarities(q)
-        order = _order(s, top=top)
-        return Ranking(order, s[order])
+    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+        return coll.search(q, top)
+
+
+def rank_chain(stages, queries: np.ndarray, space, top: int | None = None) -> list[Ranking]:
+    """Each query ranked by cosine similarity, then by each stage in turn (each one given what
+    the one before ranked). `stages` must already be bound to `space` when they need a graph
+    (`Ranker.bind`); an empty chain is the cosine ranking."""
+    stages = [st for st in stages if not isinstance(st, L2)]
+    out = []
+    for q in np.asarray(queries, np.float32):
+        # each stage reads the first `needs` items of the one before; the last gives `top`
+        tops = [None if top is None else max(top, st.needs) for st in stages] + [top]
+        if stages and top is None:
+            tops[0] = stages[0].needs
+        ranking = space.search(q, tops[0])
+        for st, want in zip(stages, tops[1:]):
+            ranking = st.rerank(q, ranking, space, want)
+        out.append(ranking)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +234,8 @@ def average_query_expansion(queries: np.ndarray, neighbours: Sequence[np.ndarray
 class QueryExpansion(Ranker):
     """Average QE (alpha 0) or alpha-QE over the top M, then cosine ranking again."""
 
+    needs_collection = False  # searches again: an index will do
+
     def __init__(self, m: int, alpha: float = 0.0) -> None:
         self.m, self.alpha = int(m), float(alpha)
         self.spec = f"{self.m}" if self.alpha == 0 else f"alpha:{self.alpha:g},{self.m}"
@@ -216,13 +244,15 @@ class QueryExpansion(Ranker):
     def label(self) -> str:
         return f"QE M={self.m}" if self.alpha == 0 else f"alpha-QE alpha={self.alpha:g} M={self.m}"
 
-    def rank_one(self, q: np.ndarray, coll: Collection, top: int | None) -> Ranking:
-        s = coll.similarities(q)
-        first = _order(s, top=self.m)
-        q2 = expand(q[None], [coll.vectors[first]], [s[first]], self.alpha)[0]
-        s2 = coll.similarities(q2)
-        order = _order(s2, top=top)
-        return Ranking(order, s2[order])
+    @property
+    def needs(self) -> int:
+        return self.m
+
+    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+        first = prior.order[:self.m]
+        sims = prior.scores[:self.m]
+        q2 = expand(q[None], [coll.vectors_at(first)], [sims], self.alpha)[0]
+        return coll.search(q2, top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,28 +334,28 @@ class Diffusion(Ranker):
         gamma = graph.gamma if self.gamma is None else self.gamma
         return k, gamma, graph.normalized(k, gamma), graph.components(k, gamma)
 
-    def rank_one(self, q: np.ndarray, coll: Collection, top: int | None) -> Ranking:
-        return self.rank(q[None], coll, top)[0]
+    @property
+    def needs(self) -> int:
+        return self.k or DIFFUSION_K
 
-    def rank(self, queries: np.ndarray, coll: Collection, top: int | None = None
-             ) -> list[Ranking]:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None
+               ) -> Ranking:
         op = self.operator(coll)
-        out = []
-        for q in np.asarray(queries, np.float32):
-            s = coll.similarities(q)
-            f = self.solve(s, *op)
-            order = _order(f, s, top=top)
-            out.append(Ranking(order, f[order]))
-        return out
+        s = coll.similarities(q)
+        f = self.solve(s, *op, seeds=prior.order[:op[0]])
+        order = _order(f, s, top=top)
+        return Ranking(order, f[order])
 
-    def solve(self, s: np.ndarray, k: int, gamma: float, s_mat, components=None) -> np.ndarray:
+    def solve(self, s: np.ndarray, k: int, gamma: float, s_mat, components=None,
+              seeds: np.ndarray | None = None) -> np.ndarray:
         """The diffusion scores f of one query whose similarities to the items are `s`.
 
-        The seeds are the query's k most similar items, y = s^gamma on them. CG runs on the
-        items of the seeds' connected components only: elsewhere y, and so every iterate, is
-        zero (the same iterates as on the whole graph, a fraction of the work)."""
+        The seeds are the first k items of the ranking before (default: the k most similar),
+        y = s^gamma on them. CG runs on the items of the seeds' connected components only:
+        elsewhere y, and so every iterate, is zero (the same iterates as on the whole graph, a
+        fraction of the work)."""
         n = len(s)
-        seeds = _order(s, top=k)
+        seeds = _order(s, top=k) if seeds is None else np.asarray(seeds[:k], np.int64)
         y_seeds = np.maximum(s[seeds].astype(np.float64), 0.0) ** gamma
         nodes = None
         if components is not None:
@@ -454,14 +484,16 @@ def kreciprocal_database(nbr: np.ndarray, sim: np.ndarray, k1: int, k2: int,
     return _KRData(nbr, sim, rh, v, v_qe_t)
 
 
-def kreciprocal_query(s: np.ndarray, data: _KRData, k1: int, k2: int, lam: float
-                      ) -> np.ndarray:
+def kreciprocal_query(s: np.ndarray, data: _KRData, k1: int, k2: int, lam: float,
+                      near: np.ndarray | None = None) -> np.ndarray:
     """Final distance (eq.12) of one query to every database item, given its similarities `s`
-    to them. The query is pool item `n` (after the database's 0..n-1)."""
+    to them. The query is pool item `n` (after the database's 0..n-1). `near`: the query's
+    nearest items, best first (default: by `s`)."""
     n = len(s)
     kh = _half(k1)
     d = 1.0 - s.astype(np.float64)
-    near = _order(s, top=max(k1, k2 - 1, 1))
+    need = max(k1, k2 - 1, 1)
+    near = _order(s, top=need) if near is None else np.asarray(near[:need], np.int64)
 
     def reciprocal(k: int) -> list[int]:
         # g in the query's k nearest whose own k nearest others would admit the query: the
@@ -535,102 +567,19 @@ class KReciprocal(Ranker):
                                               self.k2, coll.pair_similarities)
         return cache[key]
 
-    def rank_one(self, q: np.ndarray, coll: Collection, top: int | None) -> Ranking:
+    @property
+    def needs(self) -> int:
+        return max(self.k1, self.k2 - 1, 1)
+
+    def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None
+               ) -> Ranking:
         data = self.database(coll)
         s = coll.similarities(q)
-        final = kreciprocal_query(s, data, self.k1, self.k2, self.lam)
+        final = kreciprocal_query(s, data, self.k1, self.k2, self.lam, prior.order)
         order = _order(-final, s, top=top)
         return Ranking(order, 1.0 - final[order])
 
 
-# ---------------------------------------------------------------------------------------------
-# option parsing (plain functions of one string: the CLI, tests and the server share them)
-
-_SPEC = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?::\s*(.*))?$", re.IGNORECASE)
-
-
-def _params(text: str, allowed: dict[str, Callable[[str, str], object]], what: str) -> dict:
-    out: dict = {}
-    for item in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower()
-        if not eq or not value.strip():
-            raise UsageError(f"{what}: {item!r} must be KEY=VALUE (keys: {', '.join(allowed)})")
-        if key not in allowed:
-            raise UsageError(f"{what}: unknown parameter {key!r} (keys: {', '.join(allowed)})")
-        if key in out:
-            raise UsageError(f"{what}: {key} is given twice")
-        out[key] = allowed[key](key, value.strip())
-    return out
-
-
-def _int(low: int, high: int) -> Callable[[str, str], int]:
-    def parse(key: str, text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise UsageError(f"{key}={text!r} must be an integer") from None
-        if not low <= value <= high:
-            raise UsageError(f"{key}={value} must be between {low} and {high}")
-        return value
-    return parse
-
-
-def _float(low: float, high: float, low_open: bool = False, high_open: bool = False
-           ) -> Callable[[str, str], float]:
-    def parse(key: str, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UsageError(f"{key}={text!r} must be a number") from None
-        bad = (not math.isfinite(value) or value < low or value > high
-               or (low_open and value == low) or (high_open and value == high))
-        if bad:
-            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-            raise UsageError(f"{key}={text} must be in {lo}{low:g}, {high:g}{hi}")
-        return value
-    return parse
-
-
-RERANKERS = ("diffusion", "kreciprocal")
-
-
-def parse_rerank(text: str) -> Ranker:
-    """`diffusion[:k=K,alpha=A,gamma=G,iter=N]` or `kreciprocal[:k1=K1,k2=K2,lambda=L]`."""
-    m = _SPEC.match(str(text))
-    if not m or m.group(1).lower() not in RERANKERS:
-        raise UsageError(f"--rerank {text!r}: give diffusion[:k=..,alpha=..] or "
-                         f"kreciprocal[:k1=..,k2=..,lambda=..]")
-    kind, rest = m.group(1).lower(), m.group(2) or ""
-    if kind == "diffusion":
-        p = _params(rest, {"k": _int(1, 1000), "alpha": _float(0, 1, True, True),
-                           "gamma": _float(0, 100, True), "iter": _int(1, 1000)},
-                    "--rerank diffusion")
-        return Diffusion(p.get("k"), p.get("alpha", DIFFUSION_ALPHA), p.get("gamma"),
-                         p.get("iter", DIFFUSION_ITERATIONS))
-    p = _params(rest, {"k1": _int(1, 1000), "k2": _int(1, 1000), "lambda": _float(0, 1)},
-                "--rerank kreciprocal")
-    return KReciprocal(p.get("k1", KRECIPROCAL_K1), p.get("k2", KRECIPROCAL_K2),
-                       p.get("lambda", KRECIPROCAL_LAMBDA))
-
-
-def parse_qe(text: str | int) -> QueryExpansion | None:
-    """`M` (average QE with the top M; 0: none) or `alpha:A[,M]` (alpha-QE)."""
-    raw = str(text).strip()
-    if re.fullmatch(r"\d+", raw):
-        m = int(raw)
-        if m > 10000:
-            raise UsageError(f"--qe {m}: at most 10000 neighbours")
-        return QueryExpansion(m) if m > 0 else None
-    match = re.fullmatch(r"alpha\s*:\s*([^,]+?)\s*(?:,\s*(\S+))?", raw, re.IGNORECASE)
-    if not match:
-        raise UsageError(f"--qe {raw!r}: give M (average QE with the top M) or alpha:A[,M] "
-                         f"(alpha-QE)")
-    alpha = _float(0, 100)("alpha", match.group(1))
-    m = _int(1, 10000)("M", match.group(2)) if match.group(2) else ALPHA_QE_M
-    return QueryExpansion(m, alpha)
-
-
 __all__ = ["Ranking", "Collection", "Ranker", "L2", "QueryExpansion", "Diffusion",
-           "KReciprocal", "expand", "qe_weights", "average_query_expansion", "conjugate_gradient", "kreciprocal_database",
-           "kreciprocal_query", "parse_rerank", "parse_qe"]
+           "KReciprocal", "rank_chain", "expand", "qe_weights", "average_query_expansion",
+           "conjugate_gradient", "kreciprocal_database", "kreciprocal_query"]

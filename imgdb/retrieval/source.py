@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import StoreError, UsageError, UserError
+from ..errors import StoreError, InvalidRequest, UserError
 from ..numeric import l2_normalize
 from ..store import DescriptorInfo, StoreView
 
@@ -167,7 +167,7 @@ def _parse_part(view: StoreView, text: str) -> Part:
         weight = float(m.group(1))
         text = m.group(2)
         if not math.isfinite(weight) or weight <= 0:
-            raise UsageError(f"the weight of {text!r} in a fusion must be a positive number")
+            raise InvalidRequest(f"the weight of {text!r} in a fusion must be a positive number")
     return Part(view.descriptor(text.strip()), weight)
 
 
@@ -176,7 +176,7 @@ def resolve(view: StoreView, name: str) -> VectorSource:
     -> its source. Unknown or ambiguous names are one-line errors."""
     name = str(name).strip()
     if not name:
-        raise UsageError("the descriptor name is empty")
+        raise InvalidRequest("the descriptor name is empty")
     try:
         if not _WEIGHT.match(name):
             return single(view.descriptor(name))
@@ -188,7 +188,7 @@ def resolve(view: StoreView, name: str) -> VectorSource:
         first_error = StoreError(f"the store has no descriptor {name!r}")
     tokens = name.split("+")
     if len(tokens) > 3 * MAX_PARTS:
-        raise UsageError(f"a fusion takes at most {MAX_PARTS} descriptors")
+        raise InvalidRequest(f"a fusion takes at most {MAX_PARTS} descriptors")
     found: list[tuple[Part, ...]] = []
     errors: list[str] = []
     # every way of joining the '+'-separated tokens back into pieces (encoding names hold '+')
@@ -196,7 +196,7 @@ def resolve(view: StoreView, name: str) -> VectorSource:
         pieces = ["+".join(tokens[a:b]) for a, b in cuts]
         try:
             parts = tuple(_parse_part(view, p) for p in pieces)
-        except UsageError:
+        except InvalidRequest:
             raise
         except UserError as exc:
             errors.append(str(exc))
@@ -210,18 +210,18 @@ def resolve(view: StoreView, name: str) -> VectorSource:
         raise StoreError(f"{name!r} is neither a stored descriptor nor a fusion of stored ones "
                          f"({detail})")
     if len(distinct) > 1:
-        raise UsageError(f"fusion {name!r} can be read in several ways: "
+        raise InvalidRequest(f"fusion {name!r} can be read in several ways: "
                          + "; ".join(" + ".join(p.label for p in parts)
                                      for parts in distinct.values()) + "; use full names")
     parts = next(iter(distinct.values()))
     if len(parts) > MAX_PARTS:
-        raise UsageError(f"a fusion takes at most {MAX_PARTS} descriptors")
+        raise InvalidRequest(f"a fusion takes at most {MAX_PARTS} descriptors")
     names = [p.info.name for p in parts]
     for a, b in combinations(names, 2):
         if a == b:
-            raise UsageError(f"descriptor {a} appears twice in fusion {name!r}")
+            raise InvalidRequest(f"descriptor {a} appears twice in fusion {name!r}")
     if len(parts) == 1 and parts[0].weight != 1.0:
-        raise UsageError(f"a weight applies to a part of a fusion; {name!r} has one part")
+        raise InvalidRequest(f"a weight applies to a part of a fusion; {name!r} has one part")
     return VectorSource(parts)
 
 

@@ -1,7 +1,8 @@
 """The HTTP face of `imgdb serve` (FastAPI on uvicorn): one page, a JSON API, store images by id.
 
 Routes: `GET /` (the page), `GET /static/{app.js,style.css}`, `GET /info`, `POST /query`
-(multipart or urlencoded form: `image` file or `id`; `k`, `bbox`, `qe`, `index`), `GET
+(multipart or urlencoded form: `image` file or `id`; `k`, `bbox`, `qe`, `rerank`, `graph`,
+`index`), `GET
 /images/{id}?size=thumb|full`, `GET /queries/{token}/image`, `GET /explain`. Errors are JSON
 `{"error": "one line"}` with a 4xx status. Safe by default: binds the loopback address, checks
 the Host header against it (no DNS rebinding), serves only images that are rows of the store
@@ -27,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..errors import StoreDamaged, StoreError, UserError
+from ..errors import InvalidRequest, StoreDamaged, StoreError, UserError
 from .engine import MAX_K, MAX_QE, Engine, RequestError, array_jpeg, explain
 
 STATIC = Path(__file__).with_name("static")
@@ -106,6 +107,23 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+#: how the API spells a request field (the form field names)
+FORM_FIELDS = {"ids": "id", "images": "image", "model": "index"}
+
+
+def form_field(field: str) -> str:
+    """The form field of a request field the library names."""
+    return FORM_FIELDS.get(field, field)
+
+
+def _field(form, name: str) -> str | None:
+    """A text field of the form ('' counts as absent); a file there is refused."""
+    value = form.get(name)
+    if isinstance(value, UploadFile):
+        raise RequestError(f"{name} must be text, not a file", 400)
+    return None if value is None or value == "" else str(value)
+
+
 def _int(text, name: str, default: int, lo: int, hi: int) -> int:
     if text is None or text == "":
         return default
@@ -122,27 +140,26 @@ def _int(text, name: str, default: int, lo: int, hi: int) -> int:
 
 
 def _row(text) -> int:
-    text = str(text)
-    if not (text.isascii() and text.isdigit()) or len(text) > 12:
-        raise RequestError(f"an image id is a whole number >= 0, not {text[:40]!r}", 400)
-    return int(text)
+    from ..retrieval.request import parse_row
+
+    return parse_row(text)
 
 
-def _bbox(text) -> tuple[float, float, float, float] | None:
-    if text is None or text == "":
-        return None
-    if isinstance(text, UploadFile):
-        raise RequestError("bbox must be x1,y1,x2,y2, not a file", 400)
-    try:
-        box = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4 or not all(math.isfinite(v) for v in box):
-        raise RequestError("bbox must be x1,y1,x2,y2 in pixels of the upright image", 400)
-    x1, y1, x2, y2 = box
-    if min(box) < 0 or x2 <= x1 or y2 <= y1:
-        raise RequestError("bbox needs 0 <= x1 < x2 and 0 <= y1 < y2", 400)
-    return box
+def query_values(form) -> dict:
+    """The query request's values from a form, parsed by the request's own parsers (the CLI's
+    too) within the server's limits: k, qe, rerank, graph, bbox."""
+    from ..retrieval.request import parse_bbox, parse_k, parse_qe, parse_rerank
+
+    k = _field(form, "k")
+    qe = parse_qe(_field(form, "qe") or "0")
+    if qe is not None and qe.m > MAX_QE:
+        raise InvalidRequest(f"must be at most {MAX_QE} neighbours here, not {qe.m}", "qe")
+    rerank = _field(form, "rerank")
+    bbox = _field(form, "bbox")
+    return {"k": parse_k(k, MAX_K) if k is not None else 10, "qe": qe,
+            "rerank": parse_rerank(rerank) if rerank is not None else (),
+            "graph": _field(form, "graph"),
+            "bbox": parse_bbox(bbox) if bbox is not None else None}
 
 
 def create_app(engine: Engine, limits: Limits | None = None,
@@ -160,9 +177,13 @@ def create_app(engine: Engine, limits: Limits | None = None,
     async def _store_error(request, exc: StoreError):
         return _error(503 if not isinstance(exc, StoreDamaged) else 500, str(exc))
 
+    @app.exception_handler(InvalidRequest)
+    async def _invalid_request(request, exc: InvalidRequest):
+        return _error(400, exc.render(form_field))
+
     @app.exception_handler(UserError)
     async def _user_error(request, exc: UserError):
-        return _error(409, str(exc))
+        return _error(409, exc.render(form_field))
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, exc):
@@ -218,84 +239,78 @@ def create_app(engine: Engine, limits: Limits | None = None,
             raise RequestError(f"the request is not a readable form ({type(exc).__name__}); "
                                f"send multipart/form-data with image=FILE or id=N", 400) from None
         upload = form.get("image")
-        id_text = form.get("id")
-        k = _int(form.get("k"), "k", 10, 1, MAX_K)
-        qe = _int(form.get("qe"), "qe", 0, 0, MAX_QE)
-        bbox = _bbox(form.get("bbox"))
-        key = form.get("index") or form.get("descriptor")
-        if isinstance(key, UploadFile):
-            raise RequestError("index must be a name, not a file", 400)
-        choice = await asyncio.to_thread(engine.choice, key or None)
-        extractor = choice.descriptor.split("/")[0]
-        pair = Engine.pair(choice)
-        if (upload is None or upload == "") == (id_text is None or id_text == ""):
+        id_text = _field(form, "id")
+        values = query_values(form)
+        bbox = values.pop("bbox")
+        key = _field(form, "index") or _field(form, "descriptor")
+        choice = await asyncio.to_thread(engine.choice, key)
+        if (upload is None or upload == "") == (id_text is None):
             raise RequestError("give an image file (image=FILE) or a stored id (id=N), one of "
                                "them", 400)
         if upload is not None and upload != "" and not isinstance(upload, UploadFile):
             raise RequestError("image must be a file upload (multipart/form-data)", 400)
-        searcher = await asyncio.to_thread(engine.searcher, choice)
+        ask = choice.request(**values)
+        if ask.graph is not None and not ask.rerank:
+            ask.check(ids=1)  # the one message for a graph without a re-ranking
+        plan = await asyncio.to_thread(engine.plan, ask)
+        extractors = await asyncio.to_thread(engine.extractors, plan)
         timing: dict[str, float] = {}
-        token, raw, vector, row, source = None, None, None, None, "store"
-        width = height = None
-        if id_text not in (None, ""):
+        token, row, source, raw = None, None, "store", None
+        decoded: dict = {}
+        if id_text is not None:
             row = _row(id_text)
-            engine.check_row(row, extractor)
+            for ext in extractors:
+                engine.check_row(row, ext)
             state = engine.state()
             width, height = int(state.width[row]), int(state.height[row])
-            if bbox is None:
-                vector = searcher.vector(row)
-                if vector is None:
-                    raw = await asyncio.to_thread(engine.raw_vector, choice, row)
-            else:
-                source = "extracted"
+            if bbox is not None:
                 with engine.batcher.announce():
                     t0 = time.perf_counter()
-                    decoded = await asyncio.to_thread(engine.load_row, row, extractor, bbox)
+                    for ext in extractors:
+                        decoded[ext] = await asyncio.to_thread(engine.load_row, row, ext, bbox)
                     timing["decode_ms"] = (time.perf_counter() - t0) * 1000
-                    future = engine.batcher.submit(extractor, (decoded, pair))
-                t0 = time.perf_counter()
-                raw = await asyncio.wrap_future(future)
-                timing["forward_ms"] = (time.perf_counter() - t0) * 1000
-                token = engine.keep_query(extractor, decoded)
+                    futures = {ext: engine.batcher.submit(ext, decoded[ext]) for ext in extractors}
         else:
             data = await upload.read()
             if len(data) > limits.max_upload_bytes:
                 raise BodyTooLarge
-            future = None
+            futures = None
             with engine.batcher.announce():
                 t0 = time.perf_counter()
-                decoded = await asyncio.to_thread(engine.decode, data, extractor, bbox)
+                for ext in extractors:
+                    decoded[ext] = await asyncio.to_thread(engine.decode, data, ext, bbox)
                 timing["decode_ms"] = (time.perf_counter() - t0) * 1000
-                stored = engine.stored_row(decoded.sha, extractor) if bbox is None else None
-                if stored is None:
-                    future = engine.batcher.submit(extractor, (decoded, pair))
-            width, height = decoded.width, decoded.height
-            if future is None:  # the same file is in the store: its stored vector
-                vector = searcher.vector(stored)
-                if vector is None:
-                    raw = await asyncio.to_thread(engine.raw_vector, choice, stored)
-            else:
-                source = "extracted"
-                t0 = time.perf_counter()
-                raw = await asyncio.wrap_future(future)
-                timing["forward_ms"] = (time.perf_counter() - t0) * 1000
-            token = engine.keep_query(extractor, decoded, stored)
-            row = stored
+                first = decoded[extractors[0]]
+                row = engine.stored_row(first.sha, extractors) if bbox is None else None
+                if row is None:
+                    futures = {ext: engine.batcher.submit(ext, decoded[ext]) for ext in extractors}
+            width, height = first.width, first.height
+        if decoded:
+            token = engine.keep_query(extractors[0], decoded[extractors[0]], row)
+        if decoded and (bbox is not None or row is None):
+            source = "extracted"
+            t0 = time.perf_counter()
+            described = {ext: await asyncio.wrap_future(f) for ext, f in futures.items()}
+            timing["forward_ms"] = (time.perf_counter() - t0) * 1000
+            raw = await asyncio.to_thread(engine.combine, plan, described)
+        else:
+            raw = await asyncio.to_thread(engine.stored_vector, plan, row)
         t0 = time.perf_counter()
-        if vector is None:
-            vector = searcher.transform.transform(raw[None])[0]
-        hits, searcher = engine.search(choice, vector, k, qe)
+        hits = await asyncio.to_thread(engine.rank, plan, ask, raw)
         timing["search_ms"] = (time.perf_counter() - t0) * 1000
         timing["total_ms"] = (time.perf_counter() - started) * 1000
         return {
             "query": {"source": source, "id": row, "token": token,
                       "image": f"/queries/{token}/image" if token else f"/images/{row}?size=full",
                       "width": width, "height": height, "bbox": list(bbox) if bbox else None},
-            "search": {"key": choice.key, "descriptor": choice.descriptor,
-                       "model": choice.model or "none", "index": choice.index if
-                       searcher.ann is not None else None, "exact": searcher.ann is None,
-                       "note": searcher.note},
-            "k": k, "qe": qe, "results": engine.results(hits),
+            "search": {"key": choice.key, "descriptor": plan.descriptor,
+                       "model": plan.model or "none", "index": plan.index,
+                       "exact": plan.index is None, "note": plan.note,
+                       "stages": [st.spec for st in ask.chain]},
+            "k": ask.k, "qe": ask.qe.m if ask.qe is not None and ask.qe.alpha == 0 else
+            (ask.qe.spec if ask.qe is not None else 0),
+            "rerank": ",".join(st.spec for st in ask.rerank) or None,
+            "results": engine.results(hits),
             "timing_ms": {name: round(v, 2) for name, v in timing.items()},
         }
 
@@ -355,7 +370,7 @@ def serve(db: Path, host: str = "127.0.0.1", port: int = 8000, descriptor: str |
     except OSError as exc:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another "
-                        f"--port") from None
+                        f"{{port}}", mentions=("port",)) from None
     engine = Engine(db, descriptor, index, device, max_pixels)
     hosts = None
     if _is_loopback(host):

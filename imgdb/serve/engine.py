@@ -1,12 +1,15 @@
 """The search engine behind `imgdb serve`: the store read as a reader, networks, models and
 indexes loaded once, queries and explanation maps. No HTTP here (see `app`).
 
-The store may change while the server runs (an ingest, a new index, a removed model): every
-request compares the file's identity (inode, size, mtime: a stat call) with the one last read,
-and on a change re-reads the image table and the registries under the shared lock, dropping
-the loaded searchers whose inputs changed. A stale or damaged index is never used: its
-descriptor is then searched exactly (all stored vectors, post-processed in memory) and the
-answer says so with the command that rebuilds it.
+Queries go through the one query path (`retrieval.service.QueryService`), exactly as `imgdb
+query` and `imgdb eval` answer them; what this adds is what a long-lived server needs: the
+image table kept in memory (and re-read when the store file changed: every request compares
+the file's identity, size and mtime with the ones last read), a micro-batcher so concurrent
+new-image queries share a forward, thumbnails, and query images kept for their maps. The
+service keeps each loaded search space only while the store file (its inode), the extractor's
+revision, the model and the index file are the ones it was loaded from; a stale or damaged
+index is never used: its descriptor is searched exactly and the answer says so with the command
+that rebuilds it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
+from ..retrieval.request import QueryRequest
+from ..retrieval.service import QueryPlan, QueryService
 from ..store import STATUS_OK, open_read
 from .batcher import MicroBatcher
 
@@ -52,41 +57,12 @@ class Choice:
     model: str | None  # vN or None
     index: str | None
 
-
-@dataclass
-class Searcher:
-    """A loaded way to search one choice at one state of the store."""
-
-    choice: Choice
-    transform: Any
-    revision: int
-    index_file: tuple | None = None  # identity of the index file in use
-    ann: Any = None  # AnnoySearcher
-    matrix: np.ndarray | None = None  # exact: post-processed vectors of `rows`
-    rows: np.ndarray | None = None
-    position: dict[int, int] = field(default_factory=dict)  # row -> item
-    note: str | None = None  # why an index is not used
-
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        if self.matrix is None:
-            return self.ann(queries, k)
-        sims = queries @ self.matrix.T
-        out = []
-        for s in sims:
-            keep = min(k, len(s))
-            top = np.argpartition(-s, keep - 1)[:keep] if keep < len(s) else np.arange(len(s))
-            top = top[np.lexsort((self.rows[top], -s[top]))]
-            out.append([(int(self.rows[i]), float(s[i])) for i in top])
-        return out
-
-    def vector(self, row: int) -> np.ndarray | None:
-        """The post-processed vector of a stored row (None: not searchable here)."""
-        item = self.position.get(int(row))
-        if item is None:
-            return None
-        if self.matrix is None:
-            return np.asarray(self.ann.ann.get_item_vector(item), np.float32)
-        return self.matrix[item]
+    def request(self, **values) -> QueryRequest:
+        """The query request of this choice (with the request's own values)."""
+        if self.index is not None:
+            return QueryRequest(index=self.index, **values)
+        return QueryRequest(descriptor=self.descriptor, model=self.model or "none", exact=True,
+                            **values)
 
 
 @dataclass
@@ -123,7 +99,7 @@ def _signature(db: Path) -> tuple:
         st = os.stat(db)
     except OSError as exc:
         raise RequestError(f"the store {db} cannot be read now ({exc.strerror})", 503) from None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class Engine:
@@ -139,10 +115,10 @@ class Engine:
         _single_thread_blas()
         self.device = device
         self.max_pixels = int(max_pixels)
+        self.service = QueryService(self.db, device, fallback=True)
         self._lock = threading.RLock()
         self._state: StoreState | None = None
-        self._searchers: dict[str, Searcher] = {}
-        self._describers: dict[str, Any] = {}
+        self._plans: dict[tuple, QueryPlan] = {}
         self._queries: OrderedDict[str, QueryImage] = OrderedDict()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._thumb_bytes = 0
@@ -164,7 +140,7 @@ class Engine:
             if self._state is not None and self._state.signature == _signature(self.db):
                 return self._state
             self._state = self._read_state()
-            self._drop_outdated()
+            self._plans.clear()
             return self._state
 
     def _read_state(self) -> StoreState:
@@ -196,24 +172,6 @@ class Engine:
                     descriptors=descriptors, loaded_at=time.time())
             if _signature(self.db) == before:  # no commit slipped in between stat and read
                 return state
-
-    def _drop_outdated(self) -> None:
-        state = self._state
-        for key, searcher in list(self._searchers.items()):
-            extractor = searcher.choice.descriptor.split("/")[0]
-            name = searcher.choice.index
-            if state.revision.get(extractor) != searcher.revision:
-                del self._searchers[key]
-            elif name is not None and searcher.ann is not None and (
-                    state.index_state.get(name, "removed") is not None
-                    or _index_identity(self.db, state.index_attrs.get(name)) != searcher.index_file):
-                del self._searchers[key]
-            elif name is not None and searcher.ann is None and \
-                    state.index_state.get(name, "removed") is None:
-                del self._searchers[key]  # the index it stood in for is usable again
-        for key, describer in list(self._describers.items()):
-            if state.settings.get(key) != describer.settings:
-                del self._describers[key]
 
     def _default_choice(self, descriptor: str | None, index: str | None) -> Choice:
         state = self.state()
@@ -249,104 +207,104 @@ class Engine:
         raise RequestError(f"unknown index or descriptor {key!r}; indexes: {known}; or any "
                            f"descriptor listed by /info", 400)
 
-    # -- searchers ---------------------------------------------------------------------------
-    def searcher(self, choice: Choice) -> Searcher:
+    # -- the query path ----------------------------------------------------------------------
+    def plan(self, request: QueryRequest) -> QueryPlan:
+        """The service's plan of a request, kept until the store file changes."""
         state = self.state()
-        found = self._searchers.get(choice.key)
-        if found is not None:
-            return found
-        with self._lock:
-            found = self._searchers.get(choice.key)
-            if found is None:
-                found = self._load_searcher(choice, state)
-                self._searchers[choice.key] = found
-            return found
-
-    def _load_searcher(self, choice: Choice, state: StoreState) -> Searcher:
-        from ..errors import StoreDamaged
-        from ..retrieval.index import AnnoySearcher, rebuild_command, usable_index
-        from ..retrieval.pca import post_processor
-
-        extractor = choice.descriptor.split("/")[0]
-        note = None
-        with open_read(self.db) as view:
-            info = view.descriptor(choice.descriptor)
+        key = (request.descriptor, request.model, request.index, request.exact,
+               request.graph_stages, state.signature)
+        found = self._plans.get(key)
+        if found is None:
             try:
-                transform, _ = post_processor(view, info.name, choice.model)
+                found = self.service.plan(request)
             except UserError as exc:
-                raise RequestError(f"{choice.key}: {exc}", 409) from None
-            revision = view.revision(extractor)
-            if choice.index is not None:
-                try:
-                    status = usable_index(view, self.db, choice.index)
-                    ann = AnnoySearcher(view, self.db, choice.index)
-                    rows = ann.rows
-                    matrix = None
-                    if len(rows) <= AnnoySearcher.DEFAULT_SEARCH_K:
-                        # Annoy would inspect every item anyway at its search budget: the same
-                        # vectors searched by one matrix product give the same (exact) answer
-                        matrix = np.array([ann.ann.get_item_vector(i) for i in range(len(rows))],
-                                          np.float32).reshape(len(rows), -1)
-                    return Searcher(choice, transform, revision,
-                                    _index_identity(self.db, status.attrs), ann=ann, rows=rows,
-                                    matrix=matrix,
-                                    position={int(r): i for i, r in enumerate(rows)})
-                except (UserError, StoreDamaged) as exc:
-                    from ..retrieval.index import check_index
+                raise RequestError(str(exc), 409) from None
+            with self._lock:
+                self._plans[key] = found
+        return found
 
-                    status = check_index(view, self.db, choice.index)
-                    note = (f"index {choice.index} is not used ({str(exc).split(';')[0]}); "
-                            f"searched exactly instead. Rebuild it with: "
-                            f"{rebuild_command(self.db, status)}")
-            rows, raw = view.valid_vectors(info)
-        matrix = transform.transform(raw) if len(rows) else np.zeros((0, 1), np.float32)
-        return Searcher(choice, transform, revision, matrix=matrix, rows=rows,
-                        position={int(r): i for i, r in enumerate(rows)}, note=note)
-
-    # -- networks ----------------------------------------------------------------------------
     def describer(self, extractor: str):
-        found = self._describers.get(extractor)
-        if found is not None:
-            return found
-        with self._lock:
-            found = self._describers.get(extractor)
-            if found is None:
-                from ..retrieval.describe import QueryDescriber
+        """The service's describer of an extractor (the same one `imgdb query` builds)."""
+        with open_read(self.db) as view:
+            return self.service.describer(view, extractor)
 
-                with open_read(self.db) as view:
-                    found = QueryDescriber(view, extractor, None, self.device)
-                found.network()  # build it now, not inside a request's forward
-                self._describers[extractor] = found
-            return found
-
-    def _forward(self, key, items):
-        """The batcher's work: (extractor, pair) groups -> raw vectors, one batched forward."""
-        describer = self.describer(key)
-        pairs = sorted({pair for _, pair in items})
-        if describer.encoding is not None:
-            return [describer.describe(image)[pair] for image, pair in items]
-        outs = describer.describe_many([image for image, _ in items], pairs)
-        return [out[pair] for out, (_, pair) in zip(outs, items)]
+    def _forward(self, key, images):
+        """The batcher's work: one extractor's queued images -> raw vectors, one batched
+        forward (the service's describer)."""
+        return self.describer(key).describe_many(list(images))
 
     def warm(self) -> None:
-        """Load the default searcher and network and run one forward (first queries are fast)."""
+        """Load the default space and network and describe one image (first queries are fast)."""
         from types import SimpleNamespace
 
         from ..features.images import SizePolicy
 
-        self.searcher(self.default)
-        extractor = self.default.descriptor.split("/")[0]
+        request = self.default.request()
+        self.service.space(self.plan(request), request)
+        extractor = self.extractor(self.default)
         describer = self.describer(extractor)
+        describer.prepare()
         width, height = SizePolicy.parse(describer.base["size"]).target(512, 384)
         probe = np.full((height, width, 3), 128, np.uint8)
-        image = SimpleNamespace(pixels=[probe] * len(describer.base["scales"]))
-        self._forward(extractor, [(image, self.pair(self.default))])
+        self._forward(extractor, [SimpleNamespace(pixels=[probe] * len(describer.base["scales"]))])
+
+    @staticmethod
+    def extractor(choice: Choice) -> str:
+        return choice.descriptor.split("/")[0]
 
     @staticmethod
     def pair(choice: Choice) -> tuple[str, str]:
         """(layer, pooling) of a searchable choice's descriptor."""
         _, layer, pooling = choice.descriptor.rsplit("/", 2)
         return layer, pooling
+
+    def source(self, plan: QueryPlan):
+        """The vector source of a plan's descriptor (kept until the store file changes)."""
+        from ..retrieval.source import resolve
+
+        key = ("source", plan.descriptor, self.state().signature)
+        found = self._plans.get(key)
+        if found is None:
+            with open_read(self.db) as view:
+                found = resolve(view, plan.descriptor)
+            with self._lock:
+                self._plans[key] = found
+        return found
+
+    def extractors(self, plan: QueryPlan) -> list[str]:
+        """The extractors whose vectors make a plan's descriptor (several for a fusion)."""
+        return list(self.source(plan).extractors)
+
+    def combine(self, plan: QueryPlan, described: dict) -> np.ndarray:
+        """Each extractor's description of one query -> the plan's raw vector."""
+        return self.source(plan).from_described(described)
+
+    def stored_vector(self, plan: QueryPlan, row: int) -> np.ndarray:
+        """The raw stored vector of a row (the service's lookup)."""
+        from ..retrieval.service import QueryInput
+
+        return self.service.raw_vectors(plan, [QueryInput(str(row), row=row)])[0][0]
+
+    def rank(self, plan: QueryPlan, request: QueryRequest, raw: np.ndarray
+             ) -> list[tuple[int, float]]:
+        """A raw query vector -> top-k (row, score) after the request's stages."""
+        try:
+            vector = self.service.post_process(plan, request, raw[None])
+            return self.service.rank(plan, request, vector)[0]
+        except UserError as exc:
+            if isinstance(exc, RequestError):
+                raise
+            raise RequestError(str(exc), 409) from None
+
+    def post_vector(self, choice: Choice, row: int) -> np.ndarray:
+        """The post-processed vector of a stored row under a choice."""
+        request = choice.request()
+        plan = self.plan(request)
+        return self.service.post_process(plan, request, self.stored_vector(plan, row)[None])[0]
+
+    def transform(self, choice: Choice):
+        request = choice.request()
+        return self.service.space(self.plan(request), request)[1]
 
     # -- queries -----------------------------------------------------------------------------
     def decode(self, data: bytes, extractor: str, bbox: tuple | None):
@@ -386,11 +344,14 @@ class Engine:
         if extractor is not None and not state.valid[extractor][row]:
             raise RequestError(f"image {row} has no vectors of {extractor} yet", 404)
 
-    def stored_row(self, sha: str, extractor: str) -> int | None:
+    def stored_row(self, sha: str, extractors) -> int | None:
         """A valid stored row with this content digest (its stored vector answers the query)."""
+        from ..retrieval.service import find_stored
+
         state = self.state()
-        hits = np.flatnonzero((state.sha == sha.encode()) & state.valid[extractor])
-        return int(hits[0]) if len(hits) else None
+        names = [extractors] if isinstance(extractors, str) else list(extractors)
+        valid = np.logical_and.reduce([state.valid[e] for e in names])
+        return find_stored(state.sha, valid, [sha])[0]
 
     def keep_query(self, extractor: str, image, row: int | None = None) -> str:
         token = secrets.token_hex(12)
@@ -409,24 +370,6 @@ class Engine:
         if found is None:
             raise RequestError("unknown or expired query token; query again", 404)
         return found
-
-    def raw_vector(self, choice: Choice, row: int) -> np.ndarray:
-        with open_read(self.db) as view:
-            info = view.descriptor(choice.descriptor)
-            return view.vectors(info, [row])[0]
-
-    def search(self, choice: Choice, query: np.ndarray, k: int, qe: int
-               ) -> tuple[list[tuple[int, float]], Searcher]:
-        """A post-processed query vector -> top-k (row, cosine), with average query expansion."""
-        searcher = self.searcher(choice)
-        hits = searcher.search(query[None], k)[0]
-        if qe > 0 and hits:
-            from ..retrieval.search import average_query_expansion
-
-            vecs = [searcher.vector(r) for r, _ in hits[:qe]]
-            vecs = np.array([v for v in vecs if v is not None], np.float32).reshape(-1, len(query))
-            hits = searcher.search(average_query_expansion(query[None], [vecs]), k)[0]
-        return hits, searcher
 
     def results(self, hits: list[tuple[int, float]]) -> list[dict]:
         state = self.state()
@@ -513,16 +456,6 @@ def _single_thread_blas() -> None:
     threadpool_limits(1, user_api="blas")
 
 
-def _index_identity(db: Path, attrs: dict | None) -> tuple | None:
-    if not attrs:
-        return None
-    try:
-        st = (Path(db).with_name(str(attrs["file"]))).stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, attrs.get("file_hash")
-
-
 def jpeg_bytes(data: bytes, side: int, max_pixels: int) -> bytes:
     """Image bytes -> an upright RGB JPEG at most `side` px a side (decoded with a pixel limit)."""
     from PIL import Image, ImageOps
@@ -582,17 +515,13 @@ def explain(engine: Engine, kind: str, on: str, choice: Choice, result: int,
         raise RequestError("the query was described for another extractor; query again", 409)
     if query_row is not None:
         engine.check_row(query_row, extractor)
-    searcher = engine.searcher(choice)
     layer, pooling = Engine.pair(choice)
-    ex = Explainer(engine.describer(extractor), layer, pooling, searcher.transform)
+    ex = Explainer(engine.describer(extractor), layer, pooling, engine.transform(choice))
     if ex.describer.encoding is not None:
         ex.layer = ex.describer.encoding["key"].split(":")[0]
 
     def stored(row: int) -> np.ndarray:
-        vec = searcher.vector(row)
-        if vec is None:
-            vec = searcher.transform.transform(engine.raw_vector(choice, row)[None])[0]
-        return vec
+        return engine.post_vector(choice, row)
 
     query_image = query.image if query is not None else engine.load_row(query_row, extractor, None)
     if on == "result":

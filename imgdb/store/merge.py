@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import h5py
 import numpy as np
 
-from ..errors import UsageError, UserError
+from ..errors import InvalidRequest, UserError
 from .reader import StoreView, open_read
 from .schema import (IMAGE_COLUMNS, STATE_PENDING, STATUS_LOST, aligned_datasets, encode_path,
                      extractor_names, extractor_path)
@@ -502,10 +502,11 @@ def merge_stores(shards: Sequence[str | Path], out: str | Path,
     out = Path(out)
     shards = [Path(s) for s in shards]
     if not shards:
-        raise UsageError("give at least one store to merge")
+        raise InvalidRequest("give at least one store to merge")
     for s in shards:
         if s.absolute() == out.absolute() or (s.exists() and out.exists() and s.samefile(out)):
-            raise UsageError(f"{s} is the output store itself; give it only as --db")
+            raise InvalidRequest(f"{s} is the output store itself; give it only as {{db}}",
+                                 mentions=("db",))
     shapes, sizes, ignored, local_bytes = [], [], set(), 0.0
     for s in shards:
         with open_read(s) as view:

@@ -44,7 +44,7 @@ def check_exists(path: Path) -> None:
         raise StoreError(f"store {path} does not exist; create it with: imgdb ingest PHOTOS "
                          f"--db {path}")
     if path.is_dir():
-        raise StoreError(f"--db {path} is a directory; give a file name such as photos.h5")
+        raise StoreError(f"{path} is a directory; give a file name such as photos.h5", "db")
 
 
 def hdf5_error(exc: BaseException) -> bool:
