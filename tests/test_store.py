@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from imgdb.errors import StoreDamaged, StoreError, UserError
-from imgdb.store import ImageRow, RowUpdate, StoreWriter, journal, lock, open_read
-from imgdb.store.check import check_store, repair_store
+from imgdb.store import ImageRow, RowUpdate, StoreWriter, diskio, journal, lock, open_read
+from imgdb.store.check import check_store
+from imgdb.store.repair import repair_store
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = {("head", "sum"): 6, ("head", "mac"): 3}
@@ -153,10 +154,10 @@ def _overlay_case(tmp_path: Path, seed: int, fail_writes: bool = False) -> None:
     model.close()
     final = plain.read_bytes()
     for p, data in ov.under.items():  # the previous commit's pages, applied by that commit
-        journal._pwritev_all(fd, [data], p * journal.PAGE)
+        diskio.pwritev_all(fd, [data], p * journal.PAGE)
     t_off, t_len = ov.direct_tail()
     for offset, parts in ov.records():
-        journal._pwritev_all(fd, parts, offset)
+        diskio.pwritev_all(fd, parts, offset)
     os.ftruncate(fd, len(final))
     os.close(fd)
     on_disk = store.read_bytes()
@@ -186,7 +187,7 @@ def test_lookup3_matches_hdf5_superblock_checksum(tmp_path: Path) -> None:
     assert journal.lookup3(sb[:44]) == int.from_bytes(sb[44:48], "little")
     page = bytearray(path.read_bytes()[:4096].ljust(4096, b"\0"))
     page[512 + 11] = 1  # 'open for write', as some HDF5 versions leave it
-    journal._clear_superblock_flags(page)
+    journal.clear_superblock_flags(page)
     assert bytes(page[512:560]) == sb
 
 
@@ -482,7 +483,7 @@ def test_power_cut_at_any_point_leaves_a_committed_state(tmp_path: Path, monkeyp
     w.close()
     marks.append((len(rec.ops), 6))
     monkeypatch.undo()
-    monkeypatch.setattr(journal, "_BOOT", b"another boot...!")  # the machine restarted
+    monkeypatch.setattr(diskio, "BOOT", b"another boot...!")  # the machine restarted
     monkeypatch.setenv("IMGDB_SYNC", "full")
     rng = random.Random(7)
     cases, seen, lost = 0, set(), 0

@@ -57,7 +57,7 @@ def repair(db: Db, as_json: Json = False) -> None:
 
     Example: imgdb repair --db photos.h5
     """
-    from ..store.check import repair_store
+    from ..store.repair import repair_store
 
     emit(repair_output(repair_store(db), db), as_json)
 

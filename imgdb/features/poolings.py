@@ -171,5 +171,6 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["markdown_table", "PoolingSpec", "TABLE", "SPECS", "DEFAULT_POOLINGS", "POOLING_FORMS", "add", "remove",
+__all__ = ["markdown_table", "PoolingSpec", "TABLE", "SPECS", "DEFAULT_POOLINGS", "POOLING_FORMS",
+           "add", "remove",
            "parse_pooling", "canonical_pooling_name", "pooled_dim", "SPOC_DEFAULT_S"]

@@ -41,7 +41,8 @@ class PCAWhitening:
         dims = self.dims or limit
         if dims > limit:
             raise UserError(f"cannot fit {dims} PCA dimensions on {n} vectors of {d} dimensions; "
-                            f"use {{dims}} {limit} or fewer, or fit on a bigger store with {{from}}",
+                            f"use {{dims}} {limit} or fewer, or fit on a bigger store with "
+                            f"{{from}}",
                             mentions=("dims", "from"))
         pca = PCA(n_components=dims, svd_solver="full").fit(self._prepare(x))
         self.dims = dims

@@ -19,6 +19,7 @@ import math
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -162,6 +163,86 @@ def query_values(form) -> dict:
             "bbox": parse_bbox(bbox) if bbox is not None else None}
 
 
+@dataclass
+class _Query:
+    """One query as the server took it: a stored row and/or the image decoded for each
+    extractor (with the batcher's futures of their descriptions, when they need a forward)."""
+
+    row: int | None
+    width: int
+    height: int
+    decoded: dict = field(default_factory=dict)
+    futures: dict | None = None
+    token: str | None = None
+
+    @property
+    def source(self) -> str:
+        return "extracted" if self.futures else "store"
+
+
+async def _take_query(engine: Engine, limits: "Limits", plan, upload, id_text: str | None,
+                      bbox, timing: dict) -> _Query:
+    """A stored id (decoded again only to crop it), or an upload decoded as ingest decodes
+    (its stored vector when its bytes are a stored file); forwards go to the batcher."""
+    extractors = await asyncio.to_thread(engine.extractors, plan)
+    if id_text is not None:
+        row = _row(id_text)
+        for ext in extractors:
+            engine.check_row(row, ext)
+        state = engine.state()
+        q = _Query(row, int(state.width[row]), int(state.height[row]))
+        if bbox is None:
+            return q
+        load = lambda ext: engine.load_row(row, ext, bbox)  # noqa: E731
+    else:
+        data = await upload.read()
+        if len(data) > limits.max_upload_bytes:
+            raise BodyTooLarge
+        q = None
+        load = lambda ext: engine.decode(data, ext, bbox)  # noqa: E731
+    with engine.batcher.announce():
+        t0 = time.perf_counter()
+        decoded = {ext: await asyncio.to_thread(load, ext) for ext in extractors}
+        timing["decode_ms"] = (time.perf_counter() - t0) * 1000
+        first = decoded[extractors[0]]
+        if q is None:
+            q = _Query(engine.stored_row(first.sha, extractors) if bbox is None else None,
+                       first.width, first.height)
+        q.decoded = decoded
+        if bbox is not None or q.row is None:
+            q.futures = {ext: engine.batcher.submit(ext, im) for ext, im in decoded.items()}
+    q.token = engine.keep_query(extractors[0], first, q.row)
+    return q
+
+
+async def _raw_vector(engine: Engine, plan, q: _Query, timing: dict):
+    """The query's raw vector: described by the batcher's forward, or the stored one."""
+    if not q.futures:
+        return await asyncio.to_thread(engine.stored_vector, plan, q.row)
+    t0 = time.perf_counter()
+    described = {ext: await asyncio.wrap_future(f) for ext, f in q.futures.items()}
+    timing["forward_ms"] = (time.perf_counter() - t0) * 1000
+    return await asyncio.to_thread(engine.combine, plan, described)
+
+
+def _query_response(engine: Engine, choice, plan, ask, q: _Query, bbox, hits, timing) -> dict:
+    token = q.token
+    return {
+        "query": {"source": q.source, "id": q.row, "token": token,
+                  "image": f"/queries/{token}/image" if token else f"/images/{q.row}?size=full",
+                  "width": q.width, "height": q.height, "bbox": list(bbox) if bbox else None},
+        "search": {"key": choice.key, "descriptor": plan.descriptor,
+                   "model": plan.model or "none", "index": plan.index,
+                   "exact": plan.index is None, "note": plan.note,
+                   "stages": [st.spec for st in ask.chain]},
+        "k": ask.k, "qe": ask.qe.m if ask.qe is not None and ask.qe.alpha == 0 else
+        (ask.qe.spec if ask.qe is not None else 0),
+        "rerank": ",".join(st.spec for st in ask.rerank) or None,
+        "results": engine.results(hits),
+        "timing_ms": {name: round(v, 2) for name, v in timing.items()},
+    }
+
+
 def create_app(engine: Engine, limits: Limits | None = None,
                allowed_hosts: list[str] | None = None):
     """The ASGI app around an engine (`allowed_hosts` None: any Host header)."""
@@ -238,81 +319,28 @@ def create_app(engine: Engine, limits: Limits | None = None,
         except Exception as exc:
             raise RequestError(f"the request is not a readable form ({type(exc).__name__}); "
                                f"send multipart/form-data with image=FILE or id=N", 400) from None
-        upload = form.get("image")
-        id_text = _field(form, "id")
-        values = query_values(form)
-        bbox = values.pop("bbox")
-        key = _field(form, "index") or _field(form, "descriptor")
-        choice = await asyncio.to_thread(engine.choice, key)
+        upload, id_text = form.get("image"), _field(form, "id")
         if (upload is None or upload == "") == (id_text is None):
             raise RequestError("give an image file (image=FILE) or a stored id (id=N), one of "
                                "them", 400)
         if upload is not None and upload != "" and not isinstance(upload, UploadFile):
             raise RequestError("image must be a file upload (multipart/form-data)", 400)
+        values = query_values(form)
+        bbox = values.pop("bbox")
+        choice = await asyncio.to_thread(engine.choice,
+                                         _field(form, "index") or _field(form, "descriptor"))
         ask = choice.request(**values)
         if ask.graph is not None and not ask.rerank:
             ask.check(ids=1)  # the one message for a graph without a re-ranking
         plan = await asyncio.to_thread(engine.plan, ask)
-        extractors = await asyncio.to_thread(engine.extractors, plan)
         timing: dict[str, float] = {}
-        token, row, source, raw = None, None, "store", None
-        decoded: dict = {}
-        if id_text is not None:
-            row = _row(id_text)
-            for ext in extractors:
-                engine.check_row(row, ext)
-            state = engine.state()
-            width, height = int(state.width[row]), int(state.height[row])
-            if bbox is not None:
-                with engine.batcher.announce():
-                    t0 = time.perf_counter()
-                    for ext in extractors:
-                        decoded[ext] = await asyncio.to_thread(engine.load_row, row, ext, bbox)
-                    timing["decode_ms"] = (time.perf_counter() - t0) * 1000
-                    futures = {ext: engine.batcher.submit(ext, decoded[ext]) for ext in extractors}
-        else:
-            data = await upload.read()
-            if len(data) > limits.max_upload_bytes:
-                raise BodyTooLarge
-            futures = None
-            with engine.batcher.announce():
-                t0 = time.perf_counter()
-                for ext in extractors:
-                    decoded[ext] = await asyncio.to_thread(engine.decode, data, ext, bbox)
-                timing["decode_ms"] = (time.perf_counter() - t0) * 1000
-                first = decoded[extractors[0]]
-                row = engine.stored_row(first.sha, extractors) if bbox is None else None
-                if row is None:
-                    futures = {ext: engine.batcher.submit(ext, decoded[ext]) for ext in extractors}
-            width, height = first.width, first.height
-        if decoded:
-            token = engine.keep_query(extractors[0], decoded[extractors[0]], row)
-        if decoded and (bbox is not None or row is None):
-            source = "extracted"
-            t0 = time.perf_counter()
-            described = {ext: await asyncio.wrap_future(f) for ext, f in futures.items()}
-            timing["forward_ms"] = (time.perf_counter() - t0) * 1000
-            raw = await asyncio.to_thread(engine.combine, plan, described)
-        else:
-            raw = await asyncio.to_thread(engine.stored_vector, plan, row)
+        q = await _take_query(engine, limits, plan, upload, id_text, bbox, timing)
+        raw = await _raw_vector(engine, plan, q, timing)
         t0 = time.perf_counter()
         hits = await asyncio.to_thread(engine.rank, plan, ask, raw)
         timing["search_ms"] = (time.perf_counter() - t0) * 1000
         timing["total_ms"] = (time.perf_counter() - started) * 1000
-        return {
-            "query": {"source": source, "id": row, "token": token,
-                      "image": f"/queries/{token}/image" if token else f"/images/{row}?size=full",
-                      "width": width, "height": height, "bbox": list(bbox) if bbox else None},
-            "search": {"key": choice.key, "descriptor": plan.descriptor,
-                       "model": plan.model or "none", "index": plan.index,
-                       "exact": plan.index is None, "note": plan.note,
-                       "stages": [st.spec for st in ask.chain]},
-            "k": ask.k, "qe": ask.qe.m if ask.qe is not None and ask.qe.alpha == 0 else
-            (ask.qe.spec if ask.qe is not None else 0),
-            "rerank": ",".join(st.spec for st in ask.rerank) or None,
-            "results": engine.results(hits),
-            "timing_ms": {name: round(v, 2) for name, v in timing.items()},
-        }
+        return _query_response(engine, choice, plan, ask, q, bbox, hits, timing)
 
     @app.get("/explain")
     async def explain_map(result: str, map: str = "similarity", on: str = "query",

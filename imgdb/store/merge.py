@@ -29,9 +29,10 @@ import numpy as np
 
 from ..errors import InvalidRequest, UserError
 from .reader import StoreView, open_read
+from .rows import RowPutter, append_text, bump_revision
 from .schema import (IMAGE_COLUMNS, STATE_PENDING, STATUS_LOST, aligned_datasets, encode_path,
                      extractor_names, extractor_path)
-from .writer import RowPutter, StoreWriter, append_text, bump_revision
+from .writer import StoreWriter
 
 #: Settings that record provenance (which software wrote the rows), not how vectors are made.
 PROVENANCE_KEYS = ("imgdb", "torch")

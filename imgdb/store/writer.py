@@ -1,5 +1,8 @@
 """Writing a store: one `StoreWriter` at a time; every change is an atomic, journaled commit.
 
+Its parts: this module opens the file, runs transactions and writes rows and vectors (their
+layout in `rows`); `registry` adds models and index registrations; `journal` commits.
+
 The writer holds the store's writer lock for its lifetime and the commit lock only inside a
 `transaction` (readers go on between commits). Its HDF5 file stays open over an in-memory
 `journal.Overlay` for the writer's whole life (metadata and chunk caches stay warm between
@@ -15,12 +18,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import re
 import signal
 import threading
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,26 +30,15 @@ import numpy as np
 
 from ..errors import StoreDamaged, StoreError, UserError
 from . import journal, lock
-from .reader import StoreView, check_exists, damaged, hdf5_error, plain
-from .schema import (FAILURE_NONE, IMAGE_COLUMNS, STATE_COMPUTED, STATE_PENDING, STATUS_OK,
-                     USERBLOCK, ImageRow, ImageTable, ModelInfo, aligned_datasets, create_array,
-                     create_extractor, create_layout, create_local, create_vectors, encode_path,
-                     extractor_names, extractor_path, index_path, local_groups, model_group_path,
-                     now_iso, set_attr)
+from .reader import StoreView, check_exists, damaged, hdf5_error
+from .registry import STORE_WIDE_NUMBERS, RegistryWrites
+from .rows import RowPutter, RowUpdate, append_text, bump_revision, write_images, write_local
+from .schema import (FAILURE_NONE, STATE_COMPUTED, STATE_PENDING, STATUS_OK, USERBLOCK,
+                     ImageTable, aligned_datasets, create_extractor, create_layout, create_local,
+                     create_vectors, extractor_names, extractor_path, local_groups, now_iso,
+                     set_attr)
 
-#: Kinds whose version numbers are unique in the whole store, not per descriptor.
-STORE_WIDE_NUMBERS = ("codebook",)
 LIBVER = "latest"  # v3 superblock, checksummed object headers and chunk indexes
-
-
-@dataclass
-class RowUpdate:
-    """One row of a commit: the file's facts and this extractor's outcome for it."""
-
-    row: int | None  # None: a new row
-    image: ImageRow
-    state: int = STATE_COMPUTED  # the extractor's outcome (schema.STATE_*)
-    error: str = ""  # why the extractor failed the row (extractor-level failures)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -161,7 +151,7 @@ class _Completion(threading.Thread):
             self.result = exc
 
 
-class StoreWriter:
+class StoreWriter(RegistryWrites):
     """The single writer of a store."""
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
@@ -520,7 +510,7 @@ class StoreWriter:
                 for ds in self._aligned(fh):
                     ds.resize(new_n, axis=0)
             put = RowPutter(ids_arr)
-            _write_images(node, put, rows)
+            write_images(node, put, rows)
             changed = sorted(set(int(r) for r in file_changed))
             if extractor is not None:
                 base = extractor_path(extractor)
@@ -535,7 +525,7 @@ class StoreWriter:
                 append_text(node, base, "error", put,
                           [u.error.encode("utf-8", "replace") for u in rows])
                 if local:
-                    _write_local(node, extractor, put, rows, ids, local, set(changed))
+                    write_local(node, extractor, put, rows, ids, local, set(changed))
                 bump_revision(node(base))
             if changed:  # files changed on disk: other extractors' results are outdated
                 idx = np.asarray(changed, dtype=np.int64)
@@ -582,169 +572,6 @@ class StoreWriter:
                 put(g[layer][name], np.asarray(data, dtype=g[layer][name].dtype))
             put(g["state"], np.full(len(rows), STATE_COMPUTED, np.int8))
             bump_revision(g)
-
-    # -- models ------------------------------------------------------------------------------------
-    def save_model(self, kind: str, descriptor: str, arrays: dict[str, np.ndarray],
-                   attrs: dict) -> ModelInfo:
-        """Write a new model version (never overwriting; numbers never reused)."""
-        with self.transaction() as fh:
-            g = fh.require_group(model_group_path(kind, descriptor))
-            existing = [int(k[1:]) for k in g.keys() if re.fullmatch(r"v\d+", k)]
-            number = max([int(g.attrs.get("next_version", 1)) - 1, *existing, 0]) + 1
-            top = fh["models"][kind]
-            if kind in STORE_WIDE_NUMBERS:  # `--codebook vN` alone names one model of the store
-                number = max(number, int(top.attrs.get("next_version", 1)))
-                top.attrs["next_version"] = number + 1
-            version = f"v{number}"
-            mg = g.create_group(version)
-            for name, arr in arrays.items():
-                create_array(mg, name, arr)
-            full = dict(attrs, kind=kind, descriptor=descriptor, version=version,
-                        created=now_iso())
-            for key, value in full.items():
-                set_attr(mg, key, value)
-            g.attrs["next_version"] = number + 1
-        return ModelInfo(kind, descriptor, version, {k: plain(_attr(v)) for k, v in full.items()})
-
-    def remove_model(self, model: ModelInfo) -> None:
-        """Delete one version (explicitly asked for; its number is not reused)."""
-        with self.transaction() as fh:
-            g = fh[model_group_path(model.kind, model.descriptor)]
-            g.attrs["next_version"] = max(int(g.attrs.get("next_version", 1)), model.number + 1)
-            del g[model.version]
-
-    # -- indexes -----------------------------------------------------------------------------------
-    def register_index(self, name: str, attrs: dict, rows: np.ndarray) -> None:
-        """Record an index file (written and renamed into place before this)."""
-        with self.transaction() as fh:
-            reg = fh.require_group("indexes")
-            if name in reg:
-                del reg[name]
-            g = reg.create_group(name)
-            create_array(g, "rows", np.asarray(rows, dtype=np.int64))
-            for k, v in attrs.items():
-                set_attr(g, k, v)
-
-    def remove_index(self, name: str) -> None:
-        with self.transaction() as fh:
-            if name in fh["indexes"]:
-                del fh[index_path(name)]
-
-
-def _attr(value):
-    return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-
-
-def bump_revision(group: h5py.Group) -> None:
-    """Count one more change of a group (readers compare revisions to spot staleness)."""
-    group.attrs["revision"] = int(group.attrs.get("revision", 0)) + 1
-
-
-class RowPutter:
-    """Writes one value per row into a row-aligned dataset, in id order (h5py needs
-    increasing indices; a contiguous run is one slice). Shared by the writer and merge."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        self.order = np.argsort(ids, kind="stable")
-        self.sorted = ids[self.order]
-        uniq = np.unique(self.sorted)
-        if len(uniq) != len(self.sorted):
-            raise ValueError("a commit names the same row twice")
-        self.contiguous = bool(len(self.sorted)) and \
-            int(self.sorted[-1] - self.sorted[0]) + 1 == len(self.sorted)
-
-    def __call__(self, ds: h5py.Dataset, values: np.ndarray) -> None:
-        values = np.asarray(values)[self.order]
-        if self.contiguous:
-            write_rows(ds, int(self.sorted[0]), values)
-        elif len(self.sorted):
-            ds[self.sorted] = values
-
-
-def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
-    """`ds[start:start + len(values)] = values` through HDF5's own call (h5py's selection
-    machinery costs more than the write of a commit's few rows)."""
-    values = np.ascontiguousarray(values, dtype=ds.dtype)
-    if values.shape[1:] != ds.shape[1:] or start + len(values) > ds.shape[0] or start < 0:
-        ds[start:start + len(values)] = values  # let h5py raise its usual error
-        return
-    if not len(values):
-        return
-    fspace = ds.id.get_space()
-    fspace.select_hyperslab((start,) + (0,) * (values.ndim - 1), values.shape)
-    ds.id.write(h5py.h5s.create_simple(values.shape), fspace, values)
-
-
-def append_text(node, group: str, name: str, put: "RowPutter", texts: list[bytes]) -> None:
-    """Append the bytes of each row's text and point its (start, len) at them."""
-    data = node(f"{group}/{name}_data")
-    end = data.shape[0]
-    lengths = np.array([len(t) for t in texts], np.int64)
-    starts = end + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    total = int(lengths.sum())
-    if total:
-        data.resize(end + total, axis=0)
-        write_rows(data, end, np.frombuffer(b"".join(texts), np.uint8))
-    put(node(f"{group}/{name}_start"), np.where(lengths > 0, starts, 0))
-    put(node(f"{group}/{name}_len"), lengths.astype(np.int32))
-
-
-def _write_images(node, put: RowPutter, rows: Sequence[RowUpdate]) -> None:
-    cols = {
-        "size": np.array([u.image.size for u in rows], np.int64),
-        "mtime": np.array([u.image.mtime for u in rows], np.float64),
-        "sha": np.array([u.image.sha.encode() for u in rows], "S32"),
-        "width": np.array([u.image.width for u in rows], np.int32),
-        "height": np.array([u.image.height for u in rows], np.int32),
-        "status": np.array([u.image.status for u in rows], np.int8),
-        "failure": np.array([u.image.failure for u in rows], np.int8),
-    }
-    for name in IMAGE_COLUMNS:
-        put(node(f"images/{name}"), cols[name])
-    new = [u.row is None for u in rows]
-    # a row's path never changes: write it for new rows only (rewrites keep their bytes)
-    if all(new):
-        append_text(node, "images", "path", put, [encode_path(u.image.path) for u in rows])
-    elif any(new):
-        sub = [u for u in rows if u.row is None]
-        ids = put.sorted[np.argsort(put.order)]  # ids in update order
-        sub_put = RowPutter(np.asarray([i for i, u in zip(ids, rows) if u.row is None]))
-        append_text(node, "images", "path", sub_put, [encode_path(u.image.path) for u in sub])
-    append_text(node, "images", "error", put,
-              [u.image.error.encode("utf-8", "replace") for u in rows])
-
-
-def _write_local(node, extractor: str, put: RowPutter, rows: Sequence[RowUpdate],
-                 ids: list[int], local: dict[str, list], changed: set[int]) -> None:
-    """Append the kept cells of each computed row as a new segment of the flat arrays; a row
-    recomputed only because the extractor gained a dataset keeps its (identical) segment."""
-    for key, sets in local.items():
-        kg = node(f"local/{extractor}/{key}")
-        starts = np.full(len(rows), -1, np.int64)
-        counts = np.zeros(len(rows), np.int32)
-        grids = np.zeros((len(rows), 2), np.int32)
-        end = kg["features"].shape[0]
-        fresh = []
-        for i, (u, rid, ls) in enumerate(zip(rows, ids, sets)):
-            if u.state != STATE_COMPUTED or ls is None:
-                continue
-            old = int(kg["start"][rid]) if u.row is not None and rid not in changed else -1
-            if old >= 0:
-                starts[i], counts[i], grids[i] = old, kg["count"][rid], kg["grid"][rid]
-            else:
-                starts[i], counts[i], grids[i] = end, len(ls.features), ls.grid
-                end += len(ls.features)
-                fresh.append(ls)
-        if fresh:
-            for name in ("features", "coords"):
-                data = np.concatenate([getattr(ls, name) for ls in fresh])
-                ds = kg[name]
-                old_end = ds.shape[0]
-                ds.resize(end, axis=0)
-                write_rows(ds, old_end, data)
-        put(kg["start"], starts)
-        put(kg["count"], counts)
-        put(kg["grid"], grids)
 
 
 __all__ = ["StoreWriter", "RowUpdate", "create_store", "STORE_WIDE_NUMBERS", "local_groups",
