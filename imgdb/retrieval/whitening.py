@@ -30,7 +30,7 @@ class PCAWhitening:
         x = np.asarray(x, dtype=np.float64)
         if self.power is not None:
             x = power_normalize(x, self.power)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return l2_normalize(x)  # float64 stays float64
 
     def fit(self, x: np.ndarray) -> "PCAWhitening":
         """Learn mean, axes and variances from raw vectors (n, D)."""
