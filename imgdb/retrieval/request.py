@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import InvalidRequest, refuse
@@ -241,7 +241,6 @@ class QueryRequest:
     graph: str | None = None  # the graph model version the stages use (default: newest)
     bbox: Box | None = None  # crop of the query image files (pixels of the upright image)
     device: str = "auto"
-    extra: dict = field(default_factory=dict, compare=False)  # front-end details, not used here
 
     @property
     def chain(self) -> tuple[Ranker, ...]:

@@ -189,17 +189,6 @@ def _ranking(rows: np.ndarray, found: list[tuple[int, float]], order: np.ndarray
     return Ranking(pos.astype(np.int64), np.array([s for _, s in found], np.float32))
 
 
-def position_of(space, row: int) -> int | None:
-    """The position of a stored row in a space (None: not searchable there)."""
-    rows = space.rows
-    order = getattr(space, "_order", None)
-    sorted_rows = rows if order is None else rows[order]
-    i = int(np.searchsorted(sorted_rows, row))
-    if i < len(sorted_rows) and sorted_rows[i] == row:
-        return int(i if order is None else order[i])
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # the service
 
@@ -446,4 +435,4 @@ def _digest(path: Path | None) -> str | None:
 
 
 __all__ = ["Hit", "QueryResult", "QueryPlan", "QueryInput", "QueryService", "plan_query",
-           "find_stored", "check_query_file", "StreamedSpace", "IndexSpace", "position_of"]
+           "find_stored", "check_query_file", "StreamedSpace", "IndexSpace"]
