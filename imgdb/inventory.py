@@ -52,7 +52,8 @@ def store_report(db: str | Path) -> dict:
                        "lost": int((status == STATUS_LOST).sum())},
             "extractors": extractors,
             "descriptors": descriptors,
-            "local": [{"name": li.name, "channels": li.channels, "images": li.images,
+            "local": [{"name": li.name, "kind": "keypoints" if li.verify else "cells",
+                       "channels": li.channels, "images": li.images,
                        "features": li.features, "bytes": li.bytes,
                        "bytes_per_image": round(li.bytes / li.images) if li.images else 0,
                        "features_per_image": round(li.features / li.images, 1) if li.images else 0}

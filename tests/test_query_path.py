@@ -186,6 +186,8 @@ STAGES = {
     "alpha-qe": {"qe": "alpha:3,3"},
     "diffusion": {"rerank": "diffusion"},
     "kreciprocal": {"rerank": "kreciprocal:k1=8,k2=3"},
+    "verify": {"rerank": "verify:k=12,inliers=6"},
+    "verify+diffusion": {"rerank": "verify:k=12,inliers=6,diffusion"},
 }
 GRAPH_TARGETS = ("exact",)  # the stored graph: head/gem-p3 without a model
 
@@ -193,8 +195,9 @@ GRAPH_TARGETS = ("exact",)  # the stored graph: head/gem-p3 without a model
 def cases():
     for t in TARGETS:
         for s in STAGES:
-            if STAGES[s].get("rerank") and t not in GRAPH_TARGETS:
-                continue
+            chain = parse_rerank(STAGES[s]["rerank"]) if STAGES[s].get("rerank") else ()
+            if any(st.needs_collection for st in chain) and t not in GRAPH_TARGETS:
+                continue  # verification reads a shortlist: every target has one
             yield t, s
 
 

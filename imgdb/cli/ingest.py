@@ -11,6 +11,7 @@ from ..ingest.options import IngestOptions as D
 from .choices import Backbone, Decoder, Engine, Precision
 from .options import (BackboneOpt, BatchPixels, BatchSize, Buckets, CommitSeconds, Db,
                       DecoderOpt, Device, ForwardThreads, Json, KeepFreedMemory, KeepLocal,
+                      VerifyFeatures,
                       Layers, MaxPixels, NameList, Paths, Poolings, PrecisionOpt, Quiet, Scales,
                       Size, TorchThreads, Weights, Workers, number)
 from .render import emit, ingest_output
@@ -51,6 +52,7 @@ def ingest(
     max_pixels: MaxPixels = D.max_pixels,
     commit_seconds: CommitSeconds = D.commit_seconds,
     keep_local: KeepLocal = [],  # noqa: B006 (typer reads the default; never mutated)
+    verify_features: VerifyFeatures = None,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Retry every failed file (transient failures such as permissions "
                                "or memory are retried anyway).")] = False,
@@ -95,7 +97,8 @@ def ingest(
                             keep_local=tuple(dict.fromkeys(local)), retry_failed=retry_failed,
                             batch_pixels=batch_pixels, buckets=buckets, decode=decode.value,
                             forward_threads=forward_threads, torch_threads=torch_threads,
-                            keep_freed_memory=keep_freed_memory)
+                            keep_freed_memory=keep_freed_memory,
+                            verify_features=verify_features)
     reporter = ProgressReporter(enabled=not quiet and not as_json, description="ingest")
     with reporter:
         if engine is Engine.ray:

@@ -439,6 +439,11 @@ KeepLocal = Annotated[List[NameList], typer.Option(
     "--keep-local", parser=local_specs, metavar="LAYER[:MASK]",
     help=f"Also keep the local conv features of LAYER (float16) for codebook methods, all "
          f"cells or those of a mask: {', '.join(MASKS)} (Hoang sec.3.2). Repeatable.")]
+VerifyFeatures = Annotated[Optional[str], typer.Option(
+    "--verify-features", metavar="sift|none",
+    help="Local features kept for --rerank verify: sift (RootSIFT keypoints, OpenCV; at most "
+         "480 per image, 62 KiB) or none. Default: sift for a new extractor; an existing one "
+         "keeps what it has, and gains them (without another forward) when sift is given.")]
 
 # fit codebook / encode
 LocalKey = Annotated[str, typer.Option(
@@ -495,13 +500,15 @@ QueryExpansions = Annotated[Optional[List[str]], typer.Option(
          "top M; alpha:A[,M] = alpha-QE.")]
 Rerank = Annotated[Optional[str], typer.Option(
     "--rerank", parser=rerank_spec, metavar="STAGE[:k=v,..][,STAGE..]",
-    help="Re-rank with the store's kNN graph (imgdb fit graph): diffusion (Iscen et al.) or "
-         "kreciprocal (Zhong et al.); options after ':' as KEY=VALUE; stages in a chain are "
-         "comma-separated.")]
+    help="Re-rank: verify (the top k checked geometrically with the stored SIFT keypoints; "
+         "verified images first), or with the store's kNN graph (imgdb fit graph) diffusion "
+         "(Iscen et al.) or kreciprocal (Zhong et al.); options after ':' as KEY=VALUE; stages "
+         "in a chain are comma-separated (verify,diffusion).")]
 Reranks = Annotated[Optional[List[str]], typer.Option(
     "--rerank", parser=rerank_spec, metavar="STAGE[:k=v,..][,STAGE..]",
-    help="Re-ranking, each its own row beside L2 (repeatable): diffusion[:k=K,alpha=A,gamma=G,"
-         "iter=N] or kreciprocal[:k1=K1,k2=K2,lambda=L], or a comma-separated chain of them.")]
+    help="Re-ranking, each its own row beside L2 (repeatable): verify[:k=K,inliers=N,ratio=R,"
+         "px=P], diffusion[:k=K,alpha=A,gamma=G,iter=N] or kreciprocal[:k1=K1,k2=K2,lambda=L], "
+         "or a comma-separated chain of them.")]
 GraphVersion = Annotated[Optional[str], typer.Option(
     "--graph", parser=graph_version, metavar="vN|latest",
     help="Graph model version for --rerank (default: the newest current one; see imgdb "

@@ -142,6 +142,7 @@ def ingest_output(summary) -> Output:
         "discovered": summary.discovered, "new": summary.new, "changed": summary.changed,
         "computed": summary.recomputed, "retried": summary.retried,
         "unchanged": summary.unchanged, "ok": summary.ok,
+        "keypoints_added": summary.keypoints_added,
         "failed": summary.failed, "missing": summary.missing,
         "seconds": round(summary.seconds, 3),
         "failures": [{"path": p, "error": e} for p, e in summary.failures],
@@ -185,9 +186,10 @@ def info_lines(report: dict, max_failures: int = 20) -> list[str]:
         lines.append("  (none)")
     lines += ["", "local features"]
     for li in report["local"]:
-        lines.append(f"  {li['name']}  {li['images']} images x {li['features_per_image']:g} cells "
-                     f"x {li['channels']} float16 = {_size(li['bytes'])} "
-                     f"({_size(li['bytes_per_image'])} per image)")
+        what = ("keypoints x 128 uint8 (SIFT, for --rerank verify)" if li["kind"] == "keypoints"
+                else f"cells x {li['channels']} float16")
+        lines.append(f"  {li['name']}  {li['images']} images x {li['features_per_image']:g} "
+                     f"{what} = {_size(li['bytes'])} ({_size(li['bytes_per_image'])} per image)")
     if not report["local"]:
         lines.append("  (none: ingest --keep-local LAYER[:MASK] for codebook methods)")
     lines += ["", "models"]

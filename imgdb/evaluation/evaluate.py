@@ -146,6 +146,7 @@ class _QueryVectors:
         self.db, self.qs, self.opts = db, qs, opts
         self.service = QueryService(db, opts.device)
         self._extracted: dict[str, list[dict]] = {}  # extractor -> per query (None: stored)
+        self._contexts: dict[str, list] = {}  # extractor -> per query (keypoints)
 
     def get(self, source: VectorSource) -> np.ndarray:
         if self.opts.queries_db:
@@ -168,16 +169,41 @@ class _QueryVectors:
                 {ext: self._extracted[ext][i] for ext in source.extractors}))
         return np.asarray(out, dtype=np.float32)
 
-    def _describe(self, describer) -> list[dict | None]:
+    def _inputs(self, stored: bool) -> list:
+        """The queries as the query path takes them (with `stored`, also those the store
+        holds, by id; else only those read from files)."""
         from ..retrieval.service import QueryInput
 
         mode = self.opts.query_mode
-        inputs = [QueryInput(q.name, path=f,
-                             crop=q.bbox if mode == "crop-image" else None,
-                             region=q.bbox if mode == "crop-features" else None)
-                  for q, f in zip(self.qs.queries, self.qs.files) if f is not None]
-        described = iter(self.service.describe(describer, inputs))
+        out = []
+        for q, row, f in zip(self.qs.queries, self.qs.rows, self.qs.files):
+            crop = q.bbox if mode == "crop-image" else None
+            region = q.bbox if mode == "crop-features" else None
+            if f is not None:
+                out.append(QueryInput(q.name, path=f, crop=crop, region=region))
+            elif stored:
+                out.append(QueryInput(q.name, row=row, region=region))
+        return out
+
+    def _describe(self, describer) -> list[dict | None]:
+        described = iter(self.service.describe(describer, self._inputs(stored=False)))
         return [next(described) if f is not None else None for f in self.qs.files]
+
+    def contexts(self, source: VectorSource) -> list:
+        """Each query's keypoints and the store's, for a verification stage (once per
+        extractor that holds them)."""
+        from ..retrieval.service import QueryPlan
+
+        if self.opts.queries_db:
+            raise UserError("verification reads the query images' keypoints; give the query "
+                            "photos as a folder ({queries}) instead of a store",
+                            mentions=("queries",))
+        plan = QueryPlan(source.name, None, None)
+        with open_read(self.db) as view:
+            ext = self.service.keypoint_extractor(view, plan)
+        if ext not in self._contexts:
+            self._contexts[ext] = self.service.contexts(plan, self._inputs(stored=True))
+        return self._contexts[ext]
 
     def _other_store(self, source: VectorSource) -> dict[str, np.ndarray]:
         with open_read(self.opts.queries_db) as view:
@@ -372,8 +398,10 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                                      label == "none" and opts.power is None)
                 for chain in chosen_rankers:
                     coll, bound = colls.for_chain(chain)
+                    contexts = qv.contexts(source) if any(st.uses_keypoints for st in bound) \
+                        else None
                     per_setup, positions, ns_values, top, missing = _scores_for(
-                        gt, qs, rank_chain(bound, q_vec, coll), keys, db_rows)
+                        gt, qs, rank_chain(bound, q_vec, coll, contexts=contexts), keys, db_rows)
                     result.missing_positives = missing
                     name = chain_label(bound)
                     for setup, scores in per_setup.items():

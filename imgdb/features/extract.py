@@ -17,7 +17,8 @@ from . import pooling as pooling_mod
 from .backbones import Backbone, WeightsChoice, inference_stages, preprocessing
 from ..errors import UserError
 from ..numeric import crop_feature_map, merge_scales  # noqa: F401 (crop_feature_map: API)
-from .localfeat import LocalSet, LocalSpec, select_batch
+from .localfeat import LocalSpec, select_batch
+from .localset import LocalSet
 
 
 def resolve_device(spec: str) -> torch.device:

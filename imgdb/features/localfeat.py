@@ -14,6 +14,8 @@ import torch
 
 from ..errors import UserError
 from ..numeric import region_cells
+from .localset import LocalSet
+
 
 MASKS = ("max", "sum", "sift")
 
@@ -40,23 +42,6 @@ def parse_local_spec(spec: str) -> LocalSpec:
         raise UserError(f"{spec!r}: unknown mask {mask!r}; use {', '.join(MASKS)} or none "
                         f"(LAYER alone keeps every cell)", "keep_local")
     return LocalSpec(layer, mask or None)
-
-
-@dataclass
-class LocalSet:
-    """The kept cells of one image: features (N, C) float16, coords (N, 2) int16 as (x, y)
-    cells of a grid (W, H) = `grid`; several scales are concatenated (coords per scale grid)."""
-
-    features: np.ndarray
-    coords: np.ndarray
-    grid: tuple[int, int]
-
-    @staticmethod
-    def concat(parts: list["LocalSet"]) -> "LocalSet":
-        if len(parts) == 1:
-            return parts[0]
-        return LocalSet(np.concatenate([p.features for p in parts]),
-                        np.concatenate([p.coords for p in parts]), parts[0].grid)
 
 
 def device_masks(fmap: torch.Tensor, mask: str | None, pixels: np.ndarray | None = None,

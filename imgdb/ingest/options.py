@@ -27,6 +27,9 @@ class IngestOptions:
     max_pixels: int = 120_000_000
     commit_seconds: float = 2.0
     keep_local: tuple[str, ...] = ()
+    # local features kept for geometric verification: sift | none; None: sift for a new
+    # extractor (none with device decoding), what an existing extractor keeps otherwise
+    verify_features: str | None = None
     retry_failed: bool = False
     batch_pixels: int = 0  # pixel budget of a batch; 0: 2^18 on a CPU, 2^24 on CUDA
     buckets: int = 0  # pad images to multiples of N px and batch them (0: equal shapes only)

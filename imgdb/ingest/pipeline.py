@@ -27,7 +27,8 @@ from ..features.images import (DEFAULT_MIN_SIDE, DecodedImage, ImageError, SizeP
                                iter_decoded)
 from ..store import (FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED, STATE_FAILED,
                      STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED, STATUS_OK, ImageRow,
-                     RowUpdate, StoreWriter)
+                     RowUpdate, StoreWriter, verify_key)
+from .backfill import backfill_verify, keypoints_or_none, verify_channels
 from .plan import IngestOptions, IngestSummary, WorkItem, plan
 from .setup import (ExtractorSetup, extractor_settings, find_files, grow, resolve_setup,
                     start_run)
@@ -100,7 +101,8 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
                                              device, options)
             settings = extractor_settings(setup, outputs, extractor.poolings, options)
             if writer.ensure_extractor(setup.name, settings, extractor.output_dims(),
-                                       local=extractor.local_channels()) and existing:
+                                       local={**extractor.local_channels(),
+                                              **verify_channels(outputs.verify)}) and existing:
                 # new datasets reset every row of this extractor to pending: plan again
                 work, _, summary.unchanged = plan(writer.images(), writer.state(setup.name),
                                                   files, roots, options.retry_failed)
@@ -112,7 +114,10 @@ def run_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestOptio
                 keep_freed_memory()
             with torch_threads(intra):
                 _pipeline(work, table, writer, extractor, setup.name, setup.policy, setup.scales,
-                          options, summary, progress, forward_threads)
+                          options, summary, progress, forward_threads, outputs.verify)
+            if outputs.verify is not None:  # rows computed before the extractor kept them
+                summary.keypoints_added = backfill_verify(writer, setup.name, outputs.verify,
+                                                          setup.policy, setup.scales, options)
     except BaseException:
         writer.discard_if_empty()
         raise
@@ -274,10 +279,11 @@ class _Ready:
 def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extractor_name: str,
               policy: SizePolicy, scales: tuple[float, ...], options: IngestOptions,
               summary: IngestSummary, progress: Callable[[int, int], None] | None,
-              forward_threads: int = 1) -> None:
-    """The local executor: decode -> batch -> forward + pool -> reorder -> commit (a thread)."""
+              forward_threads: int = 1, verify=None) -> None:
+    """The local executor: decode -> batch -> forward + pool -> reorder -> commit (a thread).
+    `verify` (VerifySettings): keypoints for verification found in the decode threads."""
     from ..numeric import merge_scales
-    from ..features.localfeat import LocalSet
+    from ..features.localset import LocalSet
 
     n_scales = len(scales)
     dims = extractor.output_dims()
@@ -306,6 +312,8 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
     local_parts: dict[int, dict[str, list]] = {}
     local_keys = [spec.key for spec in extractor.local]
     sift = any(spec.mask == "sift" for spec in extractor.local)
+    vkey = verify_key(verify.kind) if verify is not None else None
+    found_keypoints: dict[int, object] = {}  # seq -> verification LocalSet
     next_commit = 0
     buffer: list[tuple[int, RowUpdate, dict | None, dict | None]] = []
     last_commit = time.monotonic()
@@ -364,8 +372,10 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
             if acc is not None:
                 acc = {k: merge_scales(v) for k, v in acc.items()}
             parts = local_parts.pop(next_commit, None)
-            buffer.append((next_commit, update, acc,
-                           {k: LocalSet.concat(v) for k, v in parts.items()} if parts else None))
+            sets = {k: LocalSet.concat(v) for k, v in parts.items()} if parts else {}
+            if vkey is not None:
+                sets[vkey] = found_keypoints.pop(next_commit, None)
+            buffer.append((next_commit, update, acc, sets or None))
             if update.state == STATE_COMPUTED:
                 summary.ok += 1
             else:
@@ -377,8 +387,8 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
                                                                            np.float32)
                                     for _, _, acc, _ in buffer]) for k in keys}
             changed = [work[seq].row for seq, _, _, _ in buffer if work[seq].reason == "changed"]
-            local = {k: [p[k] if p is not None else None for _, _, _, p in buffer]
-                     for k in local_keys}
+            local = {k: [p.get(k) if p is not None else None for _, _, _, p in buffer]
+                     for k in local_keys + ([vkey] if vkey else [])}
             committer.put([u for _, u, _, _ in buffer], vectors, changed, local, len(buffer))
             buffer.clear()
             last_commit = time.monotonic()
@@ -393,7 +403,7 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
         load = load_deferred
     decoded = iter_decoded([w.path for w in work], policy, scales, workers=options.workers,
                            max_pixels=options.max_pixels, prefetch=max(32, 4 * options.workers),
-                           after=_sift_keypoints if sift else None, load=load)
+                           after=_after_decode(sift, verify), load=load)
     finished = False
     try:
         for seq, path, item in decoded:
@@ -405,6 +415,8 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
                 results[seq] = (RowUpdate(w.row, ImageRow(str(path), item.file_size, item.mtime,
                                                           item.sha, item.width, item.height,
                                                           STATUS_OK)), None, 0)
+                if vkey is not None:
+                    found_keypoints[seq] = item.extras.get("verify")
                 for batch in _items(batcher, extractor, seq, path, item, n_scales):
                     submit(batch)
             flush(force=False)
@@ -457,11 +469,23 @@ def _items(batcher: PixelBatcher, extractor, seq: int, path: Path, image: Decode
     return ready
 
 
-def _sift_keypoints(image: DecodedImage) -> dict:
-    """SIFT keypoints of every scale of a decoded image (run in the decode threads)."""
-    from ..features.localfeat import sift_keypoints
+def _after_decode(sift: bool, verify) -> Callable[[DecodedImage], dict] | None:
+    """What the decode threads compute beside decoding: SIFT positions of every scale for the
+    sift mask, verification keypoints of the first scale."""
+    if not sift and verify is None:
+        return None
 
-    return {"sift": [sift_keypoints(px) for px in image.pixels]}
+    def after(image: DecodedImage) -> dict:
+        out = {}
+        if sift:
+            from ..features.localfeat import sift_keypoints
+
+            out["sift"] = [sift_keypoints(px) for px in image.pixels]
+        if verify is not None:
+            out["verify"] = keypoints_or_none(image.pixels[0], verify)
+        return out
+
+    return after
 
 
 __all__ = ["run_ingest", "IngestOptions", "IngestSummary", "failure_update", "STATUS_FAILED"]

@@ -36,6 +36,7 @@ class IngestSummary:
     failed: int = 0
     missing: int = 0
     seconds: float = 0.0
+    keypoints_added: int = 0  # earlier rows given verification keypoints (no forward)
     failures: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     engine: dict = field(default_factory=dict)  # what a distributed engine did (--engine ray)
@@ -58,6 +59,8 @@ class IngestSummary:
         if self.retried:
             parts.append(f"{self.retried} failed before, retried")
         parts.append(f"{self.unchanged} unchanged")
+        if self.keypoints_added:
+            parts.append(f"{self.keypoints_added} given verification keypoints")
         done = f"{self.ok} ingested, {self.failed} failed"
         if self.missing:
             done += f", {self.missing} marked missing"

@@ -35,8 +35,9 @@ import numpy as np
 
 from ..errors import InvalidRequest, UserError, refuse
 from ..store import (FAILURE_PERMANENT, STATE_COMPUTED, STATE_FAILED, STATUS_FAILED,
-                     STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read)
+                     STATUS_OK, ImageRow, RowUpdate, StoreWriter, open_read, verify_key)
 from ..store.merge import (ExtractorShape, Pick, RowCopier, difference, extractor_shapes)
+from .backfill import backfill_verify, verify_channels
 from .plan import IngestOptions, IngestSummary, WorkItem, plan
 from .setup import extractor_settings, find_files, grow, resolve_setup, start_run
 
@@ -84,9 +85,11 @@ def _known(table, row: int | None) -> str:
 # Ray Data stages (run in Ray's worker processes)
 
 
-def decode_batch(batch: dict, size: str, scales: list, max_pixels: int, sift: bool) -> dict:
+def decode_batch(batch: dict, size: str, scales: list, max_pixels: int, sift: bool,
+                 verify: dict | None = None) -> dict:
     """Decode the files of a batch of work items (a CPU task). Pixels travel as bytes with
-    their shapes; failures travel as their reason and file facts."""
+    their shapes; failures travel as their reason and file facts; `verify` (the extractor's
+    settings of them): verification keypoints found here, as bytes with their count and grid."""
     from ..features.images import ImageError, SizePolicy, load_image
 
     policy = SizePolicy.parse(size)
@@ -105,6 +108,15 @@ def decode_batch(batch: dict, size: str, scales: list, max_pixels: int, sift: bo
     pixels = np.array([b""] * n, dtype=object)
     keypoints = np.array([b""] * n, dtype=object)
     kp_counts = np.zeros((n, ns), np.int32)
+    vfeat = np.array([b""] * n, dtype=object)
+    vxy = np.array([b""] * n, dtype=object)
+    vgrid = np.zeros((n, 2), np.int32)
+    vsettings = None
+    if verify:
+        from ..features.verifyfeat import VerifySettings
+        from .backfill import keypoints_or_none
+
+        vsettings = VerifySettings(**verify)
     for i, path in enumerate(batch["path"]):
         try:
             image = load_image(str(path), policy, scales, max_pixels=max_pixels)
@@ -128,11 +140,16 @@ def decode_batch(batch: dict, size: str, scales: list, max_pixels: int, sift: bo
         ok[i] = True
         fsize[i], mtime[i], sha[i] = image.file_size, image.mtime, image.sha
         width[i], height[i] = image.width, image.height
+        if vsettings is not None:
+            found = keypoints_or_none(image.pixels[0], vsettings)
+            vfeat[i], vxy[i] = found.features.tobytes(), found.coords.tobytes()
+            vgrid[i] = found.grid
         shapes[i] = [px.shape[:2] for px in image.pixels]
         pixels[i] = b"".join(np.ascontiguousarray(px).tobytes() for px in image.pixels)
     out.update(ok=ok, error=err, transient=transient, scope=scope, file_size=fsize, mtime=mtime,
                sha=sha, width=width, height=height, shapes=shapes, pixels=pixels,
-               keypoints=keypoints, kp_counts=kp_counts, decode_pid=np.full(n, os.getpid()))
+               keypoints=keypoints, kp_counts=kp_counts, vfeat=vfeat, vxy=vxy, vgrid=vgrid,
+               decode_pid=np.full(n, os.getpid()))
     return out
 
 
@@ -162,6 +179,7 @@ class Embedder:
         self.dims = {tuple(k): d for k, d in spec["dims"]}
         self.local_keys = [s.key for s in local]
         self.sift = any(s.mask == "sift" for s in local)
+        self.verify_key = spec.get("verify_key")
         self.shard = Path(spec["shard_dir"]) / f"shard-{spec['run']}-{uuid.uuid4().hex[:12]}.h5"
         self.writer = StoreWriter(self.shard)
         self.writer.ensure_extractor(self.name, spec["settings"], self.dims,
@@ -193,7 +211,7 @@ class Embedder:
         import torch
 
         from ..numeric import merge_scales
-        from ..features.localfeat import LocalSet
+        from ..features.localset import LocalSet
 
         n = len(batch["seq"])
         updates = [self._update(batch, i) for i in range(n)]
@@ -237,8 +255,13 @@ class Embedder:
                 vectors[k][i] = merge_scales([p[0][k] for p in parts])
             for k in self.local_keys:
                 local_sets[k][i] = LocalSet.concat([p[1][k] for p in parts])
-        ids = self.writer.commit(self.name, updates, vectors,
-                                 local=local_sets if self.local_keys else None)
+        if self.verify_key:
+            local_sets[self.verify_key] = [
+                LocalSet(np.frombuffer(batch["vfeat"][i], np.uint8).reshape(-1, 128),
+                         np.frombuffer(batch["vxy"][i], np.int16).reshape(-1, 2),
+                         tuple(int(v) for v in batch["vgrid"][i])) if batch["ok"][i] else None
+                for i in range(n)]
+        ids = self.writer.commit(self.name, updates, vectors, local=local_sets or None)
         return {
             "seq": np.asarray(batch["seq"], np.int64),
             "shard": np.array([self.shard.name] * n, dtype=object),
@@ -412,7 +435,7 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
                 extractor = build(layers, requested, local_specs)
             settings = extractor_settings(setup, outputs, extractor.poolings, options)
             dims = extractor.output_dims()
-            local_channels = extractor.local_channels()
+            local_channels = {**extractor.local_channels(), **verify_channels(outputs.verify)}
             if writer.ensure_extractor(setup.name, settings, dims, local=local_channels) \
                     and existing:
                 table = writer.images()
@@ -426,6 +449,9 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
                 settings = view.settings(setup.name)
             _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor,
                      layers, local_specs, dims, local_channels, options, summary, progress)
+            if outputs.verify is not None:  # rows computed before the extractor kept them
+                summary.keypoints_added = backfill_verify(writer, setup.name, outputs.verify,
+                                                          setup.policy, setup.scales, options)
     except BaseException:
         writer.discard_if_empty()
         raise
@@ -496,6 +522,8 @@ def _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor,
             "extractor": setup.name, "scales": list(setup.scales),
             "dims": [[list(k), int(d)] for k, d in dims.items()],
             "local_channels": sorted(local_channels.items()), "settings": settings,
+            "verify_key": verify_key(settings["verify"]["kind"]) if settings.get("verify")
+            else None,
             "shard_dir": str(folder), "run": time.strftime("%Y%m%d-%H%M%S"),
             "gpus": gpus, "cpus": cpus, "forward_batch": options.batch_size,
         }
@@ -605,7 +633,8 @@ def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch
     ds = ds.map_batches(decode_batch, batch_size=batch, batch_format="numpy", num_cpus=1,
                         memory=_decode_memory(settings, batch),
                         fn_kwargs={"size": settings["size"], "scales": list(settings["scales"]),
-                                   "max_pixels": int(settings["max_pixels"]), "sift": sift})
+                                   "max_pixels": int(settings["max_pixels"]), "sift": sift,
+                                   "verify": settings.get("verify")})
     embed = dict(batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
                  num_gpus=gpus, num_cpus=cpus)
     if not restarts:

@@ -25,6 +25,8 @@ class ExtractorSetup:
     policy: object  # features.images.SizePolicy
     scales: tuple[float, ...]
     name: str
+    verify: object = None  # features.verifyfeat.VerifySettings, or None
+    verify_asked: bool = False  # named by the options (else the default for a new extractor)
 
 
 def resolve_setup(options: IngestOptions) -> ExtractorSetup:
@@ -35,6 +37,7 @@ def resolve_setup(options: IngestOptions) -> ExtractorSetup:
     from ..features.localfeat import parse_local_spec
     from ..features.pooling import get_pooling
     from ..features.poolings import DEFAULT_POOLINGS, canonical_pooling_name
+    from ..features.verifyfeat import DEFAULT_KIND, VerifySettings, parse_verify_kind
 
     policy = SizePolicy.parse(options.size)
     backbone = get_backbone(options.backbone)
@@ -50,7 +53,16 @@ def resolve_setup(options: IngestOptions) -> ExtractorSetup:
     scales = tuple(float(s) for s in options.scales)
     name = extractor_id(backbone.name, weights.tag, policy.tag, scales, options.buckets,
                         options.decode)
-    return ExtractorSetup(backbone, weights, layers, requested, local_specs, policy, scales, name)
+    kind = parse_verify_kind(options.verify_features)
+    if kind is None:
+        kind = "none" if options.decode == "gpu" else DEFAULT_KIND
+    elif kind != "none" and options.decode == "gpu":
+        raise UserError("verification features are detected on the decoded pixels; device "
+                        "decoding keeps none (ingest with {verify_features} none, or decode "
+                        "on the CPU)", mentions=("verify_features",))
+    verify = VerifySettings(kind) if kind != "none" else None
+    return ExtractorSetup(backbone, weights, layers, requested, local_specs, policy, scales, name,
+                          verify, options.verify_features is not None)
 
 
 def find_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path],
@@ -79,14 +91,20 @@ class Outputs:
     poolings: tuple[str, ...]
     local_specs: tuple
     adds: bool  # the store's extractor gains a layer, pooling or kept local feature
+    verify: object = None  # VerifySettings the extractor keeps after the run, or None
 
 
 def grow(setup: ExtractorSetup, existing: dict | None) -> Outputs:
     """The outputs of a run on a store whose extractor has `existing` settings (None: new)."""
     from ..features.localfeat import parse_local_spec
+    from ..features.verifyfeat import VerifySettings
 
     if not existing:
-        return Outputs(setup.layers, setup.poolings, setup.local_specs, False)
+        return Outputs(setup.layers, setup.poolings, setup.local_specs, False, setup.verify)
+    # kept verification features stay as made; an extractor without them gains them only when
+    # asked (they are then filled in for its computed rows without another forward)
+    verify = VerifySettings.from_settings(existing) or (setup.verify if setup.verify_asked
+                                                        else None)
     names = setup.backbone.layer_names()
     old_local = [parse_local_spec(k) for k in existing.get("keep_local", [])]
     local_specs = tuple(dict.fromkeys([*old_local, *setup.local_specs]))
@@ -96,7 +114,8 @@ def grow(setup: ExtractorSetup, existing: dict | None) -> Outputs:
     adds = bool({(la, p) for la in layers for p in poolings}
                 - {(la, p) for la in existing["layers"] for p in existing["poolings"]}
                 or {s.key for s in local_specs} - set(existing.get("keep_local", [])))
-    return Outputs(layers, poolings, local_specs, adds)
+    adds = adds or (verify is not None and not existing.get("verify"))
+    return Outputs(layers, poolings, local_specs, adds, verify)
 
 
 @dataclass
@@ -151,6 +170,8 @@ def extractor_settings(setup: ExtractorSetup, outputs: Outputs, poolings: Sequen
         settings["buckets"] = options.buckets
     if options.decode != "cpu":
         settings["decode"] = options.decode
+    if outputs.verify is not None:
+        settings["verify"] = outputs.verify.as_dict()
     return settings
 
 

@@ -130,8 +130,21 @@ def _kreciprocal(p: dict) -> Ranker:
                        p.get("lambda", KRECIPROCAL_LAMBDA))
 
 
+def _verify(p: dict) -> Ranker:
+    from .verify import (VERIFY_EXPAND, VERIFY_K, VERIFY_MIN_INLIERS, VERIFY_RATIO,
+                         VERIFY_THRESHOLD, Verify)
+
+    return Verify(p.get("k", VERIFY_K), p.get("inliers", VERIFY_MIN_INLIERS),
+                  p.get("ratio", VERIFY_RATIO), p.get("px", VERIFY_THRESHOLD),
+                  p.get("qe", VERIFY_EXPAND))
+
+
 #: every stage a chain may name (a new stage: one file with its Ranker, one line here)
 STAGES: dict[str, StageType] = {s.name: s for s in (
+    StageType("verify", {"k": integer(1, 1000), "inliers": integer(4, 10000),
+                         "ratio": number(0, 1, True, True), "px": number(0, 1000, True),
+                         "qe": integer(0, 100)},
+              _verify, "verify[:k=..,inliers=..,ratio=..,px=..,qe=..]"),
     StageType("diffusion", {"k": integer(1, 1000), "alpha": number(0, 1, True, True),
                             "gamma": number(0, 100, True), "iter": integer(1, 1000)},
               _diffusion, "diffusion[:k=..,alpha=..,gamma=..,iter=..]"),
@@ -246,6 +259,11 @@ class QueryRequest:
     def chain(self) -> tuple[Ranker, ...]:
         """Every stage after the cosine ranking, in order."""
         return ((self.qe,) if self.qe is not None else ()) + tuple(self.rerank)
+
+    @property
+    def uses_keypoints(self) -> bool:
+        """Whether a stage verifies with keypoints (each query then needs its own)."""
+        return any(st.uses_keypoints for st in self.rerank)
 
     @property
     def graph_stages(self) -> bool:

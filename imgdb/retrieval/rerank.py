@@ -126,6 +126,21 @@ def _order(primary: np.ndarray, *tiebreak: np.ndarray, top: int | None = None) -
     return rank_order(primary, *tiebreak, top=top)
 
 
+@dataclass
+class QueryContext:
+    """What a stage may need of one query beyond its vector: its keypoints and a reader of the
+    database's (`database(rows)` -> one `verify.Keypoints` or None per row), for verification;
+    `record` keeps what verification found (rows -> geometry) for explanations."""
+
+    keypoints: object = None
+    database: Callable | None = None
+    found: dict = field(default_factory=dict)  # store row -> geometry (the latest stage's)
+    cache: dict = field(default_factory=dict)  # (row, *the stage's settings) -> geometry
+
+    def record(self, rows: np.ndarray, results: Sequence) -> None:
+        self.found.update(zip((int(r) for r in rows), results))
+
+
 class Ranker:
     """A stage of the query path: re-orders the collection for a query, given the ranking so
     far."""
@@ -138,6 +153,8 @@ class Ranker:
     min_graph_k: int = 0
     #: whether it needs every item's similarity (a `Collection`), not just an index's top-k
     needs_collection: bool = True
+    #: whether it reads the query's and the database's keypoints (its `QueryContext`)
+    uses_keypoints: bool = False
 
     @property
     def label(self) -> str:
@@ -153,7 +170,8 @@ class Ranker:
         stored graph's k and gamma are the defaults of diffusion on it)."""
         return self
 
-    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None,
+               context: "QueryContext | None" = None) -> Ranking:
         """The ranking of one query after this stage (`prior`: the ranking before it, at least
         `needs` long)."""
         raise NotImplementedError
@@ -171,24 +189,28 @@ class L2(Ranker):
     spec = "L2"
     needs_collection = False
 
-    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None,
+               context: "QueryContext | None" = None) -> Ranking:
         return coll.search(q, top)
 
 
-def rank_chain(stages, queries: np.ndarray, space, top: int | None = None) -> list[Ranking]:
+def rank_chain(stages, queries: np.ndarray, space, top: int | None = None,
+               contexts: Sequence[QueryContext | None] | None = None) -> list[Ranking]:
     """Each query ranked by cosine similarity, then by each stage in turn (each one given what
-    the one before ranked). `stages` must already be bound to `space` when they need a graph
-    (`Ranker.bind`); an empty chain is the cosine ranking."""
+    the one before ranked, and the query's context). `stages` must already be bound to `space`
+    when they need a graph (`Ranker.bind`); an empty chain is the cosine ranking."""
     stages = [st for st in stages if not isinstance(st, L2)]
     out = []
-    for q in np.asarray(queries, np.float32):
+    queries = np.asarray(queries, np.float32)
+    contexts = list(contexts) if contexts is not None else [None] * len(queries)
+    for q, context in zip(queries, contexts):
         # each stage reads the first `needs` items of the one before; the last gives `top`
         tops = [None if top is None else max(top, st.needs) for st in stages] + [top]
         if stages and top is None:
             tops[0] = stages[0].needs
         ranking = space.search(q, tops[0])
         for st, want in zip(stages, tops[1:]):
-            ranking = st.rerank(q, ranking, space, want)
+            ranking = st.rerank(q, ranking, space, want, context)
         out.append(ranking)
     return out
 
@@ -248,7 +270,8 @@ class QueryExpansion(Ranker):
     def needs(self) -> int:
         return self.m
 
-    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None,
+               context: "QueryContext | None" = None) -> Ranking:
         first = prior.order[:self.m]
         sims = prior.scores[:self.m]
         q2 = expand(q[None], [coll.vectors_at(first)], [sims], self.alpha)[0]
@@ -338,8 +361,8 @@ class Diffusion(Ranker):
     def needs(self) -> int:
         return self.k or DIFFUSION_K
 
-    def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None
-               ) -> Ranking:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None,
+               context: "QueryContext | None" = None) -> Ranking:
         op = self.operator(coll)
         s = coll.similarities(q)
         f = self.solve(s, *op, seeds=prior.order[:op[0]])
@@ -571,8 +594,8 @@ class KReciprocal(Ranker):
     def needs(self) -> int:
         return max(self.k1, self.k2 - 1, 1)
 
-    def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None
-               ) -> Ranking:
+    def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None,
+               context: "QueryContext | None" = None) -> Ranking:
         data = self.database(coll)
         s = coll.similarities(q)
         final = kreciprocal_query(s, data, self.k1, self.k2, self.lam, prior.order)
@@ -581,5 +604,6 @@ class KReciprocal(Ranker):
 
 
 __all__ = ["Ranking", "Collection", "Ranker", "L2", "QueryExpansion", "Diffusion",
-           "KReciprocal", "rank_chain", "expand", "qe_weights", "average_query_expansion",
+           "KReciprocal", "QueryContext", "rank_chain", "expand", "qe_weights",
+           "average_query_expansion",
            "conjugate_gradient", "kreciprocal_database", "kreciprocal_query"]

@@ -32,7 +32,7 @@ from .index import (AnnoySearcher, check_index, list_indexes, rebuild_command, t
                     usable_index)
 from .pca import model_version, post_processor
 from .request import QueryRequest
-from .rerank import Collection, Ranking, rank_chain
+from .rerank import Collection, QueryContext, Ranking, rank_chain
 from .source import VectorSource, resolve
 
 
@@ -71,6 +71,7 @@ class QueryInput:
     path: Path | None = None
     image: Any = None
     sha: str | None = None
+    data: bytes | None = None  # the file's bytes (an upload), for decoding it another way
     crop: tuple[float, float, float, float] | None = None  # pixels: the image is cropped to it
     region: tuple[float, float, float, float] | None = None  # pixels: only the feature-map
     # cells whose receptive-field centres fall in it are pooled (Babenko sec.4)
@@ -366,13 +367,101 @@ class QueryService:
         vectors = transform.transform(raw) if len(rows) else np.zeros((0, source.dim), np.float32)
         return Collection(vectors, graph, rows=rows)
 
-    def rank(self, plan: QueryPlan, request: QueryRequest, queries: np.ndarray
+    # -- keypoints for verification ----------------------------------------------------------
+    def keypoint_extractor(self, view: StoreView, plan: QueryPlan) -> str:
+        """The extractor whose verification keypoints serve the plan's descriptor (an encoding's
+        base extractor; the first of a fusion that keeps them)."""
+        source = resolve(view, plan.descriptor)
+        names = []
+        for ext in source.extractors:
+            enc = view.settings(ext).get("encoding")
+            names.append(enc["extractor"] if enc else ext)
+        for ext in names:
+            if view.verify_set(ext) is not None:
+                return ext
+        raise UserError(f"the store keeps no keypoints for verification of {plan.descriptor}; "
+                        f"add them with: imgdb ingest FOLDER --db {self.db} {{verify_features}} "
+                        f"sift (no forward runs again)", mentions=("verify_features",))
+
+    def stored_keypoints(self, extractor: str, rows: Sequence[int]) -> list:
+        """`verify.Keypoints` of stored rows (None where a row has none)."""
+        from .verify import Keypoints
+
+        rows = [int(r) for r in rows]
+        with open_read(self.db) as view:
+            info = view.verify_set(extractor)
+            if info is None:
+                return [None] * len(rows)
+            grids = dict(zip(rows, view.local_grids(info, rows)))
+            found = {r: Keypoints.from_stored(f, c, grids[r])
+                     for r, f, c in view.iter_local(info, rows)}
+        return [found.get(r) for r in rows]
+
+    def contexts(self, plan: QueryPlan, inputs: Sequence[QueryInput], bbox=None
+                 ) -> list[QueryContext]:
+        """Each query's keypoints (a stored image's, or found in its image as ingest found the
+        store's) and a reader of the database's, for verification."""
+        from ..features.verifyfeat import VerifySettings, sift_features
+        from .verify import Keypoints
+
+        with open_read(self.db) as view:
+            ext = self.keypoint_extractor(view, plan)
+            settings = VerifySettings.from_settings(view.settings(ext))
+            describer = self.describer(view, ext)
+            valid = view.valid(ext)
+            digests = [None if q.row is not None or bbox is not None or q.crop is not None
+                       else q.sha if q.sha is not None else _digest(q.path) for q in inputs]
+            found = find_stored(view.column("sha"), valid, digests)
+        rows = [q.row if q.row is not None else f for q, f in zip(inputs, found)]
+        stored = dict(zip([r for r in rows if r is not None],
+                          self.stored_keypoints(ext, [r for r in rows if r is not None])))
+        out = []
+        for q, r in zip(inputs, rows):
+            if r is not None:
+                kp = stored[r]
+                if kp is not None and q.region is not None:
+                    w, h = self._image_size(r)
+                    x1, y1, x2, y2 = q.region
+                    kp = kp.inside((x1 / w, y1 / h, x2 / w, y2 / h)) if w and h else kp
+            else:
+                image = self._verify_image(q, describer, q.crop if q.crop is not None else bbox,
+                                           settings.for_query().side)
+                ls = sift_features(image.pixels[0], settings.for_query())
+                kp = Keypoints.from_stored(ls.features, ls.coords, ls.grid)
+                kp = kp.inside(_fraction(q.region, image))
+            out.append(QueryContext(kp, lambda rs, ext=ext: self.stored_keypoints(ext, rs)))
+        return out
+
+    @staticmethod
+    def _verify_image(q: QueryInput, describer, crop, side: int):
+        """A query image for keypoint detection: a file (or an upload's bytes) decoded at
+        `side` px (a photo's object may be small); else the image as it was decoded."""
+        from ..features.images import ImageError, decode_query_bytes, load_query_image
+
+        settings = dict(describer.base, size=f"max:{side}", scales=[1.0])
+        if q.path is not None:
+            return load_query_image(q.path, settings, crop)
+        if q.data is not None:
+            try:
+                return decode_query_bytes(q.data, settings, crop)
+            except ImageError as exc:
+                raise UserError(f"cannot use query image {q.name}: {exc}") from None
+        return _image_for(q, describer, crop)
+
+    def _image_size(self, row: int) -> tuple[int, int]:
+        with open_read(self.db) as view:
+            table = view.images()
+            return int(table.width[row]), int(table.height[row])
+
+    def rank(self, plan: QueryPlan, request: QueryRequest, queries: np.ndarray,
+             contexts: Sequence[QueryContext | None] | None = None
              ) -> list[list[tuple[int, float]]]:
         """Post-processed query vectors -> per query [(row, score)], best first: the top-k of
-        the plan's space, then the request's chain of stages."""
+        the plan's space, then the request's chain of stages (`contexts`: each query's
+        keypoints, which a verification stage needs)."""
         space, _ = self.space(plan, request)
         bound = [st.bind(space) if st.needs_collection else st for st in request.chain]
-        rankings = rank_chain(bound, queries, space, request.k)
+        rankings = rank_chain(bound, queries, space, request.k, contexts)
         return [[(int(space.rows[p]), float(s)) for p, s in zip(r.order, r.scores)]
                 for r in rankings]
 
@@ -392,7 +481,8 @@ class QueryService:
         inputs = [QueryInput(str(i), row=int(i)) for i in ids] + \
                  [QueryInput(str(p), path=p) for p in files]
         raws, kinds = self.raw_vectors(plan, inputs, request.bbox)
-        hits = self.rank(plan, request, self.post_process(plan, request, raws))
+        contexts = self.contexts(plan, inputs, request.bbox) if request.uses_keypoints else None
+        hits = self.rank(plan, request, self.post_process(plan, request, raws), contexts)
         with open_read(self.db) as view:
             paths = view.paths(np.array([r for found in hits for r, _ in found], np.int64))
             id_paths = view.paths(list(ids)) if ids else []

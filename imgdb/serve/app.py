@@ -174,6 +174,17 @@ class _Query:
     decoded: dict = field(default_factory=dict)
     futures: dict | None = None
     token: str | None = None
+    data: bytes | None = None  # an upload's bytes
+
+    def as_input(self, bbox=None):
+        """The query as the query service takes it (keypoints for verification)."""
+        from ..retrieval.service import QueryInput
+
+        if self.data is None:
+            return QueryInput(str(self.row), row=self.row)
+        first = next(iter(self.decoded.values()))
+        return QueryInput("upload", image=self.decoded, sha=first.sha, data=self.data,
+                          crop=bbox)
 
     @property
     def source(self) -> str:
@@ -207,7 +218,7 @@ async def _take_query(engine: Engine, limits: "Limits", plan, upload, id_text: s
         first = decoded[extractors[0]]
         if q is None:
             q = _Query(engine.stored_row(first.sha, extractors) if bbox is None else None,
-                       first.width, first.height)
+                       first.width, first.height, data=data)
         q.decoded = decoded
         if bbox is not None or q.row is None:
             q.futures = {ext: engine.batcher.submit(ext, im) for ext, im in decoded.items()}
@@ -337,7 +348,7 @@ def create_app(engine: Engine, limits: Limits | None = None,
         q = await _take_query(engine, limits, plan, upload, id_text, bbox, timing)
         raw = await _raw_vector(engine, plan, q, timing)
         t0 = time.perf_counter()
-        hits = await asyncio.to_thread(engine.rank, plan, ask, raw)
+        hits = await asyncio.to_thread(engine.rank, plan, ask, raw, q.as_input(bbox))
         timing["search_ms"] = (time.perf_counter() - t0) * 1000
         timing["total_ms"] = (time.perf_counter() - started) * 1000
         return _query_response(engine, choice, plan, ask, q, bbox, hits, timing)

@@ -285,12 +285,15 @@ class Engine:
 
         return self.service.raw_vectors(plan, [QueryInput(str(row), row=row)])[0][0]
 
-    def rank(self, plan: QueryPlan, request: QueryRequest, raw: np.ndarray
+    def rank(self, plan: QueryPlan, request: QueryRequest, raw: np.ndarray, query=None
              ) -> list[tuple[int, float]]:
-        """A raw query vector -> top-k (row, score) after the request's stages."""
+        """A raw query vector -> top-k (row, score) after the request's stages (`query`: the
+        service's QueryInput, whose keypoints a verification stage reads)."""
         try:
             vector = self.service.post_process(plan, request, raw[None])
-            return self.service.rank(plan, request, vector)[0]
+            contexts = self.service.contexts(plan, [query], request.bbox) \
+                if request.uses_keypoints and query is not None else None
+            return self.service.rank(plan, request, vector, contexts)[0]
         except UserError as exc:
             if isinstance(exc, RequestError):
                 raise

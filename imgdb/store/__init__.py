@@ -10,7 +10,8 @@ from .reader import StoreView, open_read
 from .schema import (FAILURE_NONE, FAILURE_PERMANENT, FAILURE_TRANSIENT, STATE_COMPUTED,
                      STATE_FAILED, STATE_FAILED_TRANSIENT, STATE_PENDING, STATUS_FAILED,
                      STATUS_LOST, STATUS_MISSING, STATUS_NAMES, STATUS_OK, DescriptorInfo,
-                     ImageRow, ImageTable, IndexEntry, LocalInfo, ModelInfo, now_iso)
+                     ImageRow, ImageTable, IndexEntry, LocalInfo, ModelInfo, now_iso,
+                     verify_key)
 from .writer import RowUpdate, StoreWriter
 
 __all__ = [
@@ -18,5 +19,5 @@ __all__ = [
     "RowUpdate", "ImageRow", "ImageTable", "DescriptorInfo", "LocalInfo", "ModelInfo",
     "IndexEntry", "STATUS_OK", "STATUS_FAILED", "STATUS_MISSING", "STATUS_LOST", "STATUS_NAMES",
     "FAILURE_NONE", "FAILURE_PERMANENT", "FAILURE_TRANSIENT", "STATE_PENDING", "STATE_COMPUTED",
-    "STATE_FAILED", "STATE_FAILED_TRANSIENT", "now_iso",
+    "STATE_FAILED", "STATE_FAILED_TRANSIENT", "now_iso", "verify_key",
 ]

@@ -314,6 +314,17 @@ class StoreView:
         raise StoreError(f"local features {name!r} are ambiguous; use one of: "
                          + ", ".join(i.name for i in matches))
 
+    def verify_set(self, extractor: str) -> LocalInfo | None:
+        """The extractor's verification keypoints (None: it keeps none)."""
+        found = [i for i in self.local_sets() if i.extractor == extractor and i.verify]
+        return found[0] if found else None
+
+    def local_grids(self, info: LocalInfo, rows: Sequence[int]) -> np.ndarray:
+        """(len(rows), 2) grid (width, height) of each row's local features."""
+        g = self._local_group(info)
+        grid = self._read(f"{g.name}/grid", g["grid"], slice(0, self.rows))
+        return grid[np.asarray(rows, np.int64)]
+
     def _local_group(self, info: LocalInfo) -> h5py.Group:
         return self.fh["local"][info.extractor][info.key]
 

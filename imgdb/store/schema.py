@@ -19,6 +19,7 @@ metadata (superblock, B-trees, heaps).
     error_data, error_start, error_len                       why this extractor failed a row
     <layer>/<pooling> f4 (rows, D)
 /local/<extractor>/<key>/      features f2 (M, C), coords i2 (M, 2); start i8, count i4, grid i4
+/local/<extractor>/verify.<k>/ the same with features u1 (M, 128): keypoints for verification
 /models/<kind>/<descriptor>/v<N>/   arrays + attrs (JSON for nested values)
 /indexes/<name>/               rows i8 (items,) + attrs
 ```
@@ -45,6 +46,9 @@ STATUS_NAMES = {STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_MISSING: "missi
 #: Why a row failed: a permanent failure (the bytes are not a usable image) is not retried until
 #: the file changes; a transient one (permission, memory, I/O) is retried by every rerun.
 FAILURE_NONE, FAILURE_PERMANENT, FAILURE_TRANSIENT = 0, 1, 2
+
+#: local sets whose name starts so hold verification keypoints (uint8 descriptors)
+VERIFY_PREFIX = "verify."
 
 #: Per-extractor state of a row.
 STATE_PENDING, STATE_COMPUTED, STATE_FAILED, STATE_FAILED_TRANSIENT = 0, 1, 2, 3
@@ -161,6 +165,11 @@ class LocalInfo:
     @property
     def name(self) -> str:
         return f"{self.extractor}/{self.key}"
+
+    @property
+    def verify(self) -> bool:
+        """Keypoints kept for geometric verification (not conv cells for codebooks)."""
+        return self.key.startswith(VERIFY_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -288,9 +297,23 @@ def create_vectors(group: h5py.Group, name: str, rows: int, dim: int,
                     np.nan)
 
 
+def verify_key(kind: str) -> str:
+    """The local-set name of an extractor's verification keypoints of one kind (`verify.sift`)."""
+    return VERIFY_PREFIX + kind
+
+
+def local_dtype(key: str) -> str:
+    """The feature dtype of a local set: uint8 SIFT descriptors for verification keypoints,
+    float16 activations for conv cells."""
+    return "u1" if key.startswith(VERIFY_PREFIX) else "f2"
+
+
 def create_local(fh: h5py.File, extractor: str, key: str, channels: int, rows: int) -> h5py.Group:
     g = fh.require_group("local").require_group(extractor).create_group(key)
-    _dataset(g, "features", (0, channels), "f2", (max(32, (1 << 16) // (2 * channels)), channels))
+    dtype = local_dtype(key)
+    item = np.dtype(dtype).itemsize
+    _dataset(g, "features", (0, channels), dtype,
+             (max(32, (1 << 16) // (item * channels)), channels))
     _dataset(g, "coords", (0, 2), "i2", (ROW_CHUNK, 2))
     _dataset(g, "start", (rows,), "i8", (ROW_CHUNK,), -1)
     _dataset(g, "count", (rows,), "i4", (ROW_CHUNK,), 0)

@@ -32,10 +32,12 @@ from ..errors import StoreDamaged, StoreError, UserError
 from . import journal, lock
 from .reader import StoreView, check_exists, damaged, hdf5_error
 from .registry import STORE_WIDE_NUMBERS, RegistryWrites
-from .rows import RowPutter, RowUpdate, append_text, bump_revision, write_images, write_local
+from .rows import (RowPutter, RowUpdate, append_text, bump_revision, write_images, write_local,
+                   write_rows)
 from .schema import (FAILURE_NONE, STATE_COMPUTED, STATE_PENDING, STATUS_OK, USERBLOCK,
                      ImageTable, aligned_datasets, create_extractor, create_layout, create_local,
                      create_vectors, extractor_names, extractor_path, local_groups, now_iso,
+                     VERIFY_PREFIX,
                      set_attr)
 
 LIBVER = "latest"  # v3 superblock, checksummed object headers and chunk indexes
@@ -463,6 +465,8 @@ class StoreWriter(RegistryWrites):
                 for key in ("layers", "poolings", "keep_local"):
                     if key in settings or key in old:
                         merged[key] = sorted(set(old.get(key, [])) | set(settings.get(key, [])))
+                if settings.get("verify") and not old.get("verify"):
+                    merged["verify"] = settings["verify"]  # added; a kept kind stays as made
                 set_attr(g, "settings", json.dumps(merged, sort_keys=True))
             added = False
             for (layer, pooling), dim in dims.items():
@@ -473,7 +477,9 @@ class StoreWriter(RegistryWrites):
             for key, channels in (local or {}).items():
                 if key not in fh.require_group("local").require_group(extractor):
                     create_local(fh, extractor, key, channels, n)
-                    added = True
+                    # verification keypoints are filled in for the computed rows on their own
+                    # (ingest's backfill); conv cells need the forward again
+                    added = added or not key.startswith(VERIFY_PREFIX)
             if added and n:
                 state = g["state"][:n]
                 state[state == STATE_COMPUTED] = STATE_PENDING
@@ -482,6 +488,31 @@ class StoreWriter(RegistryWrites):
         return added
 
     # -- rows --------------------------------------------------------------------------------------
+    def add_local(self, extractor: str, key: str, rows: Sequence[int], sets: Sequence) -> None:
+        """Give computed rows that lack them their local features of `key` (LocalSets), as one
+        commit; the vectors and the revision are untouched (indexes stay current)."""
+        if not len(rows):
+            return
+        with self.transaction() as fh:
+            node = self._node
+            kg = node(f"local/{extractor}/{key}")
+            ids = np.asarray(rows, np.int64)
+            if ((ids < 0) | (ids >= int(fh.attrs["rows"]))).any():
+                raise ValueError("add_local names rows the store does not have")
+            put = RowPutter(ids)
+            end = kg["features"].shape[0]
+            counts = np.array([len(ls.features) for ls in sets], np.int32)
+            starts = end + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            total = int(counts.sum())
+            for name in ("features", "coords"):
+                ds = kg[name]
+                ds.resize(end + total, axis=0)
+                if total:
+                    write_rows(ds, end, np.concatenate([getattr(ls, name) for ls in sets]))
+            put(kg["start"], starts)
+            put(kg["count"], counts)
+            put(kg["grid"], np.array([ls.grid for ls in sets], np.int32).reshape(-1, 2))
+
     def commit(self, extractor: str | None, rows: Sequence[RowUpdate],
                vectors: dict[tuple[str, str], np.ndarray] | None = None,
                file_changed: Sequence[int] = (), local: dict[str, list] | None = None
