@@ -267,3 +267,30 @@ def test_phone_photos_find_their_cover_with_verification(phone) -> None:
                                  "--json").stdout)
         right += Path(res["queries"][0]["results"][0]["path"]).stem == truth[photo.stem]
     assert right >= 0.8 * s.photos
+
+
+def test_explain_draws_the_inlier_matches(phone, tmp_path) -> None:
+    s, db = phone["set"], phone["db"]
+    truth = dict(csv.reader(open(s.gt)))
+    with open_read(db) as view:
+        names = [Path(p).stem for p in view.paths()]
+        table = view.images()
+    for photo in sorted(s.queries.iterdir())[:4]:  # most photos verify (the test above)
+        row = names.index(truth[photo.stem])
+        out = json.loads(run_cli("explain", str(photo), "--db", str(db), "--descriptor",
+                                 "head/spoc", "--result", str(row), "--out",
+                                 str(tmp_path / photo.stem), "--patch", "256",
+                                 "--json").stdout)
+        v = out["verification"]
+        assert v is not None and v["verified"] == (v["inliers"] >= 12)
+        if v["verified"]:
+            break
+    assert v["verified"], "none of four photos verified against its cover"
+    assert len(v["matches"]) >= v["inliers"]  # each keypoint counted once
+    m = np.array(v["matches"])
+    w, h = Image.open(photo).size
+    assert (m[:, 0] <= w).all() and (m[:, 1] <= h).all()  # query points in its own pixels
+    assert (m[:, 2] <= table.width[row]).all() and (m[:, 3] <= table.height[row]).all()
+    assert np.asarray(v["transform"]).shape == (3, 3)
+    assert Image.open(v["file"]).size[0] > w * 0.5
+    assert "matches.png" in (tmp_path / photo.stem / "index.html").read_text()

@@ -84,6 +84,11 @@ def explain(
              f"({summary['result_path']}): similarity {summary['similarity']:.4f} "
              f"[{summary['descriptor']}, model {summary['model']}]"]
     lines += [f"  {m['map']:<10} {m['on']:<6} {m['file']}  {m['text']}" for m in summary["maps"]]
+    v = summary["verification"]
+    if v is not None:
+        state = "verified" if v["verified"] else "not verified"
+        lines.append(f"  matches    {v['inliers']} inliers ({state})"
+                     f"  {v['file']}")
     lines.append(f"page: {summary['html']}")
     emit(Output(summary, lines, [f"note: {n}" for n in summary["notes"]]), as_json)
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from ..errors import UserError
 from ..features.images import DecodedImage, SizePolicy, iter_decoded
 from ..features.localset import LocalSet
 from ..store import STATE_COMPUTED, STATUS_OK, StoreWriter, verify_key
@@ -27,6 +28,8 @@ def keypoints_or_none(pixels: np.ndarray, verify) -> LocalSet:
 
     try:
         return sift_features(pixels, verify)
+    except UserError:  # OpenCV missing: every image would fail, say so
+        raise
     except Exception:  # noqa: BLE001 - OpenCV's errors have no common type
         w, h = pixels.shape[1], pixels.shape[0]
         return LocalSet(np.zeros((0, verify.channels), np.uint8), np.zeros((0, 2), np.int16),

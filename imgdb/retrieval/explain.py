@@ -358,6 +358,69 @@ _MAP_TITLES = {
 }
 
 
+def matches_picture(query: np.ndarray, result: np.ndarray, verification: dict) -> np.ndarray:
+    """The query and the result side by side (each at the size its keypoints were found at),
+    a line between the two ends of every inlier match, and the result's outline where the
+    fitted transform puts it in the query."""
+    import cv2
+
+    qh, qw = verification["query_size"][1], verification["query_size"][0]
+    rh, rw = verification["result_size"][1], verification["result_size"][0]
+    a = cv2.resize(np.ascontiguousarray(query), (qw, qh), interpolation=cv2.INTER_AREA)
+    b = cv2.resize(np.ascontiguousarray(result), (rw, rh), interpolation=cv2.INTER_AREA)
+    canvas = np.full((max(qh, rh), qw + rw, 3), 255, np.uint8)
+    canvas[:qh, :qw], canvas[:rh, qw:] = a, b
+    for xq, yq, xr, yr in verification["matches_detected"]:
+        cv2.line(canvas, (int(xq), int(yq)), (int(xr) + qw, int(yr)), (0, 200, 0), 1,
+                 cv2.LINE_AA)
+        cv2.circle(canvas, (int(xq), int(yq)), 2, (255, 0, 0), -1)
+        cv2.circle(canvas, (int(xr) + qw, int(yr)), 2, (255, 0, 0), -1)
+    if verification["transform"] is not None:  # where the result lies in the query photo
+        corners = np.array([[0, 0], [rw, 0], [rw, rh], [0, rh]], np.float32)[:, None]
+        back = np.linalg.inv(np.asarray(verification["transform"], np.float64))
+        outline = np.round(cv2.perspectiveTransform(corners, back)[:, 0]).astype(np.int32)
+        cv2.polylines(canvas[:, :qw], [outline], True, (255, 160, 0), 2, cv2.LINE_AA)
+    return canvas
+
+
+def verify_pair(service, plan, image, result: int, width: int, height: int) -> dict | None:
+    """The geometric verification of a query file against a stored result, in the words of
+    `--rerank verify` (None where the store keeps no keypoints): inlier count, the fitted
+    transform (query detection pixels -> result detection pixels), and the inlier matches in
+    the original pixels of both images (x, y of the query, x, y of the result)."""
+    from ..store import open_read
+    from .service import QueryInput
+    from .verify import verify_shortlist
+
+    with open_read(service.db) as view:
+        try:
+            service.keypoint_extractor(view, plan)
+        except UserError:
+            return None
+    (ctx,) = service.contexts(plan, [QueryInput(str(image), path=image)])
+    (other,) = ctx.database([result])
+    if ctx.keypoints is None or other is None:
+        return None
+    (g,) = verify_shortlist(ctx.keypoints, [other])
+    q_xy = ctx.keypoints.xy[g.matches[:, 0]] if len(g.matches) else np.zeros((0, 2))
+    r_xy = other.xy[g.matches[:, 1]] if len(g.matches) else np.zeros((0, 2))
+    from PIL import Image
+
+    with Image.open(image) as im:  # the query's upright size (its keypoints' frame)
+        from PIL import ImageOps
+
+        qw, qh = ImageOps.exif_transpose(im).size
+    q_scale = np.array([qw / ctx.keypoints.size[0], qh / ctx.keypoints.size[1]])
+    r_scale = np.array([width / other.size[0], height / other.size[1]])
+    return {
+        "inliers": g.inliers, "verified": None,
+        "transform": None if g.transform is None else np.round(g.transform, 6).tolist(),
+        "query_size": list(ctx.keypoints.size), "result_size": list(other.size),
+        "matches": np.round(np.hstack([q_xy * q_scale, r_xy * r_scale]), 1).tolist(),
+        "matches_detected": np.hstack([q_xy, r_xy]).tolist(),
+    }
+
+
 def write_explanations(db, image, out, result: int | None = None, index: str | None = None,
                        descriptor: str | None = None, pca: str | None = None,
                        patch: int | None = None, stride: int | None = None, batch: int = 16,
@@ -373,6 +436,7 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
     from ..store import open_read
     from .request import QueryRequest
     from .service import QueryInput, QueryService
+    from .verify import VERIFY_MIN_INLIERS
 
     db, image, out = Path(db), Path(os.path.abspath(image)), Path(out)
     if not image.is_file():
@@ -387,6 +451,8 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
         valid = view.valid(info.extractor)
         shas = view.column("sha")
         paths = view.paths()
+        table = view.images()
+        sizes = np.stack([table.width, table.height], axis=1)
         settings = ex.describer.base
     if not valid.any():
         raise UserError(f"descriptor {info.name} has no stored vectors; run imgdb ingest")
@@ -431,6 +497,12 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
         written.append({"map": m.kind, "on": on, "file": str(out / f"{name}.png"),
                         "text": describe_map(m),
                         **{k: v for k, v in m.info.items() if isinstance(v, (int, float, str))}})
+    verification = verify_pair(service, plan, image, result, *(int(v) for v in sizes[result]))
+    if verification is not None:
+        verification["verified"] = verification["inliers"] >= VERIFY_MIN_INLIERS
+        (out / "matches.png").write_bytes(png_bytes(matches_picture(
+            query_image.pixels[0], result_image.pixels[0], verification)))
+        verification["file"] = str(out / "matches.png")
     np.savez_compressed(out / "maps.npz", **arrays)
     similarity = float(q @ r)
     figures = "".join(
@@ -446,13 +518,21 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
             f"<figure><img src='query.png' alt='query'><figcaption>query (as the network saw "
             f"it)</figcaption></figure><figure><img src='result.png' alt='result'><figcaption>"
             f"result: image {result}</figcaption></figure><br>{figures}"
+            + (f"<h2>Verification</h2><figure><img src='matches.png' alt='matches' "
+               f"style='max-width:820px'><figcaption>{verification['inliers']} inlier matches "
+               f"({'verified' if verification['verified'] else 'not verified'}: "
+               f"--rerank verify needs {VERIFY_MIN_INLIERS}); the result's outline where the "
+               f"fitted transform places it in the query</figcaption></figure>"
+               if verification is not None else "")
             + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</body></html>")
     (out / "index.html").write_text(page, encoding="utf-8")
     return {"query": str(image), "result": result, "result_path": paths[result],
             "descriptor": info.name, "model": plan.model or "none", "similarity": similarity,
             "maps": written, "arrays": str(out / "maps.npz"), "html": str(out / "index.html"),
+            "verification": None if verification is None else
+            {k: v for k, v in verification.items() if k != "matches_detected"},
             "notes": notes}
 
 
 __all__ = ["Explainer", "ExplanationMap", "upsample", "heat_rgba", "overlay", "png_bytes",
-           "describe_map", "write_explanations"]
+           "describe_map", "write_explanations", "verify_pair", "matches_picture"]
