@@ -120,6 +120,8 @@ def via_cli(world, target: dict, query: Path | int, stages: dict) -> list[tuple[
         args += ["--qe", stages["qe"]]
     if stages.get("rerank"):
         args += ["--rerank", stages["rerank"]]
+    if stages.get("regions"):
+        args += ["--regions"]
     out = json.loads(run_cli(*args).stdout)
     return [(r["id"], r["score"]) for r in out["queries"][0]["results"]]
 
@@ -128,7 +130,8 @@ def via_api(world, target: dict, query: Path | int, stages: dict) -> list[tuple[
     request = QueryRequest(index=target.get("index"), descriptor=target.get("descriptor"),
                            model=target.get("model"), exact="index" not in target, k=K,
                            qe=parse_qe(stages.get("qe", "0")),
-                           rerank=parse_rerank(stages["rerank"]) if stages.get("rerank") else ())
+                           rerank=parse_rerank(stages["rerank"]) if stages.get("rerank") else (),
+                           regions=bool(stages.get("regions")))
     files, ids = ([query], []) if isinstance(query, Path) else ([], [query])
     _, results = QueryService(world["db"], "cpu").answer(request, files, ids)
     return [(h.id, h.score) for h in results[0].hits]
@@ -153,11 +156,15 @@ def via_eval(world, target: dict, stages: dict) -> dict[str, list[tuple[int, flo
     for gt, folder in ((world["gt"], world["queries"]), (world["gt_stored"], None)):
         opts = EvalOptions(descriptors=[target["descriptor"]], queries_dir=folder,
                            device="cpu", qe=[stages["qe"]] if stages.get("qe") else [],
-                           rerank=[stages["rerank"]] if stages.get("rerank") else [])
+                           rerank=[stages["rerank"]] if stages.get("rerank") else [],
+                           regions=bool(stages.get("regions")))
         if target.get("model"):  # the stored model was fitted on this store with these dims
             opts.pca_on_test, opts.dims = True, [16]
         result = run_eval(world["db"], gt, opts)
-        (key,) = [k for k in result.rankings if (k[3] == "L2") == (not stages)]
+        plain = not (stages.get("qe") or stages.get("rerank"))
+        (key,) = [k for k in result.rankings
+                  if k[3].startswith("regions") == bool(stages.get("regions"))
+                  and (k[3] in ("L2", "regions")) == plain]
         names = [s.name for s in result.cells[0].per_query]
         for i, n in enumerate(names):
             out[n] = list(zip(map(int, result.rankings[key][i]),
@@ -167,7 +174,8 @@ def via_eval(world, target: dict, stages: dict) -> dict[str, list[tuple[int, flo
 
 def same(a: list[tuple[int, float]], b: list[tuple[int, float]], what: str) -> None:
     assert [i for i, _ in a] == [i for i, _ in b], what
-    np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-6, rtol=0,
+    # JSON prints scores to 6 decimals: two scores 1e-7 apart may print 1e-6 apart
+    np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1.5e-6, rtol=0,
                                err_msg=what)
 
 
@@ -188,6 +196,8 @@ STAGES = {
     "kreciprocal": {"rerank": "kreciprocal:k1=8,k2=3"},
     "verify": {"rerank": "verify:k=12,inliers=6"},
     "verify+diffusion": {"rerank": "verify:k=12,inliers=6,diffusion"},
+    "regions": {"regions": "1"},
+    "regions+verify": {"regions": "1", "rerank": "verify:k=12,inliers=6"},
 }
 GRAPH_TARGETS = ("exact",)  # the stored graph: head/gem-p3 without a model
 

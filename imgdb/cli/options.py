@@ -503,7 +503,8 @@ Rerank = Annotated[Optional[str], typer.Option(
     help="Re-rank: verify (the top k checked geometrically with the stored SIFT keypoints; "
          "verified images first), or with the store's kNN graph (imgdb fit graph) diffusion "
          "(Iscen et al.) or kreciprocal (Zhong et al.); options after ':' as KEY=VALUE; stages "
-         "in a chain are comma-separated (verify,diffusion).")]
+         "in a chain are comma-separated (verify,diffusion). Diffusion and kreciprocal step "
+         "aside on collections without neighbourhoods (guard=0 forces them).")]
 Reranks = Annotated[Optional[List[str]], typer.Option(
     "--rerank", parser=rerank_spec, metavar="STAGE[:k=v,..][,STAGE..]",
     help="Re-ranking, each its own row beside L2 (repeatable): verify[:k=K,inliers=N,ratio=R,"
@@ -517,6 +518,11 @@ SearchK = Annotated[Optional[int], typer.Option(
     "--search-k", parser=integer(1), metavar="N",
     help="Annoy candidates to inspect, >= 1 (default max(10000, k x trees)); more: better "
          "recall, slower.")]
+Regions = Annotated[bool, typer.Option(
+    "--regions", help="Also search with crops of each query image (2x2 at 0.6 and 3x3 at 0.4 "
+                      "of its sides; every result scores its best crop): finds an object that "
+                      "fills only part of a photo, at 14 forwards per query.")]
+
 Bbox = Annotated[Optional[Box], typer.Option(
     "--bbox", parser=bbox, metavar="x1,y1,x2,y2",
     help="Crop the query images: x1,y1,x2,y2 pixels of the upright original.")]

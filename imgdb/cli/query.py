@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from .options import (Bbox, Db, Device, GraphVersion, Json, OptDescriptor, OptModelVersion,
-                      QueryExpansion, Rerank, SearchK, TopK, integer, output_file)
+                      QueryExpansion, Regions, Rerank, SearchK, TopK, integer, output_file)
 from .render import emit, query_output
 
 
@@ -36,6 +36,7 @@ def query(
         "--id", parser=integer(0), metavar="N",
         help="Query by stored image id, >= 0 (repeatable).")] = None,
     bbox: Bbox = None,
+    regions: Regions = False,
     qe: QueryExpansion = "0",
     rerank: Rerank = None,
     graph: GraphVersion = None,
@@ -49,6 +50,8 @@ def query(
     """Find the images most similar to each query image.
 
     Example: imgdb query ~/Desktop/that.jpg --db photos.h5 -k 20 --rerank diffusion
+
+    A phone photo of an object: imgdb query photo.jpg --db covers.h5 --regions --rerank verify
     """
     from ..retrieval.request import QueryRequest, parse_qe, parse_rerank
     from ..retrieval.service import QueryService
@@ -56,7 +59,8 @@ def query(
     request = QueryRequest(descriptor=descriptor, model=pca, index=index, exact=exact, k=k,
                            search_k=search_k, qe=parse_qe(qe),
                            rerank=parse_rerank(rerank) if rerank is not None else (),
-                           graph=graph, bbox=tuple(bbox) if bbox else None, device=device)
+                           graph=graph, bbox=tuple(bbox) if bbox else None, regions=regions,
+                           device=device)
     plan, results = QueryService(db, device).answer(request, list(images or []),
                                                     list(ids or []))
     if html_out is not None:

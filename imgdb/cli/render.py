@@ -351,15 +351,18 @@ def query_output(plan, results: Iterable, html: str | None = None) -> Output:
     data = {
         "descriptor": plan.descriptor, "model": plan.model or "none",
         "index": plan.index, "exact": plan.index is None,
+        "stages": results[0].stages if results else [],
         "queries": [{"query": r.query, "source": r.source,
                      "results": [{"rank": h.rank, "score": round(h.score, 6), "id": h.id,
                                   "path": h.path} for h in r.hits]} for r in results],
     }
     lines = []
+    notes = [f"{st['stage']} {st['reason']}" for st in (results[0].stages if results else [])
+             if st["reason"]]
     for r in results:
         lines.append(f"query {r.query}  [{plan.descriptor}, {plan.index or 'exact search'}]")
         lines += [f"{h.rank:>4}  {h.score:8.4f}  {h.id:>7}  {h.path}" for h in r.hits]
-    notes = [f"gallery written to {html}"] if html else []
+    notes += [f"gallery written to {html}"] if html else []
     return Output(data, lines, notes)
 
 

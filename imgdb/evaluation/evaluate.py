@@ -46,6 +46,7 @@ class EvalOptions:
     protocol: str = "auto"
     group_regex: str | None = None
     device: str = "auto"
+    regions: bool = False  # every ranking also with the query's crops (retrieval.regions)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class _QueryVectors:
         self.service = QueryService(db, opts.device)
         self._extracted: dict[str, list[dict]] = {}  # extractor -> per query (None: stored)
         self._contexts: dict[str, list] = {}  # extractor -> per query (keypoints)
+        self._regions: dict[str, list] = {}  # descriptor -> per query (raw crop vectors)
 
     def get(self, source: VectorSource) -> np.ndarray:
         if self.opts.queries_db:
@@ -188,6 +190,19 @@ class _QueryVectors:
     def _describe(self, describer) -> list[dict | None]:
         described = iter(self.service.describe(describer, self._inputs(stored=False)))
         return [next(described) if f is not None else None for f in self.qs.files]
+
+    def regions(self, source: VectorSource) -> list[np.ndarray]:
+        """Each query's raw vectors of its crops (`QueryService.region_raw`), once per
+        descriptor."""
+        from ..retrieval.service import QueryPlan
+
+        if self.opts.queries_db:
+            raise UserError("a regional query crops the query images; give them as a folder "
+                            "({queries}) instead of a store", mentions=("queries",))
+        if source.name not in self._regions:
+            self._regions[source.name] = self.service.region_raw(
+                QueryPlan(source.name, None, None), self._inputs(stored=True))
+        return self._regions[source.name]
 
     def contexts(self, source: VectorSource) -> list:
         """Each query's keypoints and the store's, for a verification stage (once per
@@ -305,10 +320,8 @@ class _Collections:
 
     def for_chain(self, chain: Sequence[Ranker]) -> tuple[Collection, tuple[Ranker, ...]]:
         need = max([st.min_graph_k for st in chain if st.graph_k] + [0])
-        if not need:
-            return self.plain, tuple(chain)
-        coll = self._stored_graph(need) or self.plain
-        return coll, tuple(st.bind(coll) if st.needs_collection else st for st in chain)
+        coll = (self._stored_graph(need) or self.plain) if need else self.plain
+        return coll, tuple(st.bind(coll) for st in chain)
 
     def _stored_graph(self, need: int) -> Collection | None:
         if not self.stored_ok:
@@ -396,14 +409,20 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                 # a stored graph was built on the stored vectors with L2 only
                 colls = _Collections(db, source, db_vec, db_rows,
                                      label == "none" and opts.power is None)
-                for chain in chosen_rankers:
+                for chain, regional in [(c, r) for c in chosen_rankers
+                                        for r in ((False, True) if opts.regions else (False,))]:
                     coll, bound = colls.for_chain(chain)
                     contexts = qv.contexts(source) if any(st.uses_keypoints for st in bound) \
                         else None
+                    crops = [transform.transform(r) if len(r) else r
+                             for r in qv.regions(source)] if regional else None
                     per_setup, positions, ns_values, top, missing = _scores_for(
-                        gt, qs, rank_chain(bound, q_vec, coll, contexts=contexts), keys, db_rows)
+                        gt, qs, rank_chain(bound, q_vec, coll, contexts=contexts,
+                                           regions=crops), keys, db_rows)
                     result.missing_positives = missing
                     name = chain_label(bound)
+                    if regional:
+                        name = "regions" if name == "L2" else f"regions + {name}"
                     for setup, scores in per_setup.items():
                         result.cells.append(Cell(source.name, label, dims, setup,
                                                  summarize(scores),

@@ -46,7 +46,8 @@ class SceneSet:
     photos: int
 
 
-def _rgb(im) -> np.ndarray:
+def as_rgb(im) -> np.ndarray:
+    """Any sample image (bool, grey, RGBA) as RGB uint8."""
     im = np.asarray(im)
     if im.dtype == bool:
         im = im.astype(np.uint8) * 255
@@ -60,8 +61,8 @@ def _tiles(rng: np.random.Generator) -> list[np.ndarray]:
     import skimage.data as data
     from sklearn.datasets import load_sample_images
 
-    photos = [_rgb(getattr(data, n)()) for n in _COVER_PHOTOS]
-    photos += [_rgb(im) for im in load_sample_images().images]
+    photos = [as_rgb(getattr(data, n)()) for n in _COVER_PHOTOS]
+    photos += [as_rgb(im) for im in load_sample_images().images]
     out = []
     for im in photos:
         h, w = im.shape[:2]
@@ -80,7 +81,7 @@ def _clutter_pieces(rng: np.random.Generator) -> list[np.ndarray]:
     import cv2
     import skimage.data as data
 
-    pieces = [_rgb(getattr(data, n)()) for n in _CLUTTER_PHOTOS]
+    pieces = [as_rgb(getattr(data, n)()) for n in _CLUTTER_PHOTOS]
     for _ in range(12):  # hand-written-looking notes and shapes on coloured paper
         h, w = int(rng.integers(200, 400)), int(rng.integers(200, 400))
         card = np.empty((h, w, 3), np.uint8)
@@ -238,4 +239,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["SceneSet", "make_phone_set", "make_cover", "photograph"]
+__all__ = ["SceneSet", "make_phone_set", "make_cover", "photograph", "as_rgb"]

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "load_query_image",
     "decode_query_bytes",
+    "upright_size",
     "DEFAULT_MIN_SIDE",
     "Discovery",
     "discover",
@@ -404,6 +405,21 @@ def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     if not out or any(not s > 0 or math.isinf(s) for s in out):
         raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}.")
     return out
+
+
+def upright_size(source: str | Path | bytes) -> tuple[int, int]:
+    """(width, height) of an image file or its bytes as ingest sees it (EXIF orientation
+    applied), read from its header alone; a bad file is an ImageError."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            w, h = im.size
+            return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
+    except OSError as exc:
+        raise ImageError(classify_decode_error(exc)) from None
+    except Exception as exc:  # Pillow raises many kinds on a bad header
+        raise ImageError(classify_decode_error(exc)) from None
 
 
 def load_query_image(path: str | Path, settings: dict,

@@ -379,14 +379,22 @@ class AnnoySearcher:
 
 
 def topk_exact(queries: np.ndarray, view: StoreView, source: VectorSource | DescriptorInfo,
-               transform, k: int) -> list[list[tuple[int, float]]]:
-    """Brute-force cosine top-k of every query over all valid stored vectors, one streamed pass."""
+               transform, k: int, among: np.ndarray | None = None
+               ) -> list[list[tuple[int, float]]]:
+    """Brute-force cosine top-k of every query over all valid stored vectors, one streamed pass
+    (`among`: sorted rows to keep, so that a search planned on one commit ignores rows that a
+    running ingest committed since)."""
     nq = len(queries)
     best_rows = np.zeros((nq, 0), np.int64)
     best_sims = np.zeros((nq, 0), np.float32)
     stream = source.iter_valid(view) if isinstance(source, VectorSource) \
         else view.iter_valid(source)
     for rows, raw in stream:
+        if among is not None:
+            keep_rows = np.isin(rows, among, assume_unique=True)
+            rows, raw = rows[keep_rows], raw[keep_rows]
+            if not len(rows):
+                continue
         sims = np.concatenate([best_sims, queries @ transform.transform(raw).T], axis=1)
         cand = np.concatenate([best_rows, np.broadcast_to(rows, (nq, len(rows)))], axis=1)
         keep = [rank_order(sims[q], ids=cand[q], top=k) for q in range(nq)]

@@ -122,12 +122,12 @@ class StageType:
 
 def _diffusion(p: dict) -> Ranker:
     return Diffusion(p.get("k"), p.get("alpha", DIFFUSION_ALPHA), p.get("gamma"),
-                     p.get("iter", DIFFUSION_ITERATIONS))
+                     p.get("iter", DIFFUSION_ITERATIONS), guard=bool(p.get("guard", 1)))
 
 
 def _kreciprocal(p: dict) -> Ranker:
     return KReciprocal(p.get("k1", KRECIPROCAL_K1), p.get("k2", KRECIPROCAL_K2),
-                       p.get("lambda", KRECIPROCAL_LAMBDA))
+                       p.get("lambda", KRECIPROCAL_LAMBDA), guard=bool(p.get("guard", 1)))
 
 
 def _verify(p: dict) -> Ranker:
@@ -146,11 +146,12 @@ STAGES: dict[str, StageType] = {s.name: s for s in (
                          "qe": integer(0, 100)},
               _verify, "verify[:k=..,inliers=..,ratio=..,px=..,qe=..]"),
     StageType("diffusion", {"k": integer(1, 1000), "alpha": number(0, 1, True, True),
-                            "gamma": number(0, 100, True), "iter": integer(1, 1000)},
-              _diffusion, "diffusion[:k=..,alpha=..,gamma=..,iter=..]"),
+                            "gamma": number(0, 100, True), "iter": integer(1, 1000),
+                            "guard": integer(0, 1)},
+              _diffusion, "diffusion[:k=..,alpha=..,gamma=..,iter=..,guard=0|1]"),
     StageType("kreciprocal", {"k1": integer(1, 1000), "k2": integer(1, 1000),
-                              "lambda": number(0, 1)},
-              _kreciprocal, "kreciprocal[:k1=..,k2=..,lambda=..]"),
+                              "lambda": number(0, 1), "guard": integer(0, 1)},
+              _kreciprocal, "kreciprocal[:k1=..,k2=..,lambda=..,guard=0|1]"),
 )}
 
 
@@ -216,13 +217,22 @@ def parse_rerank(text: str) -> tuple[Ranker, ...]:
 
 
 def parse_qe(text) -> QueryExpansion | None:
-    """`M` (average QE with the top M; 0: none) or `alpha:A[,M]` (alpha-QE)."""
+    """`M` (average QE with the top M; 0: none) or `alpha:A[,M]` (alpha-QE), either followed
+    by `,guard=0` to expand on every collection (`retrieval.guard`)."""
     raw = str(text).strip()
+    guard = re.search(r",\s*guard\s*=\s*(\S*)\s*$", raw, re.IGNORECASE)
+    on = True
+    if guard:
+        try:
+            on = bool(integer(0, 1)("guard", guard.group(1)))
+        except InvalidRequest as exc:
+            raise exc.with_field("qe") from None
+        raw = raw[:guard.start()].strip()
     if re.fullmatch(r"\d+", raw):
         m = int(raw)
         if m > 10000:
             raise InvalidRequest(f"{m}: at most 10000 neighbours", "qe")
-        return QueryExpansion(m) if m > 0 else None
+        return QueryExpansion(m, guard=on) if m > 0 else None
     match = re.fullmatch(r"alpha\s*:\s*([^,]+?)\s*(?:,\s*(\S+))?", raw, re.IGNORECASE)
     if not match:
         raise InvalidRequest(f"{raw[:60]!r}: give M (average QE with the top M) or alpha:A[,M] "
@@ -232,7 +242,7 @@ def parse_qe(text) -> QueryExpansion | None:
         m = integer(1, 10000)("M", match.group(2)) if match.group(2) else ALPHA_QE_M
     except InvalidRequest as exc:
         raise exc.with_field("qe") from None
-    return QueryExpansion(m, alpha)
+    return QueryExpansion(m, alpha, on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +263,7 @@ class QueryRequest:
     rerank: tuple[Ranker, ...] = ()  # stages after it
     graph: str | None = None  # the graph model version the stages use (default: newest)
     bbox: Box | None = None  # crop of the query image files (pixels of the upright image)
+    regions: bool = False  # also search with crops of the query (`retrieval.regions`)
     device: str = "auto"
 
     @property

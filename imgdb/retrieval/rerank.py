@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..numeric import l2_normalize, rank_order
+from . import guard as guarding
 from .graph import DEFAULT_GAMMA, KnnGraph, exact_graph
 
 # defaults (chosen by measurement on two collections: see README "Re-ranking")
@@ -155,15 +156,46 @@ class Ranker:
     needs_collection: bool = True
     #: whether it reads the query's and the database's keypoints (its `QueryContext`)
     uses_keypoints: bool = False
+    #: whether the stage is guarded (`retrieval.guard`: steps aside on collections without
+    #: neighbourhoods, keeps the query's near-duplicates first); `guard=0` turns it off
+    guard: bool = False
+    #: why the bound stage steps aside on its collection (None: it re-ranks)
+    aside: str | None = None
 
     @property
     def label(self) -> str:
-        return self.spec
+        return self._with_aside(self.spec)
+
+    def _with_aside(self, text: str) -> str:
+        return f"{text} ({self.aside.split(':')[0]})" if self.aside else text
 
     @property
     def needs(self) -> int:
         """How many of the prior ranking's first items this stage reads."""
         return 0
+
+    def report(self) -> dict:
+        """What the bound stage did on its collection (for --json): its spec, whether it
+        re-ranked, and why not."""
+        return {"stage": self.spec, "applied": self.aside is None, "reason": self.aside}
+
+    def _step_aside(self, q: np.ndarray, prior: Ranking, coll, top: int | None) -> Ranking:
+        """The ranking before this stage, unchanged (searched again when `prior` holds fewer
+        items than asked: the first stage is given only what it reads)."""
+        want = top if top is not None else len(coll.rows)
+        if len(prior.order) >= want:
+            return Ranking(prior.order[:want], prior.scores[:want])
+        return coll.search(q, top)
+
+    def _pinned(self, q: np.ndarray, prior: Ranking, coll, ranking: Ranking, top: int | None,
+                first_neighbour: Callable[[np.ndarray], np.ndarray]) -> Ranking:
+        """`ranking` with the query's near-duplicates among the prior's first results kept
+        first (guard.near_duplicates)."""
+        head = prior.order[:max(1, min(self.needs, 10))]
+        cos = coll.vectors_at(head) @ np.asarray(q, np.float32) if len(head) else head
+        n = guarding.near_duplicates(cos, first_neighbour(head)) if len(head) else 0
+        order, scores = guarding.pin_first(head[:n], ranking.order, ranking.scores, top)
+        return Ranking(order, scores)
 
     def bind(self, coll: "Collection") -> "Ranker":
         """This ranker with every parameter that depends on the collection made concrete (a
@@ -179,8 +211,8 @@ class Ranker:
     def rank(self, queries: np.ndarray, coll: Collection, top: int | None = None
              ) -> list[Ranking]:
         """Rank the collection for each query (the whole collection when `top` is None), this
-        stage alone after the cosine ranking."""
-        return rank_chain((self,), queries, coll, top)
+        stage alone after the cosine ranking (bound to `coll` first)."""
+        return rank_chain((self.bind(coll),), queries, coll, top)
 
 
 class L2(Ranker):
@@ -195,20 +227,30 @@ class L2(Ranker):
 
 
 def rank_chain(stages, queries: np.ndarray, space, top: int | None = None,
-               contexts: Sequence[QueryContext | None] | None = None) -> list[Ranking]:
+               contexts: Sequence[QueryContext | None] | None = None,
+               regions: Sequence[np.ndarray | None] | None = None) -> list[Ranking]:
     """Each query ranked by cosine similarity, then by each stage in turn (each one given what
     the one before ranked, and the query's context). `stages` must already be bound to `space`
-    when they need a graph (`Ranker.bind`); an empty chain is the cosine ranking."""
+    when they need a graph (`Ranker.bind`); an empty chain is the cosine ranking. `regions`:
+    each query's vectors of its crops (`retrieval.regions`): the first ranking is then every
+    item's best cosine to the query or any of them."""
+    from .regions import merged_search
+
     stages = [st for st in stages if not isinstance(st, L2)]
     out = []
     queries = np.asarray(queries, np.float32)
     contexts = list(contexts) if contexts is not None else [None] * len(queries)
-    for q, context in zip(queries, contexts):
+    regions = list(regions) if regions is not None else [None] * len(queries)
+    for q, context, crops in zip(queries, contexts, regions):
         # each stage reads the first `needs` items of the one before; the last gives `top`
         tops = [None if top is None else max(top, st.needs) for st in stages] + [top]
         if stages and top is None:
             tops[0] = stages[0].needs
-        ranking = space.search(q, tops[0])
+        if crops is None or not len(crops):
+            ranking = space.search(q, tops[0])
+        else:  # whole when no top is asked: a stage that steps aside gives back this ranking
+            ranking = merged_search(space, np.vstack([q[None], crops]),
+                                    None if top is None else tops[0])
         for st, want in zip(stages, tops[1:]):
             ranking = st.rerank(q, ranking, space, want, context)
         out.append(ranking)
@@ -258,24 +300,47 @@ class QueryExpansion(Ranker):
 
     needs_collection = False  # searches again: an index will do
 
-    def __init__(self, m: int, alpha: float = 0.0) -> None:
-        self.m, self.alpha = int(m), float(alpha)
-        self.spec = f"{self.m}" if self.alpha == 0 else f"alpha:{self.alpha:g},{self.m}"
+    def __init__(self, m: int, alpha: float = 0.0, guard: bool = True) -> None:
+        self.m, self.alpha, self.guard = int(m), float(alpha), bool(guard)
+        self.spec = (f"{self.m}" if self.alpha == 0 else f"alpha:{self.alpha:g},{self.m}") + \
+            ("" if self.guard else ",guard=0")
 
     @property
     def label(self) -> str:
-        return f"QE M={self.m}" if self.alpha == 0 else f"alpha-QE alpha={self.alpha:g} M={self.m}"
+        text = f"QE M={self.m}" if self.alpha == 0 else \
+            f"alpha-QE alpha={self.alpha:g} M={self.m}"
+        return self._with_aside(text + ("" if self.guard else " guard=0"))
 
     @property
     def needs(self) -> int:
         return self.m
 
+    def bind(self, coll) -> "QueryExpansion":
+        if not self.guard:
+            return self
+        bound = QueryExpansion(self.m, self.alpha, self.guard)
+        cache = getattr(coll, "_cache", None)
+        key = ("reciprocity", "sampled")
+        value = cache.get(key) if cache is not None else None
+        if value is None:
+            value = guarding.sampled_reciprocity(coll)
+            if cache is not None:
+                cache[key] = value
+        bound.aside = guarding.aside_reason(value)
+        return bound
+
     def rerank(self, q: np.ndarray, prior: Ranking, coll, top: int | None,
                context: "QueryContext | None" = None) -> Ranking:
+        if self.aside:
+            return self._step_aside(q, prior, coll, top)
         first = prior.order[:self.m]
         sims = prior.scores[:self.m]
         q2 = expand(q[None], [coll.vectors_at(first)], [sims], self.alpha)[0]
-        return coll.search(q2, top)
+        ranking = coll.search(q2, top)
+        if not self.guard:
+            return ranking
+        return self._pinned(q, prior, coll, ranking, top,
+                            lambda p: guarding.first_neighbour_similarity(coll, p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +380,9 @@ class Diffusion(Ranker):
 
     def __init__(self, k: int | None = None, alpha: float = DIFFUSION_ALPHA,
                  gamma: float | None = None, iterations: int = DIFFUSION_ITERATIONS,
-                 tol: float = 1e-6) -> None:
+                 tol: float = 1e-6, guard: bool = True) -> None:
         self.k, self.alpha, self.gamma = k, float(alpha), gamma
-        self.iterations, self.tol = int(iterations), float(tol)
+        self.iterations, self.tol, self.guard = int(iterations), float(tol), bool(guard)
         self.graph_k = k or DIFFUSION_K
         self.min_graph_k = k or 1
         self.graph_label = ""
@@ -329,19 +394,22 @@ class Diffusion(Ranker):
             parts.append(f"gamma={self.gamma:g}")
         if self.iterations != DIFFUSION_ITERATIONS:
             parts.append(f"iter={self.iterations}")
+        if not self.guard:
+            parts.append("guard=0")
         return "diffusion:" + ",".join(parts)
 
     @property
     def label(self) -> str:
         text = self.spec.replace(":", " ").replace(",", " ")
-        return f"{text} ({self.graph_label})" if self.graph_label else text
+        return self._with_aside(f"{text} ({self.graph_label})" if self.graph_label else text)
 
     def bind(self, coll: Collection) -> "Diffusion":
         k = self._k(coll)
         graph = coll.knn(k)
         bound = Diffusion(k, self.alpha, graph.gamma if self.gamma is None else self.gamma,
-                          self.iterations, self.tol)
+                          self.iterations, self.tol, self.guard)
         bound.graph_label = graph.label if graph.model is not None else ""
+        bound.aside = _graph_aside(coll, graph) if self.guard else None
         return bound
 
     def _k(self, coll: Collection) -> int:
@@ -363,11 +431,17 @@ class Diffusion(Ranker):
 
     def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None,
                context: "QueryContext | None" = None) -> Ranking:
+        if self.aside:
+            return self._step_aside(q, prior, coll, top)
         op = self.operator(coll)
         s = coll.similarities(q)
         f = self.solve(s, *op, seeds=prior.order[:op[0]])
-        order = _order(f, s, top=top)
-        return Ranking(order, f[order])
+        order = _order(f, s, top=None if self.guard else top)
+        ranking = Ranking(order, f[order])
+        if not self.guard:
+            return ranking
+        first = coll.knn(op[0]).similarities[:, 0]
+        return self._pinned(q, prior, coll, ranking, top, lambda p: first[p])
 
     def solve(self, s: np.ndarray, k: int, gamma: float, s_mat, components=None,
               seeds: np.ndarray | None = None) -> np.ndarray:
@@ -409,6 +483,20 @@ class Diffusion(Ranker):
         full = np.zeros(n, np.float64)
         full[nodes] = f
         return full
+
+
+def _graph_aside(coll: Collection, graph: KnnGraph) -> str | None:
+    """Why a graph stage steps aside on this collection (None: it runs): measured on its
+    RECIPROCITY_K-NN graph (computed when the stage's own holds fewer; a stored graph's k when
+    it has fewer)."""
+    if graph.k < guarding.RECIPROCITY_K and coll.graph is None and \
+            coll.n > guarding.RECIPROCITY_K:
+        graph = coll.knn(guarding.RECIPROCITY_K)
+    key = ("reciprocity", guarding.RECIPROCITY_K)
+    if key not in graph._cache:
+        graph._cache[key] = guarding.graph_reciprocity(
+            graph.neighbours, min(guarding.RECIPROCITY_K, graph.k))
+    return guarding.aside_reason(graph._cache[key])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,24 +649,26 @@ class KReciprocal(Ranker):
     """Zhong et al.'s k-reciprocal re-ranking."""
 
     def __init__(self, k1: int = KRECIPROCAL_K1, k2: int = KRECIPROCAL_K2,
-                 lam: float = KRECIPROCAL_LAMBDA) -> None:
-        self.k1, self.k2, self.lam = int(k1), int(k2), float(lam)
+                 lam: float = KRECIPROCAL_LAMBDA, guard: bool = True) -> None:
+        self.k1, self.k2, self.lam, self.guard = int(k1), int(k2), float(lam), bool(guard)
         self.graph_k = self.min_graph_k = max(self.k1, self.k2 - 1)
         self.graph_label = ""
 
     @property
     def spec(self) -> str:
-        return f"kreciprocal:k1={self.k1},k2={self.k2},lambda={self.lam:g}"
+        return f"kreciprocal:k1={self.k1},k2={self.k2},lambda={self.lam:g}" + \
+            ("" if self.guard else ",guard=0")
 
     @property
     def label(self) -> str:
         text = self.spec.replace(":", " ").replace(",", " ")
-        return f"{text} ({self.graph_label})" if self.graph_label else text
+        return self._with_aside(f"{text} ({self.graph_label})" if self.graph_label else text)
 
     def bind(self, coll: Collection) -> "KReciprocal":
         graph = coll.knn(self.graph_k)
-        bound = KReciprocal(self.k1, self.k2, self.lam)
+        bound = KReciprocal(self.k1, self.k2, self.lam, self.guard)
         bound.graph_label = graph.label if graph.model is not None else ""
+        bound.aside = _graph_aside(coll, graph) if self.guard else None
         return bound
 
     def database(self, coll: Collection) -> _KRData:
@@ -596,11 +686,17 @@ class KReciprocal(Ranker):
 
     def rerank(self, q: np.ndarray, prior: Ranking, coll: Collection, top: int | None,
                context: "QueryContext | None" = None) -> Ranking:
+        if self.aside:
+            return self._step_aside(q, prior, coll, top)
         data = self.database(coll)
         s = coll.similarities(q)
         final = kreciprocal_query(s, data, self.k1, self.k2, self.lam, prior.order)
-        order = _order(-final, s, top=top)
-        return Ranking(order, 1.0 - final[order])
+        order = _order(-final, s, top=None if self.guard else top)
+        ranking = Ranking(order, 1.0 - final[order])
+        if not self.guard:
+            return ranking
+        first = coll.knn(self.graph_k).similarities[:, 0]
+        return self._pinned(q, prior, coll, ranking, top, lambda p: first[p])
 
 
 __all__ = ["Ranking", "Collection", "Ranker", "L2", "QueryExpansion", "Diffusion",

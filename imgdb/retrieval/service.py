@@ -49,6 +49,7 @@ class QueryResult:
     query: str
     source: str  # "store" (vector looked up) or "extracted"
     hits: list[Hit] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # what each re-ranking stage did
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,18 @@ class StreamedSpace:
 
     def __init__(self, db: Path, source: str, transform, rows: np.ndarray) -> None:
         self.db, self.source, self.transform, self.rows = Path(db), source, transform, rows
+        self._cache: dict = {}
 
     def search(self, q: np.ndarray, top: int | None) -> Ranking:
+        return self.search_many(np.asarray(q, np.float32)[None], top)[0]
+
+    def search_many(self, queries: np.ndarray, top: int | None) -> list[Ranking]:
+        """The top of every query in one streamed pass."""
         with open_read(self.db) as view:
-            found = topk_exact(np.asarray(q, np.float32)[None], view, resolve(view, self.source),
-                               self.transform, top or len(self.rows))[0]
-        return _ranking(self.rows, found)
+            found = topk_exact(np.asarray(queries, np.float32), view,
+                               resolve(view, self.source), self.transform,
+                               top or len(self.rows), among=self.rows)
+        return [_ranking(self.rows, f) for f in found]
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         with open_read(self.db) as view:
@@ -162,6 +169,7 @@ class IndexSpace:
         self.searcher = searcher
         self.rows = np.concatenate([r for _, r in searcher.shards])
         self._order = np.argsort(self.rows, kind="stable")
+        self._cache: dict = {}
 
     def search(self, q: np.ndarray, top: int | None) -> Ranking:
         found = self.searcher(np.asarray(q, np.float32)[None], top or len(self.rows))[0]
@@ -274,6 +282,7 @@ class QueryService:
                     raise UserError(f"image id {q.row} is not an ingested image of this store "
                                     f"(ids 0..{len(valid) - 1}; see imgdb info)")
             digests = [None if q.row is not None or bbox is not None or q.region is not None
+                       or q.crop is not None
                        else q.sha if q.sha is not None else _digest(q.path) for q in inputs]
             found = find_stored(view.column("sha"), valid, digests)
             rows = [q.row if q.row is not None else f for q, f in zip(inputs, found)]
@@ -367,6 +376,57 @@ class QueryService:
         vectors = transform.transform(raw) if len(rows) else np.zeros((0, source.dim), np.float32)
         return Collection(vectors, graph, rows=rows)
 
+    # -- regions of the query ----------------------------------------------------------------
+    def region_vectors(self, plan: QueryPlan, request: QueryRequest,
+                       inputs: Sequence[QueryInput]) -> list[np.ndarray]:
+        """Each query's post-processed vectors of its crops (`region_raw`)."""
+        raws = self.region_raw(plan, inputs, request.bbox)
+        return [self.post_process(plan, request, r) if len(r) else r for r in raws]
+
+    def region_raw(self, plan: QueryPlan, inputs: Sequence[QueryInput], bbox=None
+                   ) -> list[np.ndarray]:
+        """Each query's raw vectors of its crops (`regions.query_boxes`, inside `bbox` or the
+        input's crop), described as query files are, in one batch; a stored image is read
+        from its file."""
+        from .regions import query_boxes
+
+        crops, owner = [], []
+        for i, q in enumerate(inputs):
+            source = self._region_source(q)
+            width, height = self._upright_size(source)
+            box = q.crop if q.crop is not None else bbox
+            for b in query_boxes(width, height, box):
+                crops.append(QueryInput(f"{q.name}#{len(crops)}", path=source.path,
+                                        data=source.data, crop=b))
+                owner.append(i)
+        if not crops:
+            return [np.zeros((0, 0), np.float32) for _ in inputs]
+        raws, _ = self.raw_vectors(plan, crops)
+        owner_arr = np.asarray(owner, np.int64)
+        return [raws[owner_arr == i] for i in range(len(inputs))]
+
+    def _region_source(self, q: QueryInput) -> QueryInput:
+        """The query as an image file or bytes that can be cropped (a stored id: its file)."""
+        if q.path is not None or q.data is not None:
+            return q
+        if q.row is not None:
+            with open_read(self.db) as view:
+                path = Path(view.paths([q.row])[0])
+            if path.is_file():
+                return QueryInput(q.name, path=path)
+            raise UserError(f"image {q.row} is not at {path} any more; a regional query "
+                            f"crops the image file")
+        raise UserError(f"query {q.name} has no image file to crop regions from")
+
+    @staticmethod
+    def _upright_size(q: QueryInput) -> tuple[int, int]:
+        from ..features.images import ImageError, upright_size
+
+        try:
+            return upright_size(q.path if q.path is not None else q.data)
+        except ImageError as exc:
+            raise UserError(f"cannot use query image {q.name}: {exc}") from None
+
     # -- keypoints for verification ----------------------------------------------------------
     def keypoint_extractor(self, view: StoreView, plan: QueryPlan) -> str:
         """The extractor whose verification keypoints serve the plan's descriptor (an encoding's
@@ -454,16 +514,22 @@ class QueryService:
             return int(table.width[row]), int(table.height[row])
 
     def rank(self, plan: QueryPlan, request: QueryRequest, queries: np.ndarray,
-             contexts: Sequence[QueryContext | None] | None = None
-             ) -> list[list[tuple[int, float]]]:
+             contexts: Sequence[QueryContext | None] | None = None,
+             regions: Sequence[np.ndarray] | None = None) -> list[list[tuple[int, float]]]:
         """Post-processed query vectors -> per query [(row, score)], best first: the top-k of
         the plan's space, then the request's chain of stages (`contexts`: each query's
         keypoints, which a verification stage needs)."""
         space, _ = self.space(plan, request)
-        bound = [st.bind(space) if st.needs_collection else st for st in request.chain]
-        rankings = rank_chain(bound, queries, space, request.k, contexts)
+        bound = self.chain(plan, request)
+        rankings = rank_chain(bound, queries, space, request.k, contexts, regions)
         return [[(int(space.rows[p]), float(s)) for p, s in zip(r.order, r.scores)]
                 for r in rankings]
+
+    def chain(self, plan: QueryPlan, request: QueryRequest) -> list:
+        """The request's stages bound to the plan's space (a stage that steps aside on this
+        collection says why: `Ranker.report`)."""
+        space, _ = self.space(plan, request)
+        return [st.bind(space) for st in request.chain]
 
     def post_process(self, plan: QueryPlan, request: QueryRequest, raw: np.ndarray
                      ) -> np.ndarray:
@@ -482,14 +548,17 @@ class QueryService:
                  [QueryInput(str(p), path=p) for p in files]
         raws, kinds = self.raw_vectors(plan, inputs, request.bbox)
         contexts = self.contexts(plan, inputs, request.bbox) if request.uses_keypoints else None
-        hits = self.rank(plan, request, self.post_process(plan, request, raws), contexts)
+        regions = self.region_vectors(plan, request, inputs) if request.regions else None
+        hits = self.rank(plan, request, self.post_process(plan, request, raws), contexts,
+                         regions)
         with open_read(self.db) as view:
             paths = view.paths(np.array([r for found in hits for r, _ in found], np.int64))
             id_paths = view.paths(list(ids)) if ids else []
         names = [*id_paths, *(str(p) for p in files)]
         results, i = [], 0
+        stages = [st.report() for st in self.chain(plan, request)]
         for name, kind, found in zip(names, kinds, hits):
-            res = QueryResult(name, kind)
+            res = QueryResult(name, kind, stages=stages)
             for rank, (r, score) in enumerate(found, start=1):
                 res.hits.append(Hit(rank, int(r), float(score), paths[i]))
                 i += 1
@@ -502,6 +571,13 @@ def _image_for(q: QueryInput, describer, bbox):
     from its file)."""
     if q.image is not None:
         return q.image[describer.extractor] if isinstance(q.image, dict) else q.image
+    if q.path is None and q.data is not None:  # an upload, cropped (a region of it)
+        from ..features.images import ImageError, decode_query_bytes
+
+        try:
+            return decode_query_bytes(q.data, describer.base, bbox)
+        except ImageError as exc:
+            raise UserError(f"cannot use query image {q.name}: {exc}") from None
     if q.path is None:
         raise UserError(f"query {q.name} has no image to describe")
     return describer.load(q.path, bbox)
