@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Local-feature verification: quality beside plain L2, its cost per query, and its ingest cost.
 
-1. Quality, in one `imgdb eval` per set, every row beside its L2 row:
+1. Quality, in one `imgdb eval` per set, every row beside its L2 row (the phone photos also
+   with `--regions`: crops of each photo searched too):
    - synthetic phone photos of printed covers in clutter (`imgdb.evaluation.scenes`, seed 0:
      40 covers photographed 3 times, 40 distractor covers), EfficientNet-Lite0 `max:1024`;
    - the 55 Oxford landmark crops of tests/data (11 landmarks x 5; every crop queries the
@@ -118,8 +119,8 @@ def main() -> None:
         imgdb("ingest", str(CROPS), "--db", str(ldb), *NET, "--size", "max:512")
     descriptors = ["head/spoc", "head/gem-p3", "block6/crow-ssw"]
     reranks = ["verify", "verify:qe=3", "verify:k=20"]
-    phone_rows = table(pdb, ["--gt", str(phone / "gt.csv"), "--queries", str(phone / "queries")],
-                       descriptors, reranks)
+    phone_rows = table(pdb, ["--gt", str(phone / "gt.csv"), "--queries", str(phone / "queries"),
+                             "--regions"], descriptors, reranks)
     land_rows = table(ldb, ["--group-regex", r"^([a-z_]+)_\d"], ["head/crow-ssw", "head/gem-p3"],
                       ["verify", "verify:qe=3", "diffusion", "verify:qe=3,diffusion"])
     from threadpoolctl import threadpool_limits

@@ -122,6 +122,8 @@ def via_cli(world, target: dict, query: Path | int, stages: dict) -> list[tuple[
         args += ["--rerank", stages["rerank"]]
     if stages.get("regions"):
         args += ["--regions"]
+    if stages.get("turns"):
+        args += ["--turns"]
     out = json.loads(run_cli(*args).stdout)
     return [(r["id"], r["score"]) for r in out["queries"][0]["results"]]
 
@@ -131,7 +133,7 @@ def via_api(world, target: dict, query: Path | int, stages: dict) -> list[tuple[
                            model=target.get("model"), exact="index" not in target, k=K,
                            qe=parse_qe(stages.get("qe", "0")),
                            rerank=parse_rerank(stages["rerank"]) if stages.get("rerank") else (),
-                           regions=bool(stages.get("regions")))
+                           regions=bool(stages.get("regions")), turns=bool(stages.get("turns")))
     files, ids = ([query], []) if isinstance(query, Path) else ([], [query])
     _, results = QueryService(world["db"], "cpu").answer(request, files, ids)
     return [(h.id, h.score) for h in results[0].hits]
@@ -157,14 +159,16 @@ def via_eval(world, target: dict, stages: dict) -> dict[str, list[tuple[int, flo
         opts = EvalOptions(descriptors=[target["descriptor"]], queries_dir=folder,
                            device="cpu", qe=[stages["qe"]] if stages.get("qe") else [],
                            rerank=[stages["rerank"]] if stages.get("rerank") else [],
-                           regions=bool(stages.get("regions")))
+                           regions=bool(stages.get("regions")), turns=bool(stages.get("turns")))
         if target.get("model"):  # the stored model was fitted on this store with these dims
             opts.pca_on_test, opts.dims = True, [16]
         result = run_eval(world["db"], gt, opts)
         plain = not (stages.get("qe") or stages.get("rerank"))
+        views = "+".join(n for n in ("regions", "turns") if stages.get(n))
         (key,) = [k for k in result.rankings
-                  if k[3].startswith("regions") == bool(stages.get("regions"))
-                  and (k[3] in ("L2", "regions")) == plain]
+                  if (k[3].split(" + ")[0] == views if views else
+                      not k[3].startswith(("regions", "turns")))
+                  and (k[3] in ("L2", views)) == plain]
         names = [s.name for s in result.cells[0].per_query]
         for i, n in enumerate(names):
             out[n] = list(zip(map(int, result.rankings[key][i]),
@@ -198,6 +202,8 @@ STAGES = {
     "verify+diffusion": {"rerank": "verify:k=12,inliers=6,diffusion"},
     "regions": {"regions": "1"},
     "regions+verify": {"regions": "1", "rerank": "verify:k=12,inliers=6"},
+    "turns": {"turns": "1"},
+    "regions+turns+diffusion": {"regions": "1", "turns": "1", "rerank": "diffusion"},
 }
 GRAPH_TARGETS = ("exact",)  # the stored graph: head/gem-p3 without a model
 

@@ -10,7 +10,7 @@ import typer
 from ..errors import InvalidRequest as UsageError
 from .choices import Protocol, QueryMode
 from .options import (Db, Descriptors, Device, EvalDims, GroupRegex, Json, Power, ProtocolOpt,
-                      QueryExpansions, QueryModeOpt, Regions, Reranks, existing_dir,
+                      QueryExpansions, QueryModeOpt, Reranks, existing_dir,
                       existing_path,
                       output_dir, store_file)
 from .render import emit, eval_output, say
@@ -19,7 +19,7 @@ from .render import emit, eval_output, say
 def _check_combination(gt: Optional[Path], protocol: Protocol, group_regex: Optional[str],
                        dims: tuple, whitening: bool, no_whiten: bool, queries: Optional[Path],
                        queries_db: Optional[Path], query_mode: QueryMode, as_json: bool,
-                       as_csv: bool, regions: bool = False) -> None:
+                       as_csv: bool, views: bool = False) -> None:
     """Options that contradict each other, or would be ignored, are refused (exit 2)."""
     if group_regex and gt is not None:
         raise UsageError("--group-regex makes the ground truth from file names; it cannot be "
@@ -45,9 +45,10 @@ def _check_combination(gt: Optional[Path], protocol: Protocol, group_regex: Opti
                          f"query vectors come from that store (use --queries DIR)")
     if as_json and as_csv:
         raise UsageError("--json and --csv are two output formats; give one")
-    if regions and queries_db is not None:
-        raise UsageError("--regions crops the query photos; with --queries-db the query "
-                         "vectors come from that store (use --queries DIR)")
+    if views and queries_db is not None:
+        raise UsageError("--regions and --turns take views of the query photos; with "
+                         "--queries-db the query vectors come from that store (use --queries "
+                         "DIR)")
 
 
 def eval_(
@@ -74,6 +75,9 @@ def eval_(
     regions: Annotated[bool, typer.Option(
         "--regions", help="Every ranking also with crops of each query image (2x2 at 0.6 and "
                           "3x3 at 0.4 of its sides), each its own row.")] = False,
+    turns: Annotated[bool, typer.Option(
+        "--turns", help="Every ranking also with each query turned by 90, 180 and 270 "
+                        "degrees (with --regions too: one row with both).")] = False,
     queries: Annotated[Optional[Path], typer.Option(
         "--queries", parser=existing_dir, metavar="DIR",
         help="Folder of query images (never added to the store).")] = None,
@@ -98,13 +102,13 @@ def eval_(
 
     _check_combination(gt, protocol, group_regex, tuple(dims or ()),
                        pca_on_test or bool(pca_from), no_whiten, queries, queries_db, query_mode,
-                       as_json, as_csv, regions)
+                       as_json, as_csv, regions or turns)
     opts = EvalOptions(descriptors=descriptor, dims=list(dims or []), pca_on_test=pca_on_test,
                        pca_from=pca_from or [], whiten=not no_whiten, power=power,
                        query_mode=query_mode.value, qe=list(qe or []),
                        rerank=list(rerank or []), queries_dir=queries,
                        queries_db=queries_db, protocol=protocol.value, group_regex=group_regex,
-                       device=device, regions=regions)
+                       device=device, regions=regions, turns=turns)
     result = run_eval(db, gt, opts)
     if report is not None:
         from ..evaluation.report import write_report

@@ -8,7 +8,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from .options import (Bbox, Db, Device, GraphVersion, Json, OptDescriptor, OptModelVersion,
-                      QueryExpansion, Regions, Rerank, SearchK, TopK, integer, output_file)
+                      QueryExpansion, Regions, Rerank, SearchK, TopK, Turns, integer,
+                      output_file)
 from .render import emit, query_output
 
 
@@ -37,6 +38,7 @@ def query(
         help="Query by stored image id, >= 0 (repeatable).")] = None,
     bbox: Bbox = None,
     regions: Regions = False,
+    turns: Turns = False,
     qe: QueryExpansion = "0",
     rerank: Rerank = None,
     graph: GraphVersion = None,
@@ -60,6 +62,7 @@ def query(
                            search_k=search_k, qe=parse_qe(qe),
                            rerank=parse_rerank(rerank) if rerank is not None else (),
                            graph=graph, bbox=tuple(bbox) if bbox else None, regions=regions,
+                           turns=turns,
                            device=device)
     plan, results = QueryService(db, device).answer(request, list(images or []),
                                                     list(ids or []))

@@ -46,7 +46,8 @@ class EvalOptions:
     protocol: str = "auto"
     group_regex: str | None = None
     device: str = "auto"
-    regions: bool = False  # every ranking also with the query's crops (retrieval.regions)
+    regions: bool = False  # every ranking also with the query's crops (retrieval.views) ...
+    turns: bool = False  # ... and/or its turns: one more row per ranking, with every view asked
 
 
 @dataclass
@@ -148,7 +149,9 @@ class _QueryVectors:
         self.service = QueryService(db, opts.device)
         self._extracted: dict[str, list[dict]] = {}  # extractor -> per query (None: stored)
         self._contexts: dict[str, list] = {}  # extractor -> per query (keypoints)
-        self._regions: dict[str, list] = {}  # descriptor -> per query (raw crop vectors)
+        self._views = None  # (the other views of every query as inputs, whose each is)
+        self._described_views: dict[str, list] = {}  # extractor -> per view {(layer,
+        # pooling): vector}
 
     def get(self, source: VectorSource) -> np.ndarray:
         if self.opts.queries_db:
@@ -191,18 +194,26 @@ class _QueryVectors:
         described = iter(self.service.describe(describer, self._inputs(stored=False)))
         return [next(described) if f is not None else None for f in self.qs.files]
 
-    def regions(self, source: VectorSource) -> list[np.ndarray]:
-        """Each query's raw vectors of its crops (`QueryService.region_raw`), once per
-        descriptor."""
-        from ..retrieval.service import QueryPlan
-
+    def views(self, source: VectorSource) -> list[np.ndarray]:
+        """Each query's raw vectors of its other views (`QueryService.view_inputs`: the crops
+        and turns asked), each view described once per extractor for every pooling (as `get`
+        does)."""
         if self.opts.queries_db:
-            raise UserError("a regional query crops the query images; give them as a folder "
-                            "({queries}) instead of a store", mentions=("queries",))
-        if source.name not in self._regions:
-            self._regions[source.name] = self.service.region_raw(
-                QueryPlan(source.name, None, None), self._inputs(stored=True))
-        return self._regions[source.name]
+            raise UserError("crops and turns are taken from the query images; give them as a "
+                            "folder ({queries}) instead of a store", mentions=("queries",))
+        if self._views is None:
+            self._views = self.service.view_inputs(self._inputs(stored=True), None,
+                                                   self.opts.regions, self.opts.turns)
+        views, owner = self._views
+        with open_read(self.db) as view:
+            todo = {ext: self.service.describer(view, ext) for ext in source.extractors
+                    if ext not in self._described_views}
+        for ext, describer in todo.items():
+            self._described_views[ext] = self.service.describe(describer, views)
+        raws = np.asarray([source.from_described({ext: self._described_views[ext][j]
+                                                  for ext in source.extractors})
+                           for j in range(len(views))], np.float32).reshape(len(views), -1)
+        return [raws[owner == i] for i in range(len(self.qs.queries))]
 
     def contexts(self, source: VectorSource) -> list:
         """Each query's keypoints and the store's, for a verification stage (once per
@@ -409,20 +420,23 @@ def run_eval(db: Path, gt_path: Path | None, opts: EvalOptions) -> EvalResult:
                 # a stored graph was built on the stored vectors with L2 only
                 colls = _Collections(db, source, db_vec, db_rows,
                                      label == "none" and opts.power is None)
-                for chain, regional in [(c, r) for c in chosen_rankers
-                                        for r in ((False, True) if opts.regions else (False,))]:
+                with_views = opts.regions or opts.turns
+                for chain, viewed in [(c, v) for c in chosen_rankers
+                                      for v in ((False, True) if with_views else (False,))]:
                     coll, bound = colls.for_chain(chain)
                     contexts = qv.contexts(source) if any(st.uses_keypoints for st in bound) \
                         else None
-                    crops = [transform.transform(r) if len(r) else r
-                             for r in qv.regions(source)] if regional else None
+                    others = [transform.transform(r) if len(r) else r
+                              for r in qv.views(source)] if viewed else None
                     per_setup, positions, ns_values, top, missing = _scores_for(
                         gt, qs, rank_chain(bound, q_vec, coll, contexts=contexts,
-                                           regions=crops), keys, db_rows)
+                                           views=others), keys, db_rows)
                     result.missing_positives = missing
                     name = chain_label(bound)
-                    if regional:
-                        name = "regions" if name == "L2" else f"regions + {name}"
+                    if viewed:
+                        asked = "+".join(n for n, on in (("regions", opts.regions),
+                                                         ("turns", opts.turns)) if on)
+                        name = asked if name == "L2" else f"{asked} + {name}"
                     for setup, scores in per_setup.items():
                         result.cells.append(Cell(source.name, label, dims, setup,
                                                  summarize(scores),

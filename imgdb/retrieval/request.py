@@ -263,13 +263,19 @@ class QueryRequest:
     rerank: tuple[Ranker, ...] = ()  # stages after it
     graph: str | None = None  # the graph model version the stages use (default: newest)
     bbox: Box | None = None  # crop of the query image files (pixels of the upright image)
-    regions: bool = False  # also search with crops of the query (`retrieval.regions`)
+    regions: bool = False  # also search with crops of the query (`retrieval.views`)
+    turns: bool = False  # also search with the query turned by 90, 180, 270 degrees
     device: str = "auto"
 
     @property
     def chain(self) -> tuple[Ranker, ...]:
         """Every stage after the cosine ranking, in order."""
         return ((self.qe,) if self.qe is not None else ()) + tuple(self.rerank)
+
+    @property
+    def views(self) -> bool:
+        """Whether other views of the query (crops, turns) are searched beside it."""
+        return self.regions or self.turns
 
     @property
     def uses_keypoints(self) -> bool:

@@ -228,28 +228,28 @@ class L2(Ranker):
 
 def rank_chain(stages, queries: np.ndarray, space, top: int | None = None,
                contexts: Sequence[QueryContext | None] | None = None,
-               regions: Sequence[np.ndarray | None] | None = None) -> list[Ranking]:
+               views: Sequence[np.ndarray | None] | None = None) -> list[Ranking]:
     """Each query ranked by cosine similarity, then by each stage in turn (each one given what
     the one before ranked, and the query's context). `stages` must already be bound to `space`
-    when they need a graph (`Ranker.bind`); an empty chain is the cosine ranking. `regions`:
-    each query's vectors of its crops (`retrieval.regions`): the first ranking is then every
-    item's best cosine to the query or any of them."""
-    from .regions import merged_search
+    when they need a graph (`Ranker.bind`); an empty chain is the cosine ranking. `views`:
+    each query's vectors of its other views (crops, turns: `retrieval.views`): the first
+    ranking is then every item's best cosine to the query or any of them."""
+    from .views import merged_search
 
     stages = [st for st in stages if not isinstance(st, L2)]
     out = []
     queries = np.asarray(queries, np.float32)
     contexts = list(contexts) if contexts is not None else [None] * len(queries)
-    regions = list(regions) if regions is not None else [None] * len(queries)
-    for q, context, crops in zip(queries, contexts, regions):
+    views = list(views) if views is not None else [None] * len(queries)
+    for q, context, others in zip(queries, contexts, views):
         # each stage reads the first `needs` items of the one before; the last gives `top`
         tops = [None if top is None else max(top, st.needs) for st in stages] + [top]
         if stages and top is None:
             tops[0] = stages[0].needs
-        if crops is None or not len(crops):
+        if others is None or not len(others):
             ranking = space.search(q, tops[0])
         else:  # whole when no top is asked: a stage that steps aside gives back this ranking
-            ranking = merged_search(space, np.vstack([q[None], crops]),
+            ranking = merged_search(space, np.vstack([q[None], others]),
                                     None if top is None else tops[0])
         for st, want in zip(stages, tops[1:]):
             ranking = st.rerank(q, ranking, space, want, context)

@@ -76,6 +76,7 @@ class QueryInput:
     crop: tuple[float, float, float, float] | None = None  # pixels: the image is cropped to it
     region: tuple[float, float, float, float] | None = None  # pixels: only the feature-map
     # cells whose receptive-field centres fall in it are pooled (Babenko sec.4)
+    turn: int = 0  # degrees counter-clockwise the decoded image is turned (a view of a query)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ class QueryService:
                     raise UserError(f"image id {q.row} is not an ingested image of this store "
                                     f"(ids 0..{len(valid) - 1}; see imgdb info)")
             digests = [None if q.row is not None or bbox is not None or q.region is not None
-                       or q.crop is not None
+                       or q.crop is not None or q.turn
                        else q.sha if q.sha is not None else _digest(q.path) for q in inputs]
             found = find_stored(view.column("sha"), valid, digests)
             rows = [q.row if q.row is not None else f for q, f in zip(inputs, found)]
@@ -376,34 +377,45 @@ class QueryService:
         vectors = transform.transform(raw) if len(rows) else np.zeros((0, source.dim), np.float32)
         return Collection(vectors, graph, rows=rows)
 
-    # -- regions of the query ----------------------------------------------------------------
-    def region_vectors(self, plan: QueryPlan, request: QueryRequest,
-                       inputs: Sequence[QueryInput]) -> list[np.ndarray]:
-        """Each query's post-processed vectors of its crops (`region_raw`)."""
-        raws = self.region_raw(plan, inputs, request.bbox)
+    # -- other views of the query: crops and turns ---------------------------------------------
+    def view_vectors(self, plan: QueryPlan, request: QueryRequest,
+                     inputs: Sequence[QueryInput]) -> list[np.ndarray]:
+        """Each query's post-processed vectors of the views the request asks (`view_raw`)."""
+        raws = self.view_raw(plan, inputs, request.bbox, request.regions, request.turns)
         return [self.post_process(plan, request, r) if len(r) else r for r in raws]
 
-    def region_raw(self, plan: QueryPlan, inputs: Sequence[QueryInput], bbox=None
-                   ) -> list[np.ndarray]:
-        """Each query's raw vectors of its crops (`regions.query_boxes`, inside `bbox` or the
-        input's crop), described as query files are, in one batch; a stored image is read
-        from its file."""
-        from .regions import query_boxes
+    def view_raw(self, plan: QueryPlan, inputs: Sequence[QueryInput], bbox=None,
+                 regions: bool = True, turns: bool = False) -> list[np.ndarray]:
+        """Each query's raw vectors of its views (`view_inputs`), described as query files
+        are, in one batch."""
+        views, owner = self.view_inputs(inputs, bbox, regions, turns)
+        if not views:
+            return [np.zeros((0, 0), np.float32) for _ in inputs]
+        raws, _ = self.raw_vectors(plan, views)
+        return [raws[owner == i] for i in range(len(inputs))]
 
-        crops, owner = [], []
+    def view_inputs(self, inputs: Sequence[QueryInput], bbox=None, regions: bool = True,
+                    turns: bool = False) -> tuple[list[QueryInput], np.ndarray]:
+        """The other views of every query as query inputs, and the query each belongs to:
+        its crops (`views.query_boxes`, inside `bbox` or the input's crop) and its turns
+        (`views.TURNS`); a stored image is read from its file."""
+        from .views import TURNS, query_boxes
+
+        views, owner = [], []
         for i, q in enumerate(inputs):
             source = self._region_source(q)
-            width, height = self._upright_size(source)
             box = q.crop if q.crop is not None else bbox
-            for b in query_boxes(width, height, box):
-                crops.append(QueryInput(f"{q.name}#{len(crops)}", path=source.path,
-                                        data=source.data, crop=b))
+            found = []
+            if regions:
+                width, height = self._upright_size(source)
+                found += [(b, 0) for b in query_boxes(width, height, box)]
+            if turns:
+                found += [(box, t) for t in TURNS]
+            for b, t in found:
+                views.append(QueryInput(f"{q.name}#{len(views)}", path=source.path,
+                                        data=source.data, crop=b, turn=t))
                 owner.append(i)
-        if not crops:
-            return [np.zeros((0, 0), np.float32) for _ in inputs]
-        raws, _ = self.raw_vectors(plan, crops)
-        owner_arr = np.asarray(owner, np.int64)
-        return [raws[owner_arr == i] for i in range(len(inputs))]
+        return views, np.asarray(owner, np.int64)
 
     def _region_source(self, q: QueryInput) -> QueryInput:
         """The query as an image file or bytes that can be cropped (a stored id: its file)."""
@@ -414,9 +426,9 @@ class QueryService:
                 path = Path(view.paths([q.row])[0])
             if path.is_file():
                 return QueryInput(q.name, path=path)
-            raise UserError(f"image {q.row} is not at {path} any more; a regional query "
-                            f"crops the image file")
-        raise UserError(f"query {q.name} has no image file to crop regions from")
+            raise UserError(f"image {q.row} is not at {path} any more; a query's crops and "
+                            f"turns are taken from its file")
+        raise UserError(f"query {q.name} has no image file to take other views of")
 
     @staticmethod
     def _upright_size(q: QueryInput) -> tuple[int, int]:
@@ -515,13 +527,13 @@ class QueryService:
 
     def rank(self, plan: QueryPlan, request: QueryRequest, queries: np.ndarray,
              contexts: Sequence[QueryContext | None] | None = None,
-             regions: Sequence[np.ndarray] | None = None) -> list[list[tuple[int, float]]]:
+             views: Sequence[np.ndarray] | None = None) -> list[list[tuple[int, float]]]:
         """Post-processed query vectors -> per query [(row, score)], best first: the top-k of
         the plan's space, then the request's chain of stages (`contexts`: each query's
         keypoints, which a verification stage needs)."""
         space, _ = self.space(plan, request)
         bound = self.chain(plan, request)
-        rankings = rank_chain(bound, queries, space, request.k, contexts, regions)
+        rankings = rank_chain(bound, queries, space, request.k, contexts, views)
         return [[(int(space.rows[p]), float(s)) for p, s in zip(r.order, r.scores)]
                 for r in rankings]
 
@@ -548,9 +560,9 @@ class QueryService:
                  [QueryInput(str(p), path=p) for p in files]
         raws, kinds = self.raw_vectors(plan, inputs, request.bbox)
         contexts = self.contexts(plan, inputs, request.bbox) if request.uses_keypoints else None
-        regions = self.region_vectors(plan, request, inputs) if request.regions else None
+        views = self.view_vectors(plan, request, inputs) if request.views else None
         hits = self.rank(plan, request, self.post_process(plan, request, raws), contexts,
-                         regions)
+                         views)
         with open_read(self.db) as view:
             paths = view.paths(np.array([r for found in hits for r, _ in found], np.int64))
             id_paths = view.paths(list(ids)) if ids else []
@@ -568,7 +580,19 @@ class QueryService:
 
 def _image_for(q: QueryInput, describer, bbox):
     """A query's image as the describer's extractor decodes it (decoded already, or loaded
-    from its file)."""
+    from its file), turned when the input is a turn of it."""
+    image = _decoded_for(q, describer, bbox)
+    if not q.turn:
+        return image
+    from dataclasses import replace
+
+    quarter = (q.turn // 90) % 4
+    pixels = [np.ascontiguousarray(np.rot90(p, quarter)) for p in image.pixels]
+    w, h = (image.height, image.width) if quarter % 2 else (image.width, image.height)
+    return replace(image, pixels=pixels, width=w, height=h)
+
+
+def _decoded_for(q: QueryInput, describer, bbox):
     if q.image is not None:
         return q.image[describer.extractor] if isinstance(q.image, dict) else q.image
     if q.path is None and q.data is not None:  # an upload, cropped (a region of it)

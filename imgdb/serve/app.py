@@ -148,7 +148,7 @@ def _row(text) -> int:
 
 def query_values(form) -> dict:
     """The query request's values from a form, parsed by the request's own parsers (the CLI's
-    too) within the server's limits: k, qe, rerank, graph, bbox, regions."""
+    too) within the server's limits: k, qe, rerank, graph, bbox, regions, turns."""
     from ..retrieval.request import parse_bbox, parse_k, parse_qe, parse_rerank
 
     k = _field(form, "k")
@@ -157,14 +157,19 @@ def query_values(form) -> dict:
         raise InvalidRequest(f"must be at most {MAX_QE} neighbours here, not {qe.m}", "qe")
     rerank = _field(form, "rerank")
     bbox = _field(form, "bbox")
-    regions = (_field(form, "regions") or "0").strip().lower()
-    if regions not in ("0", "1", "true", "false", "on", "off"):
-        raise InvalidRequest(f"must be 0 or 1, not {regions[:20]!r}", "regions")
     return {"k": parse_k(k, MAX_K) if k is not None else 10, "qe": qe,
             "rerank": parse_rerank(rerank) if rerank is not None else (),
             "graph": _field(form, "graph"),
             "bbox": parse_bbox(bbox) if bbox is not None else None,
-            "regions": regions in ("1", "true", "on")}
+            "regions": _flag(form, "regions"), "turns": _flag(form, "turns")}
+
+
+def _flag(form, name: str) -> bool:
+    """A form field that switches something on: 0/1 (also true/false, on/off)."""
+    text = (_field(form, name) or "0").strip().lower()
+    if text not in ("0", "1", "true", "false", "on", "off"):
+        raise InvalidRequest(f"must be 0 or 1, not {text[:20]!r}", name)
+    return text in ("1", "true", "on")
 
 
 @dataclass
@@ -185,7 +190,7 @@ class _Query:
         regional search)."""
         from ..retrieval.service import QueryInput
 
-        if self.data is None:  # (a box of a stored image crops its regions)
+        if self.data is None:  # (a box of a stored image crops its other views)
             return QueryInput(str(self.row), row=self.row, crop=bbox)
         first = next(iter(self.decoded.values()))
         return QueryInput("upload", image=self.decoded, sha=first.sha, data=self.data,

@@ -293,9 +293,9 @@ class Engine:
             vector = self.service.post_process(plan, request, raw[None])
             contexts = self.service.contexts(plan, [query], request.bbox) \
                 if request.uses_keypoints and query is not None else None
-            regions = self.service.region_vectors(plan, request, [query]) \
-                if request.regions and query is not None else None
-            return self.service.rank(plan, request, vector, contexts, regions)[0]
+            views = self.service.view_vectors(plan, request, [query]) \
+                if request.views and query is not None else None
+            return self.service.rank(plan, request, vector, contexts, views)[0]
         except UserError as exc:
             if isinstance(exc, RequestError):
                 raise

@@ -1,4 +1,7 @@
-"""Query-side regional search: the object of a phone photo fills only part of the frame.
+"""Other views of the query: its crops (regional search) and its turns, searched beside it.
+
+The object of a phone photo fills only part of the frame, and a photo held sideways whose EXIF
+orientation was lost reaches the network turned by 90 degrees.
 
 One vector of the whole photo mixes the object with the clutter around it, and the right image
 can fall out of the shortlist that verification looks at. The query is therefore also described
@@ -9,6 +12,9 @@ at crops of itself, R-MAC's multi-scale grid applied to the image rather than to
 boxes measured far worse, 35% vs 70% of the right covers in the top 20). Every database image
 scores its best similarity to any of the query's vectors (the whole image's included), and that
 ranking is the first stage of the query path (`rerank.rank_chain`).
+
+Turns (`TURNS`) describe the whole query turned by 90, 180 and 270 degrees (a CNN vector is not
+rotation invariant; the keypoints that verify are).
 
 Measured on the phone-photo set (benchmarks/RESULTS-verify.md): the right cover in the top 50
 for 78% of the photos with the whole image, 95% with its regions.
@@ -22,6 +28,8 @@ from ..numeric import rank_order
 
 #: (share of each side, crops per side) of the regional grid; the whole image is always searched
 GRID = ((0.6, 2), (0.4, 3))
+#: the turns of the query searched with `turns` (degrees, counter-clockwise)
+TURNS = (90, 180, 270)
 
 
 def query_boxes(width: float, height: float, box=None) -> list[tuple[float, float, float, float]]:
@@ -43,7 +51,7 @@ def query_boxes(width: float, height: float, box=None) -> list[tuple[float, floa
 
 def merged_search(space, vectors: np.ndarray, top: int | None):
     """The ranking of every item by its best cosine to any of `vectors` (the query's: whole
-    image first, then its regions), ties by the lower position."""
+    image first, then its other views), ties by the lower position."""
     from .rerank import Ranking
 
     vectors = np.asarray(vectors, np.float32)
@@ -61,4 +69,4 @@ def merged_search(space, vectors: np.ndarray, top: int | None):
     return Ranking(positions[keep], scores[keep].astype(np.float32))
 
 
-__all__ = ["GRID", "query_boxes", "merged_search"]
+__all__ = ["GRID", "TURNS", "query_boxes", "merged_search"]

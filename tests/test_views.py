@@ -1,6 +1,7 @@
-"""Query-side regional search (retrieval/regions.py): the grid by hand, the merged ranking by
-hand, and from the command line: a regional query's scores are the best of the same queries
-asked one crop at a time with --bbox (a second way to the same numbers)."""
+"""Other views of the query (retrieval/views.py): the grid by hand, the merged ranking by hand,
+and from the command line: a regional query's scores are the best of the same queries asked
+one crop at a time with --bbox (a second way to the same numbers); a photo turned sideways finds
+its original with --turns."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import OXFORD_CROPS
-from imgdb.retrieval.regions import merged_search, query_boxes
+from imgdb.retrieval.views import merged_search, query_boxes
 from imgdb.retrieval.rerank import Collection
 
 NET = ["--backbone", "efficientnet_lite0", "--size", "max:128", "--layers", "head",
@@ -62,3 +63,26 @@ def test_a_regional_query_scores_the_best_of_its_crops(cli, cli_json, tmp_path) 
     by_id = cli_json("query", "--id", "3", "--db", db, "-d", "head/gem-p3", "--exact", "-k",
                      "55", "--regions", "--json")["queries"][0]["results"]
     assert [r["id"] for r in by_id] == [r["id"] for r in regional]
+
+
+@pytest.mark.slow
+def test_a_sideways_photo_finds_its_original_with_turns(cli, cli_json, tmp_path) -> None:
+    from PIL import Image
+
+    db = tmp_path / "t.h5"
+    assert cli("ingest", OXFORD_CROPS, "--db", db, *NET).code == 0
+    original = sorted(OXFORD_CROPS.iterdir())[7]
+    sideways = tmp_path / "sideways.png"  # lossless: the turn back gives the original's pixels
+    Image.open(original).convert("RGB").transpose(Image.Transpose.ROTATE_90).save(sideways)
+    base = ("query", sideways, "--db", db, "-d", "head/gem-p3", "--exact", "-k", "3", "--json")
+    plain = cli_json(*base)["queries"][0]["results"]
+    turned = cli_json(*base, "--turns")["queries"][0]["results"]
+    assert turned[0]["id"] == 7 and turned[0]["score"] > 0.99
+    assert plain[0]["score"] < turned[0]["score"] - 0.05  # sideways, the vector is another
+    # the same through eval: one more row, labelled with the views it searched
+    gt = tmp_path / "gt.csv"
+    gt.write_text(f"query,relevant\nsideways,{original.stem}\n")
+    out = cli_json("eval", "--db", db, "--gt", gt, "--queries", tmp_path, "-d", "head/gem-p3",
+                   "--turns", "--json")
+    rows = {r["ranking"]: r["mAP"] for r in out["results"]}
+    assert rows["turns"] == 1.0 and set(rows) == {"L2", "turns"}
