@@ -507,6 +507,52 @@ def test_browser_upload_click_box_and_maps(page, store, tmp_path: Path) -> None:
     assert page.errors == []
 
 
+def test_http_verification_draws_where_the_result_lies(client, store) -> None:
+    """The crop of chelsea verifies against chelsea, and the fitted transform puts chelsea's
+    corners where the crop was cut: (-60, -10) to (w - 60, h - 10) in the crop's pixels."""
+    q = store["queries"] / "cat crop.jpg"
+    r = client.post("/query", data={"k": "3", "rerank": "verify"},
+                    files={"image": (q.name, q.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    first = r.json()["results"][0]
+    assert first["name"] == "chelsea.png"
+    v = first["verification"]
+    assert v["inliers"] >= 30 and len(v["matches"]) >= v["inliers"]  # (each keypoint counted once)
+    w, h = _rgb("chelsea").size
+    want = np.array([[-60, -10], [w - 60, -10], [w - 60, h - 10], [-60, h - 10]], float)
+    assert np.abs(np.array(v["outline"]) - want).max() < 6, v["outline"]
+    qx, qy, rx, ry = np.array(v["matches"]).T  # each match: the same point of the cat twice
+    assert np.abs(rx - qx - 60).max() < 6 and np.abs(ry - qy - 10).max() < 6
+    plain = client.post("/query", data={"k": "3"},
+                        files={"image": (q.name, q.read_bytes(), "image/jpeg")}).json()
+    assert all("verification" not in hit for hit in plain["results"])
+
+
+def test_browser_draws_the_verified_matches(page, store, tmp_path: Path) -> None:
+    page.reload()
+    page.select_option("#rerank", "verify")
+    page.set_input_files("#file", str(store["queries"] / "cat crop.jpg"))
+    page.wait_for_selector("#results figure .verified", timeout=180_000)
+    assert "inliers" in page.inner_text("#results figure:first-child .verified")
+    page.click("#results figure:first-child button.matches")
+    page.wait_for_selector("#matches", state="visible")
+    until(page, "document.querySelector('#matches-canvas').dataset.lines > 0")
+    lines = int(page.get_attribute("#matches-canvas", "data-lines"))
+    assert lines >= 30
+    # something was drawn: the canvas is not blank
+    assert page.evaluate("""() => {
+        const c = document.querySelector('#matches-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let green = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i + 1] > 150 && d[i] < 80) green++;
+        return green;
+    }""") > 100
+    assert "inliers" in page.inner_text("#matches-text")
+    page.screenshot(path=str(tmp_path / "matches.png"))
+    page.click("#matches-close")
+    assert page.errors == []
+
+
 def test_serve_command_line_errors(store, tmp_path: Path) -> None:
     code = ("import sys\nfrom imgdb.cli import main\nsys.argv = ['imgdb'] + sys.argv[1:]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"

@@ -402,22 +402,44 @@ def verify_pair(service, plan, image, result: int, width: int, height: int) -> d
     if ctx.keypoints is None or other is None:
         return None
     (g,) = verify_shortlist(ctx.keypoints, [other])
-    q_xy = ctx.keypoints.xy[g.matches[:, 0]] if len(g.matches) else np.zeros((0, 2))
-    r_xy = other.xy[g.matches[:, 1]] if len(g.matches) else np.zeros((0, 2))
     from PIL import Image
 
     with Image.open(image) as im:  # the query's upright size (its keypoints' frame)
         from PIL import ImageOps
 
         qw, qh = ImageOps.exif_transpose(im).size
-    q_scale = np.array([qw / ctx.keypoints.size[0], qh / ctx.keypoints.size[1]])
-    r_scale = np.array([width / other.size[0], height / other.size[1]])
+    return geometry_json(ctx.keypoints, other, g, (0, 0, qw, qh), (width, height))
+
+
+def geometry_json(query, other, g, query_frame: tuple, result_size: tuple) -> dict:
+    """One verified pair for people and pages: inliers, the fitted transform (query detection
+    pixels -> result detection pixels), the inlier matches in original pixels (x, y of the
+    query, x, y of the result), and `outline`: the result's corners where the transform puts
+    them in the query (original pixels; None without a transform). `query_frame`: where the
+    query's keypoints were found, (x, y, width, height) in the query's original pixels (a box
+    of it, or all of it)."""
+    import cv2
+
+    x0, y0, fw, fh = query_frame
+    q_scale = np.array([fw / query.size[0], fh / query.size[1]])
+    r_scale = np.array([result_size[0] / other.size[0], result_size[1] / other.size[1]])
+    q_xy = query.xy[g.matches[:, 0]] if len(g.matches) else np.zeros((0, 2))
+    r_xy = other.xy[g.matches[:, 1]] if len(g.matches) else np.zeros((0, 2))
+    outline = None
+    if g.transform is not None:
+        rw, rh = other.size
+        corners = np.array([[0, 0], [rw, 0], [rw, rh], [0, rh]], np.float32)[:, None]
+        back = cv2.perspectiveTransform(corners, np.linalg.inv(np.asarray(g.transform,
+                                                                          np.float64)))[:, 0]
+        outline = np.round(back * q_scale + (x0, y0), 1).tolist()
     return {
-        "inliers": g.inliers, "verified": None,
+        "inliers": int(g.inliers), "verified": None,
         "transform": None if g.transform is None else np.round(g.transform, 6).tolist(),
-        "query_size": list(ctx.keypoints.size), "result_size": list(other.size),
-        "matches": np.round(np.hstack([q_xy * q_scale, r_xy * r_scale]), 1).tolist(),
+        "query_size": list(query.size), "result_size": list(other.size),
+        "matches": np.round(np.hstack([q_xy * q_scale + (x0, y0), r_xy * r_scale]),
+                            1).tolist(),
         "matches_detected": np.hstack([q_xy, r_xy]).tolist(),
+        "outline": outline,
     }
 
 
@@ -534,5 +556,5 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
             "notes": notes}
 
 
-__all__ = ["Explainer", "ExplanationMap", "upsample", "heat_rgba", "overlay", "png_bytes",
+__all__ = ["Explainer", "ExplanationMap", "upsample", "heat_rgba", "overlay", "png_bytes", "geometry_json",
            "describe_map", "write_explanations", "verify_pair", "matches_picture"]

@@ -246,8 +246,15 @@ async def _raw_vector(engine: Engine, plan, q: _Query, timing: dict):
     return await asyncio.to_thread(engine.combine, plan, described)
 
 
-def _query_response(engine: Engine, choice, plan, ask, q: _Query, bbox, hits, timing) -> dict:
+def _query_response(engine: Engine, choice, plan, ask, q: _Query, bbox, hits, timing,
+                    verified: dict | None = None) -> dict:
     token = q.token
+    results = engine.results(hits)
+    for hit in results:  # what verification found: inliers, matches, the result's outline
+        found = (verified or {}).get(hit["id"])
+        if found is not None:
+            hit["verification"] = {k: found[k] for k in ("inliers", "transform", "matches",
+                                                          "outline", "result_pixels")}
     return {
         "query": {"source": q.source, "id": q.row, "token": token,
                   "image": f"/queries/{token}/image" if token else f"/images/{q.row}?size=full",
@@ -259,7 +266,7 @@ def _query_response(engine: Engine, choice, plan, ask, q: _Query, bbox, hits, ti
         "k": ask.k, "qe": ask.qe.m if ask.qe is not None and ask.qe.alpha == 0 else
         (ask.qe.spec if ask.qe is not None else 0),
         "rerank": ",".join(st.spec for st in ask.rerank) or None,
-        "results": engine.results(hits),
+        "results": results,
         "timing_ms": {name: round(v, 2) for name, v in timing.items()},
     }
 
@@ -358,10 +365,11 @@ def create_app(engine: Engine, limits: Limits | None = None,
         q = await _take_query(engine, limits, plan, upload, id_text, bbox, timing)
         raw = await _raw_vector(engine, plan, q, timing)
         t0 = time.perf_counter()
-        hits = await asyncio.to_thread(engine.rank, plan, ask, raw, q.as_input(bbox))
+        hits, verified = await asyncio.to_thread(engine.rank, plan, ask, raw, q.as_input(bbox),
+                                                 (q.width, q.height))
         timing["search_ms"] = (time.perf_counter() - t0) * 1000
         timing["total_ms"] = (time.perf_counter() - started) * 1000
-        return _query_response(engine, choice, plan, ask, q, bbox, hits, timing)
+        return _query_response(engine, choice, plan, ask, q, bbox, hits, timing, verified)
 
     @app.get("/explain")
     async def explain_map(result: str, map: str = "similarity", on: str = "query",

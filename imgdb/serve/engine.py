@@ -285,21 +285,47 @@ class Engine:
 
         return self.service.raw_vectors(plan, [QueryInput(str(row), row=row)])[0][0]
 
-    def rank(self, plan: QueryPlan, request: QueryRequest, raw: np.ndarray, query=None
-             ) -> list[tuple[int, float]]:
+    def rank(self, plan: QueryPlan, request: QueryRequest, raw: np.ndarray, query=None,
+             size: tuple[int, int] | None = None
+             ) -> tuple[list[tuple[int, float]], dict[int, dict]]:
         """A raw query vector -> top-k (row, score) after the request's stages (`query`: the
-        service's QueryInput, whose keypoints a verification stage reads)."""
+        service's QueryInput, whose keypoints a verification stage reads), and what
+        verification found for each verified result (`explain.geometry_json`, in original
+        pixels of the query of upright `size` and of the result)."""
         try:
             vector = self.service.post_process(plan, request, raw[None])
             contexts = self.service.contexts(plan, [query], request.bbox) \
                 if request.uses_keypoints and query is not None else None
             views = self.service.view_vectors(plan, request, [query]) \
                 if request.views and query is not None else None
-            return self.service.rank(plan, request, vector, contexts, views)[0]
+            hits = self.service.rank(plan, request, vector, contexts, views)[0]
         except UserError as exc:
             if isinstance(exc, RequestError):
                 raise
             raise RequestError(str(exc), 409) from None
+        found = self._verified(request, contexts[0], hits, query, size) if contexts else {}
+        return hits, found
+
+    def _verified(self, request: QueryRequest, context, hits, query, size) -> dict[int, dict]:
+        from ..retrieval.explain import geometry_json
+
+        minimum = min(st.min_inliers for st in request.rerank if st.uses_keypoints)
+        rows = [r for r, _ in hits if r in context.found
+                and context.found[r].inliers >= minimum]
+        if not rows or context.keypoints is None or size is None:
+            return {}
+        crop = getattr(query, "crop", None)
+        frame = (crop[0], crop[1], crop[2] - crop[0], crop[3] - crop[1]) if crop else \
+            (0, 0, size[0], size[1])
+        out = {}
+        for row, other in zip(rows, context.database(rows)):
+            if other is not None:
+                w, h = self.service._image_size(row)
+                out[row] = geometry_json(context.keypoints, other, context.found[row], frame,
+                                         (w, h))
+                out[row]["verified"] = True
+                out[row]["result_pixels"] = [w, h]
+        return out
 
     def post_vector(self, choice: Choice, row: int) -> np.ndarray:
         """The post-processed vector of a stored row under a choice."""

@@ -34,6 +34,8 @@ function form() {
   f.append("k", $("k").value || "12");
   f.append("qe", $("qe").value || "0");
   f.append("index", $("choice").value);
+  if ($("rerank").value) f.append("rerank", $("rerank").value);
+  if ($("regions").checked) f.append("regions", "1");
   if (state.box) f.append("bbox", state.box.map((v) => Math.round(v)).join(","));
   if (state.query.kind === "upload") f.append("image", state.query.file, state.query.file.name || "query");
   else f.append("id", String(state.query.id));
@@ -92,6 +94,18 @@ function showResults(results) {
     maps.textContent = "maps";
     maps.addEventListener("click", () => openMaps(hit));
     fig.append(img, cap, maps);
+    if (hit.verification) {
+      const v = document.createElement("span");
+      v.className = "verified";
+      v.textContent = `verified: ${hit.verification.inliers} inliers`;
+      cap.prepend(v, document.createElement("br"));
+      const m = document.createElement("button");
+      m.type = "button";
+      m.className = "matches";
+      m.textContent = "matches";
+      m.addEventListener("click", () => openMatches(hit));
+      fig.append(m);
+    }
     box.appendChild(fig);
   }
 }
@@ -166,6 +180,58 @@ window.addEventListener("mouseup", () => {
                Math.max(d.start[0], d.end[0]) * sx, Math.max(d.start[1], d.end[1]) * sy];
   runQuery();
 });
+
+// verified matches: both images side by side, a line per inlier, the result's outline
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const im = new Image();
+    im.onload = () => resolve(im);
+    im.onerror = () => reject(new Error(`cannot load ${src}`));
+    im.src = src;
+  });
+}
+
+async function openMatches(hit) {
+  const q = state.response.query, v = hit.verification;
+  $("matches").hidden = false;
+  $("matches-text").textContent = `result #${hit.rank} · id ${hit.id}: ${v.inliers} inliers` +
+    (v.outline ? "" : " (no transform)");
+  const canvas = $("matches-canvas"), ctx = canvas.getContext("2d");
+  const [a, b] = await Promise.all([loadImage(q.image), loadImage(`/images/${hit.id}?size=full`)]);
+  const height = 520, sa = height / q.height, sb = height / b.naturalHeight;
+  const wa = q.width * sa, wb = b.naturalWidth * sb;
+  canvas.width = Math.ceil(wa + wb);
+  canvas.height = height;
+  ctx.drawImage(a, 0, 0, wa, height);
+  ctx.drawImage(b, wa, 0, wb, height);
+  // result pixels: the stored image's original size (the full image may be scaled for the page)
+  const [rw, rh] = v.result_pixels;
+  const rs = [wb / rw, height / rh];
+  ctx.strokeStyle = "rgba(0, 200, 0, 0.8)";
+  ctx.lineWidth = 1;
+  for (const [xq, yq, xr, yr] of v.matches) {
+    ctx.beginPath();
+    ctx.moveTo(xq * sa, yq * sa);
+    ctx.lineTo(wa + xr * rs[0], yr * rs[1]);
+    ctx.stroke();
+  }
+  if (v.outline) {  // drawn on the query only (it may reach beyond a crop's edges)
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(0, 0, wa, height);
+    ctx.clip();
+    ctx.strokeStyle = "rgb(255, 160, 0)";
+    ctx.lineWidth = 3;
+    ctx.beginPath();
+    v.outline.forEach(([x, y], i) => (i ? ctx.lineTo(x * sa, y * sa) : ctx.moveTo(x * sa, y * sa)));
+    ctx.closePath();
+    ctx.stroke();
+    ctx.restore();
+  }
+  canvas.dataset.lines = String(v.matches.length);
+}
+$("matches-close").addEventListener("click", () => { $("matches").hidden = true; });
+for (const id of ["rerank", "regions"]) $(id).addEventListener("change", runQuery);
 
 // explanation maps
 function openMaps(hit) {
