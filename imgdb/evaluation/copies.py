@@ -13,14 +13,13 @@ multi-view sets where they help. Everything follows from `seed`
 
 from __future__ import annotations
 
-import csv
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .scenes import as_rgb
+from .scenes import as_rgb, write_gt
 
 #: scikit-image samples used as originals (with scikit-learn's two: 22 photos; `cat` is left
 #: out: it is `chelsea`, pixel for pixel)
@@ -127,11 +126,7 @@ def make_copy_set(out: str | Path, distractors: str | Path | None = None, seed: 
             cv2.imwrite(str(qdir / f"{q}.jpg"), copy[:, :, ::-1],
                         [cv2.IMWRITE_JPEG_QUALITY, quality])
             rows.append((q, name))
-    gt = out / "gt.csv"
-    with open(gt, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["query", "relevant"])
-        writer.writerows(rows)
+    gt = write_gt(out / "gt.csv", rows)
     return CopySet(db, qdir, gt, len(photos), len(rows))
 
 

@@ -213,12 +213,17 @@ def make_phone_set(out: str | Path, objects: int = 40, distractors: int = 40, ph
                 cv2.imwrite(str(qdir / f"{q}.jpg"), photograph(rng, cover, clutter)[:, :, ::-1],
                             [cv2.IMWRITE_JPEG_QUALITY, 95])
                 rows.append((q, name))
-    gt = out / "gt.csv"
-    with open(gt, "w", newline="") as fh:
+    gt = write_gt(out / "gt.csv", rows)
+    return SceneSet(db, qdir, gt, objects, len(rows))
+
+
+def write_gt(path: Path, rows) -> Path:
+    """`imgdb eval` CSV ground truth: a header, then one (query, relevant) row per query."""
+    with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["query", "relevant"])
         writer.writerows(rows)
-    return SceneSet(db, qdir, gt, objects, len(rows))
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,4 +244,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["SceneSet", "make_phone_set", "make_cover", "photograph", "as_rgb"]
+__all__ = ["SceneSet", "make_phone_set", "make_cover", "photograph", "as_rgb", "write_gt"]
