@@ -243,9 +243,11 @@ def rank_chain(stages, queries: np.ndarray, space, top: int | None = None,
     views = list(views) if views is not None else [None] * len(queries)
     for q, context, others in zip(queries, contexts, views):
         # each stage reads the first `needs` items of the one before; the last gives `top`
-        tops = [None if top is None else max(top, st.needs) for st in stages] + [top]
-        if stages and top is None:
-            tops[0] = stages[0].needs
+        # each ranking is as long as the stages after it read (a stage hands on at least what
+        # the next one seeds from); no top: the whole ranking, so what a stage does not
+        # reorder still follows in its order (verification reorders only its first k)
+        reads = [max([st.needs for st in stages[i:]] + [0]) for i in range(len(stages))]
+        tops = [None if top is None else max(top, r) for r in reads] + [top]
         if others is None or not len(others):
             ranking = space.search(q, tops[0])
         else:  # whole when no top is asked: a stage that steps aside gives back this ranking
