@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgdb.retrieval.graph import KnnGraph, knn_exact, top_k
+from imgdb.numeric import rank_rows
+from imgdb.retrieval.graph import KnnGraph, knn_exact
 from imgdb.retrieval.rerank import L2, Collection, Diffusion, KReciprocal, QueryExpansion
 from imgdb.store import ImageRow, RowUpdate, StoreWriter
 
@@ -101,7 +102,7 @@ def graph_part(args, x: np.ndarray, report: dict) -> None:
     sample = rng.choice(n, min(1000, n), replace=False)
     s = x[sample] @ x.T
     s[np.arange(len(sample)), sample] = -np.inf
-    exact, _ = top_k(s, args.k)
+    exact, _ = rank_rows(s, args.k)
     hits = [len(set(a) & set(b)) for a, b in zip(exact.tolist(), graph.neighbours[sample].tolist())]
     report["annoy_graph_recall_at_k"] = round(float(np.sum(hits)) / exact.size, 4)
     # the exact builder on one block of rows, scaled to n (it is quadratic in n)
@@ -109,7 +110,7 @@ def graph_part(args, x: np.ndarray, report: dict) -> None:
     t = time.perf_counter()
     block = x[:rows] @ x.T
     block[np.arange(rows), np.arange(rows)] = -np.inf
-    top_k(block, args.k)
+    rank_rows(block, args.k)
     per_row = (time.perf_counter() - t) / rows
     report["exact_graph_estimated_s"] = round(per_row * n, 1)
     report["exact_graph_estimated_1M_s"] = round(per_row * n * (1e6 / n) ** 2, 0)

@@ -66,6 +66,45 @@ def crop_feature_map(fmap, region: tuple[float, float, float, float]):
     return fmap[..., ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
+def principal_axes(x: np.ndarray | None = None, dims: int | None = None, *, cov=None,
+                   complete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The principal axes of centred data `x` (n, D), or of a covariance `cov` (D, D; numpy, or
+    a torch tensor decomposed on its device), largest variance first: the variances (k,)
+    (covariance with 1/n, clipped at 0) and the axes as rows (k, D), k = `dims` or all. The one
+    PCA of the project (PCA-whitening, local-feature PCA, T-emb's whitening, the rotation).
+
+    From the SVD of the data when n < D (exact where the covariance is rank-deficient), else
+    the eigendecomposition of the covariance. `complete`: n < D still gives D axes, the data's
+    orthonormal basis completed (variance 0 past the rank). Each axis's sign is fixed (its
+    largest coordinate positive), so the same data gives the same model whichever way."""
+    if cov is not None:
+        if _is_tensor(cov):
+            import torch  # only a tensor's owner gets here: torch is already loaded
+
+            ev_t, vec_t = torch.linalg.eigh(cov)
+            ev, vec = ev_t.cpu().numpy(), vec_t.cpu().numpy()
+        else:
+            ev, vec = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
+        order = np.argsort(ev)[::-1]
+        ev, axes = ev[order], vec[:, order].T
+    else:
+        x = np.asarray(x, dtype=np.float64)
+        n, d = x.shape
+        if n < d:
+            _, sv, axes = np.linalg.svd(x, full_matrices=complete)
+            ev = np.zeros(len(axes))
+            ev[:len(sv)] = sv ** 2 / n
+        else:
+            ev, vec = np.linalg.eigh(x.T @ x / n)
+            order = np.argsort(ev)[::-1]
+            ev, axes = ev[order], vec[:, order].T
+    ev, axes = np.clip(ev[:dims], 0.0, None), axes[:dims]
+    if len(axes):
+        signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])
+        axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
+    return ev, axes
+
+
 def rank_order(primary: np.ndarray, *tiebreak: np.ndarray, top: int | None = None,
                ids: np.ndarray | None = None) -> np.ndarray:
     """Positions by descending `primary`, ties by descending `tiebreak` keys, then by the lower
@@ -76,6 +115,30 @@ def rank_order(primary: np.ndarray, *tiebreak: np.ndarray, top: int | None = Non
     idx = np.arange(len(primary))
     key = idx if ids is None else np.asarray(ids)
     return _rank_subset(idx, key, (primary, *tiebreak), top)
+
+
+def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a score matrix, the k highest scores' columns (int32) and values (float32),
+    best first, ties by the lower column: `rank_order` of each row, batched. One argpartition
+    for the whole block; only a row whose k-th score is tied across the cut is ranked alone."""
+    scores = np.atleast_2d(np.asarray(scores))
+    rows, n = scores.shape
+    k = max(0, min(k, n))
+    if k < n and k:
+        cand = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(scores, cand, axis=1)
+        edge = vals.min(axis=1, keepdims=True)
+        # a score equal to the edge left outside: which tied columns made the cut is arbitrary
+        crossed = np.flatnonzero((scores >= edge).sum(axis=1) > k)
+    else:
+        cand = np.broadcast_to(np.arange(n), (rows, n))[:, :k].copy()
+        vals = np.take_along_axis(scores, cand, axis=1)
+        crossed = np.empty(0, np.int64)
+    order = np.lexsort((cand, -vals), axis=1) if rows and k else cand
+    cols = np.take_along_axis(cand, order, axis=1)
+    for r in crossed:
+        cols[r] = rank_order(scores[r], top=k)
+    return cols.astype(np.int32), np.take_along_axis(scores, cols, axis=1).astype(np.float32)
 
 
 def _rank_subset(idx: np.ndarray, key: np.ndarray, keys: tuple, top: int | None) -> np.ndarray:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from imgdb.errors import InvalidRequest, UserError
+from imgdb.numeric import rank_rows
 from imgdb.retrieval.graph import (exact_graph, find_graph, fit_graph, graph_status,
-                                   knn_exact, load_graph, mutual_affinity, symmetric_normalize,
-                                   top_k)
+                                   knn_exact, load_graph, mutual_affinity, symmetric_normalize)
 from imgdb.retrieval.rerank import (L2, Collection, Diffusion, KReciprocal, QueryExpansion,
                                     conjugate_gradient, expand, kreciprocal_database,
                                     kreciprocal_query, qe_weights)
@@ -115,8 +115,21 @@ def test_exact_knn_in_blocks_equals_a_full_sort() -> None:
         nbr, sim = knn_exact(x, 7, block=block)
         assert np.array_equal(nbr, ref)
         assert sim == pytest.approx(np.take_along_axis(s, ref, axis=1), abs=1e-6)
-    idx, vals = top_k(np.array([[0.5, 0.9, 0.5, 0.1]]), 3)  # ties by the lower column
+    idx, vals = rank_rows(np.array([[0.5, 0.9, 0.5, 0.1]]), 3)  # ties by the lower column
     assert idx.tolist() == [[1, 0, 2]] and vals.tolist() == [[pytest.approx(0.9), 0.5, 0.5]]
+
+
+def test_rank_rows_breaks_ties_across_the_cut_by_the_lower_column():
+    # three scores tie for the last two places: the lower columns win, whatever argpartition
+    # happened to leave inside the cut
+    assert rank_rows(np.array([[0.5, 0.9, 0.2, 0.5, 0.5, 0.1]]), 3)[0].tolist() == [[1, 0, 3]]
+    rng = np.random.default_rng(3)
+    s = rng.integers(0, 4, size=(200, 40)).astype(np.float32)  # ties everywhere
+    for k in (1, 5, 39, 40, 60):
+        idx, vals = rank_rows(s, k)
+        ref = np.argsort(-s, axis=1, kind="stable")[:, :k]  # stable: ties by the lower column
+        assert np.array_equal(idx, ref)
+        assert np.array_equal(vals, np.take_along_axis(s, ref, axis=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +199,7 @@ def zhong_direct(sim_db: np.ndarray, sim_q: np.ndarray, k1: int, k2: int, lam: f
 def kr_final(sim_db: np.ndarray, sim_q: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
     s = sim_db.copy()
     np.fill_diagonal(s, -np.inf)
-    nbr, _ = top_k(s, max(k1, k2 - 1))
+    nbr = np.argsort(-s, axis=1, kind="stable")[:, :max(k1, k2 - 1)]
     sim = np.take_along_axis(sim_db, nbr.astype(np.int64), axis=1).astype(np.float32)
     data = kreciprocal_database(nbr, sim, k1, k2, lambda a, b: sim_db[a, b])
     return kreciprocal_query(sim_q, data, k1, k2, lam)

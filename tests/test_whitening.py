@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imgdb.errors import UserError
-from imgdb.numeric import l2_normalize, power_normalize
+from imgdb.numeric import l2_normalize, power_normalize, principal_axes
 from imgdb.retrieval.whitening import Identity, PCAWhitening
 
 
@@ -79,3 +79,26 @@ def test_helpers() -> None:
     np.testing.assert_allclose(power_normalize(np.array([-4.0, 9.0]), 0.5), [-2.0, 3.0])
     np.testing.assert_allclose(Identity(power=0.5).transform(np.array([[9.0, 16.0]])),
                                [[0.6, 0.8]])
+
+
+def test_principal_axes_by_hand_and_three_ways_agree():
+    # two points on the diagonal: one axis (1, 1)/sqrt(2) with variance (2 + 2) / 2 = 2
+    ev, axes = principal_axes(np.array([[-1.0, -1.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(ev, [2.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(axes[0], [2 ** -0.5, 2 ** -0.5])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)) * np.array([5, 4, 3, 2, 1, 0.5])
+    x -= x.mean(axis=0)
+    ev, axes = principal_axes(x, 4)  # eigh of the covariance (n >= D)
+    ev_c, axes_c = principal_axes(cov=x.T @ x / len(x), dims=4)
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)  # an independent route
+    np.testing.assert_allclose(ev, sv[:4] ** 2 / len(x), rtol=1e-10)
+    np.testing.assert_allclose(ev_c, ev, rtol=1e-10)
+    same_up_to_sign(axes.T, vt[:4].T)
+    np.testing.assert_allclose(axes_c, axes, atol=1e-10)  # signs fixed: identical, not +-
+    wide = x[:4]  # fewer vectors than dimensions: the SVD route, completed on request
+    ev_w, axes_w = principal_axes(wide - wide.mean(axis=0), complete=True)
+    assert axes_w.shape == (6, 6) and ev_w[4:].max() < 1e-20
+    np.testing.assert_allclose(axes_w @ axes_w.T, np.eye(6), atol=1e-10)
+    cov = np.cov((wide - wide.mean(axis=0)).T, ddof=0)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(cov))[::-1], ev_w, atol=1e-10)

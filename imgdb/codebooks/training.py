@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..numeric import power_normalize
+from ..numeric import power_normalize, principal_axes
 from .reference import temb
 from .tensors import EPS, as_tensor, l2_normalize, stack_features
 
@@ -81,13 +81,10 @@ class LocalPCA:
         if d > c:
             raise UserError(f"cannot keep {d} PCA dimensions of {c}-dimensional local features")
         mean = x.mean(axis=0)
-        xc = x - mean
-        cov = xc.T @ xc / max(n, 1)
-        ev, vec = np.linalg.eigh(cov)
-        order = np.argsort(ev)[::-1][:d]
+        _, axes = principal_axes(x - mean, d, complete=True)
         self.d = d
         self.mean = mean.astype(np.float32)
-        self.components = vec[:, order].T.astype(np.float32)
+        self.components = axes.astype(np.float32)
         return self
 
     def transform(self, features):
@@ -172,14 +169,8 @@ class TembModel:
             phi = temb(xt[i:i + self.chunk], ct) - mean
             cov.addmm_(phi.T, phi)
         cov /= n
-        if dev.type == "cpu":
-            ev, vec = np.linalg.eigh(cov.numpy())
-        else:
-            ev_t, vec_t = torch.linalg.eigh(cov)
-            ev, vec = ev_t.cpu().numpy(), vec_t.cpu().numpy()
+        ev, axes = principal_axes(cov=cov.numpy() if dev.type == "cpu" else cov, dims=n_keep)
         del cov
-        order = np.argsort(ev)[::-1][:n_keep]
-        ev, vec = np.clip(ev[order], 0.0, None), vec[:, order]
         tail = min(max(int(self.eig_floor_tail), 0), n_keep - 1)
         floor = max(ev[n_keep - 1 - tail], ev[0] * 1e-9, EPS)
         ev = np.maximum(ev, floor)
@@ -187,7 +178,7 @@ class TembModel:
         self.centroids = centroids.astype(np.float32)
         self.mean = mean.cpu().numpy().astype(np.float32)
         self.eigenvalues = ev.astype(np.float32)
-        self.projection = (vec / np.sqrt(ev)).T.astype(np.float32)
+        self.projection = (axes / np.sqrt(ev)[:, None]).astype(np.float32)
         return self
 
     def embed(self, features, normalize: bool = True):
@@ -248,18 +239,8 @@ def fit_rotation(agg_train, whiten: bool = True, power: float | None = 0.5,
     if dims > d:
         raise UserError(f"cannot keep {dims} rotated dimensions of {d}-dimensional vectors")
     mean = x.mean(axis=0)
-    xc = x - mean
-    if n < d:  # SVD of the data: all D right-singular vectors form an orthonormal basis
-        # (the full D x D basis only when more axes than data points are asked for)
-        _, s, vt = np.linalg.svd(xc, full_matrices=dims > n)
-        ev = np.zeros(len(vt))
-        ev[: len(s)] = s ** 2 / n
-        axes = vt
-    else:
-        ev, vec = np.linalg.eigh(xc.T @ xc / n)
-        order = np.argsort(ev)[::-1]
-        ev, axes = ev[order], vec[:, order].T
-    ev = np.clip(ev, 0.0, None)
+    # fewer vectors than dimensions: the data's basis completed to D axes only when asked for
+    ev, axes = principal_axes(x - mean, complete=dims > n)
     rank = int((ev > max(ev[0], EPS) * 1e-10).sum()) or 1
     ev[rank:] = ev[rank - 1]
     ev = np.maximum(ev, ev[0] * rel_floor)

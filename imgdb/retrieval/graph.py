@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InvalidRequest, UserError
+from ..numeric import rank_rows
 from ..store import ModelInfo, StoreView, StoreWriter, open_read
 from .pca import model_version, post_processor
 from .source import VectorSource, resolve
@@ -54,23 +55,10 @@ def knn_exact(x: np.ndarray, k: int, block: int | None = None,
         stop = min(n, start + block)
         s = x[start:stop] @ x.T
         s[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
-        nbr[start:stop], sim[start:stop] = top_k(s, k)
+        nbr[start:stop], sim[start:stop] = rank_rows(s, k)
         if progress:
             progress(stop)
     return nbr, sim
-
-
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k highest scores' columns and values, best first (ties by lower column)."""
-    scores = np.atleast_2d(scores)
-    n = scores.shape[1]
-    k = min(k, n)
-    cand = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else \
-        np.broadcast_to(np.arange(n), scores.shape).copy()
-    vals = np.take_along_axis(scores, cand, axis=1)
-    order = np.lexsort((cand, -vals), axis=1) if cand.shape[0] else cand
-    return (np.take_along_axis(cand, order, axis=1).astype(np.int32),
-            np.take_along_axis(vals, order, axis=1).astype(np.float32))
 
 
 def knn_annoy(ann, n: int, k: int, search_k: int = -1, threads: int = 1,
@@ -370,6 +358,6 @@ def fit_graph(db: Path, descriptor: str, pca: str | None = None, k: int = DEFAUL
         return writer.save_model(KIND, source.name, arrays, attrs)
 
 
-__all__ = ["KnnGraph", "knn_exact", "knn_annoy", "top_k", "mutual_affinity",
+__all__ = ["KnnGraph", "knn_exact", "knn_annoy", "mutual_affinity",
            "symmetric_normalize", "exact_graph", "fit_graph", "find_graph", "load_graph",
            "graph_status", "rebuild_command", "DEFAULT_K", "DEFAULT_GAMMA", "KIND"]

@@ -51,8 +51,6 @@ def training_vectors(db: Path, name: str) -> tuple[np.ndarray, str]:
 def fit_pca_model(db: Path, descriptor: str, dims: int | None, whiten: bool,
                   power: float | None, source: Path | None = None) -> ModelInfo:
     """Fit PCA(-whitening) on this store's (or `source`'s) vectors; save it as a new version."""
-    import sklearn
-
     from .. import __version__
 
     db = Path(db)
@@ -68,7 +66,6 @@ def fit_pca_model(db: Path, descriptor: str, dims: int | None, whiten: bool,
         "input_dim": int(x.shape[1]), "fitted_on": str(src.resolve()),
         "fitted_on_hash": src_hash, "held_out": int(src.resolve() != db.resolve()),
         "image_count": int(len(x)), "imgdb": __version__, "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
     }
     with StoreWriter(db, create=False) as writer:
         return writer.save_model("pca", name, model.arrays(), attrs)

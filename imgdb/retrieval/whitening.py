@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..numeric import l2_normalize, power_normalize
+from ..numeric import l2_normalize, power_normalize, principal_axes
 
 
 @dataclass
@@ -34,8 +34,6 @@ class PCAWhitening:
 
     def fit(self, x: np.ndarray) -> "PCAWhitening":
         """Learn mean, axes and variances from raw vectors (n, D)."""
-        from sklearn.decomposition import PCA
-
         n, d = x.shape
         limit = min(n, d)
         dims = self.dims or limit
@@ -44,12 +42,15 @@ class PCAWhitening:
                             f"use {{dims}} {limit} or fewer, or fit on a bigger store with "
                             f"{{from}}",
                             mentions=("dims", "from"))
-        pca = PCA(n_components=dims, svd_solver="full").fit(self._prepare(x))
+        y = self._prepare(x)
+        mean = y.mean(axis=0)
+        ev, axes = principal_axes(y - mean, dims)
         self.dims = dims
-        self.mean = pca.mean_.astype(np.float32)
-        self.components = pca.components_.astype(np.float32)
-        # floor tiny variances so that whitening never divides by ~0
-        ev = pca.explained_variance_.astype(np.float64)
+        self.mean = mean.astype(np.float32)
+        self.components = axes.astype(np.float32)
+        # the unbiased variances (1/(n-1), as scikit-learn's PCA reports them); tiny ones
+        # floored so that whitening never divides by ~0
+        ev = ev * (n / max(n - 1, 1))
         floor = max(float(ev.max()) * 1e-9, 1e-12) if len(ev) else 1e-12
         self.eigenvalues = np.maximum(ev, floor).astype(np.float32)
         return self
