@@ -276,126 +276,204 @@ class _Ready:
         return self.out
 
 
+class _Forwards:
+    """Forwards in flight, in submission order: one at a time on this thread (the finished one
+    is applied after the next is launched, so on CUDA its copy back overlaps it), or up to
+    `threads` on a pool whose threads keep this thread's torch thread count."""
+
+    def __init__(self, forward: _Forward, threads: int, apply: Callable[[_Done], None]) -> None:
+        import torch
+
+        self.forward, self.threads, self.apply = forward, threads, apply
+        self.inflight: deque[Future] = deque()
+        # OpenMP keeps the thread count per thread, and a new thread's default (all cores)
+        # would give every GEMM a team of its own (oversubscribed)
+        self.pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgdb-forward",
+                                        initializer=torch.set_num_threads,
+                                        initargs=(torch.get_num_threads(),))
+                     if threads > 1 else None)
+
+    def submit(self, batch: Batch) -> None:
+        if self.pool is None:
+            done: Future = Future()
+            done.set_result(self.forward(batch))
+            self.inflight.append(done)
+            while len(self.inflight) > 1:
+                self.apply(self.inflight.popleft().result())
+            return
+        self.inflight.append(self.pool.submit(self.forward, batch))
+        while self.inflight and (len(self.inflight) > self.threads or self.inflight[0].done()):
+            self.apply(self.inflight.popleft().result())
+
+    def drain(self) -> None:
+        """Apply every forward still in flight."""
+        while self.inflight:
+            self.apply(self.inflight.popleft().result())
+
+    def salvage(self) -> None:
+        """After an interruption: stop the pool, apply the forwards that finished."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        while self.inflight:
+            fut = self.inflight.popleft()
+            if not fut.cancelled() and fut.exception() is None:
+                self.apply(fut.result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class _Reorder:
+    """Each image's outcome, gathered over its scales from forwards that finish in any order,
+    released in discovery order (so an interrupted run keeps a prefix of the work list)."""
+
+    def __init__(self, work: list[WorkItem], table, extractor, n_scales: int,
+                 vkey: str | None) -> None:
+        self.work, self.table, self.n_scales, self.vkey = work, table, n_scales, vkey
+        self.keys = list(extractor.output_dims())
+        self.local_keys = [spec.key for spec in extractor.local]
+        # seq -> (update, vectors per scale, scales done)
+        self.results: dict[int, tuple[RowUpdate, dict | None, int]] = {}
+        self.local_parts: dict[int, dict[str, list]] = {}
+        self.keypoints: dict[int, object] = {}  # seq -> verification LocalSet
+        self.next = 0
+
+    def decoded(self, seq: int, path: Path, item: DecodedImage | ImageError) -> bool:
+        """Record a decode; True when the image goes on to the forward."""
+        w = self.work[seq]
+        if isinstance(item, ImageError):
+            self.results[seq] = (failure_update(w, item, _known_row(self.table, w.row)), None, 0)
+            return False
+        self.results[seq] = (RowUpdate(w.row, ImageRow(str(path), item.file_size, item.mtime,
+                                                       item.sha, item.width, item.height,
+                                                       STATUS_OK)), None, 0)
+        if self.vkey is not None:
+            self.keypoints[seq] = item.extras.get("verify")
+        return True
+
+    def apply(self, done: _Done) -> None:
+        """Take a finished forward's vectors (and kept cells) for each of its images."""
+        out = done.pooled.result()  # CUDA: the batch's one synchronisation
+        for i, it in enumerate(done.batch.items):
+            seq = it.seq
+            if seq not in self.results:
+                continue  # already released as failed (another scale failed to decode)
+            update, acc, count = self.results[seq]
+            if seq in done.failed:
+                w = self.work[seq]
+                self.results[seq] = (failure_update(w, done.failed[seq],
+                                                    _known_row(self.table, w.row)), None, 0)
+                continue
+            if update.state != STATE_COMPUTED:
+                continue  # another scale of this image failed
+            if self.local_keys:
+                parts = self.local_parts.setdefault(
+                    seq, {k: [None] * self.n_scales for k in self.local_keys})
+                for k in self.local_keys:
+                    parts[k][it.scale] = done.local[k][i]
+            if acc is None:
+                acc = {k: [None] * self.n_scales for k in self.keys}
+            for k in self.keys:
+                acc[k][it.scale] = out[k][i]
+            self.results[seq] = (update, acc, count + 1)
+
+    def release(self) -> list[tuple[int, RowUpdate, dict | None, dict | None]]:
+        """The complete outcomes next in discovery order: (seq, update, vectors, local sets)."""
+        from ..features.localset import LocalSet
+        from ..numeric import merge_scales
+
+        out = []
+        while self.next in self.results:
+            seq = self.next
+            update, acc, count = self.results[seq]
+            if update.state == STATE_COMPUTED and count < self.n_scales:
+                break
+            del self.results[seq]
+            if acc is not None:
+                acc = {k: merge_scales(v) for k, v in acc.items()}
+            parts = self.local_parts.pop(seq, None)
+            sets = {k: LocalSet.concat(v) for k, v in parts.items()} if parts else {}
+            if self.vkey is not None:
+                sets[self.vkey] = self.keypoints.pop(seq, None)
+            out.append((seq, update, acc, sets or None))
+            self.next += 1
+        return out
+
+
+class _Commits:
+    """Released outcomes buffered into one commit every `commit_seconds` (or when forced), on
+    a writer thread while the next batches compute; counts them into the summary."""
+
+    def __init__(self, writer: StoreWriter, extractor, extractor_name: str,
+                 work: list[WorkItem], vkey: str | None, options: IngestOptions,
+                 summary: IngestSummary, progress: Callable[[int, int], None] | None) -> None:
+        self.work, self.options, self.summary, self.progress = work, options, summary, progress
+        self.dims = extractor.output_dims()
+        self.local_keys = [spec.key for spec in extractor.local] + ([vkey] if vkey else [])
+        self.buffer: list[tuple[int, RowUpdate, dict | None, dict | None]] = []
+        self.last = time.monotonic()
+        self.committed = 0  # rows the writer thread has committed
+        self.reported = -1
+
+        def commit(updates, vectors, changed, local, n) -> None:  # on the writer thread
+            writer.commit(extractor_name, updates, vectors, file_changed=changed, local=local)
+            self.committed += n
+
+        self.thread = CommitThread(commit, depth=2)
+
+    def add(self, released: list, force: bool) -> None:
+        for entry in released:
+            update = entry[1]
+            if update.state == STATE_COMPUTED:
+                self.summary.ok += 1
+            else:
+                self.summary.failed += 1
+                self.summary.failures.append((update.image.path,
+                                              update.error or update.image.error))
+        self.buffer.extend(released)
+        buffer = self.buffer
+        if buffer and (force or time.monotonic() - self.last >= self.options.commit_seconds):
+            vectors = {k: np.stack([acc[k] if acc is not None else np.full(d, np.nan, np.float32)
+                                    for _, _, acc, _ in buffer]) for k, d in self.dims.items()}
+            changed = [self.work[seq].row for seq, _, _, _ in buffer
+                       if self.work[seq].reason == "changed"]
+            local = {k: [p.get(k) if p is not None else None for _, _, _, p in buffer]
+                     for k in self.local_keys}
+            self.thread.put([u for _, u, _, _ in buffer], vectors, changed, local, len(buffer))
+            self.buffer = []
+            self.last = time.monotonic()
+        self.report()
+
+    def report(self) -> None:
+        if self.progress and self.committed != self.reported:
+            self.reported = self.committed
+            self.progress(self.reported, len(self.work))
+
+    def close(self) -> None:
+        self.thread.close()
+
+
 def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extractor_name: str,
               policy: SizePolicy, scales: tuple[float, ...], options: IngestOptions,
               summary: IngestSummary, progress: Callable[[int, int], None] | None,
               forward_threads: int = 1, verify=None) -> None:
     """The local executor: decode -> batch -> forward + pool -> reorder -> commit (a thread).
     `verify` (VerifySettings): keypoints for verification found in the decode threads."""
-    from ..numeric import merge_scales
-    from ..features.localset import LocalSet
-
     n_scales = len(scales)
-    dims = extractor.output_dims()
-    keys = list(dims)
-    device = extractor.device
-    budget = options.batch_pixels or default_batch_pixels(device.type)
+    budget = options.batch_pixels or default_batch_pixels(extractor.device.type)
     batcher = PixelBatcher(budget, options.batch_size, window=max(2 * options.batch_size, 64),
                            window_pixels=4 * budget)
-    forward = _Forward(extractor, policy, scales, options)
+    sift = any(spec.mask == "sift" for spec in extractor.local)
+    vkey = verify_key(verify.kind) if verify is not None else None
+    reorder = _Reorder(work, table, extractor, n_scales, vkey)
     # One forward at a time (CUDA, one core, or asked for) runs on this thread: torch's OpenMP
     # team of the main thread is 1.3-1.6x faster than a second thread's; on a CPU two forwards
     # of one thread each run on a pool by default (see _threads). Decoding and commits run
-    # beside them. The last batch's vectors are fetched after the next batch is launched, so on
-    # CUDA their copy back overlaps it.
-    # Each forward thread sets torch's thread count itself: OpenMP keeps it per thread, and a
-    # new thread's default (all cores) would give every GEMM a team of its own (oversubscribed)
-    import torch
-
-    pool = (ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="imgdb-forward",
-                               initializer=torch.set_num_threads,
-                               initargs=(torch.get_num_threads(),))
-            if forward_threads > 1 else None)
-    inflight: deque[Future] = deque()
-    # seq -> (update, vectors per scale, scales done)
-    results: dict[int, tuple[RowUpdate, dict | None, int]] = {}
-    local_parts: dict[int, dict[str, list]] = {}
-    local_keys = [spec.key for spec in extractor.local]
-    sift = any(spec.mask == "sift" for spec in extractor.local)
-    vkey = verify_key(verify.kind) if verify is not None else None
-    found_keypoints: dict[int, object] = {}  # seq -> verification LocalSet
-    next_commit = 0
-    buffer: list[tuple[int, RowUpdate, dict | None, dict | None]] = []
-    last_commit = time.monotonic()
-    committed = [0]  # rows the writer thread has committed
-    reported = -1
-
-    def commit(updates, vectors, changed, local, n) -> None:  # on the writer thread
-        writer.commit(extractor_name, updates, vectors, file_changed=changed, local=local)
-        committed[0] += n
-
-    committer = CommitThread(commit, depth=2)
-
-    def apply(done: _Done) -> None:
-        out = done.pooled.result()  # CUDA: the batch's one synchronisation
-        for i, it in enumerate(done.batch.items):
-            seq = it.seq
-            if seq not in results:
-                continue  # already committed as failed (another scale failed to decode)
-            update, acc, count = results[seq]
-            if seq in done.failed:
-                w = work[seq]
-                results[seq] = (failure_update(w, done.failed[seq], _known_row(table, w.row)),
-                                None, 0)
-                continue
-            if update.state != STATE_COMPUTED:
-                continue  # another scale of this image failed
-            if local_keys:
-                parts = local_parts.setdefault(seq, {k: [None] * n_scales for k in local_keys})
-                for k in local_keys:
-                    parts[k][it.scale] = done.local[k][i]
-            if acc is None:
-                acc = {k: [None] * n_scales for k in keys}
-            for k in keys:
-                acc[k][it.scale] = out[k][i]
-            results[seq] = (update, acc, count + 1)
-
-    def submit(batch: Batch) -> None:
-        if pool is None:
-            done: Future = Future()
-            done.set_result(forward(batch))
-            inflight.append(done)
-            while len(inflight) > 1:
-                apply(inflight.popleft().result())
-            return
-        inflight.append(pool.submit(forward, batch))
-        while inflight and (len(inflight) > forward_threads or inflight[0].done()):
-            apply(inflight.popleft().result())
-
-    def flush(force: bool) -> None:
-        nonlocal next_commit, last_commit, reported
-        while next_commit in results:
-            update, acc, count = results[next_commit]
-            if update.state == STATE_COMPUTED and count < n_scales:
-                break
-            del results[next_commit]
-            if acc is not None:
-                acc = {k: merge_scales(v) for k, v in acc.items()}
-            parts = local_parts.pop(next_commit, None)
-            sets = {k: LocalSet.concat(v) for k, v in parts.items()} if parts else {}
-            if vkey is not None:
-                sets[vkey] = found_keypoints.pop(next_commit, None)
-            buffer.append((next_commit, update, acc, sets or None))
-            if update.state == STATE_COMPUTED:
-                summary.ok += 1
-            else:
-                summary.failed += 1
-                summary.failures.append((update.image.path, update.error or update.image.error))
-            next_commit += 1
-        if buffer and (force or time.monotonic() - last_commit >= options.commit_seconds):
-            vectors = {k: np.stack([acc[k] if acc is not None else np.full(dims[k], np.nan,
-                                                                           np.float32)
-                                    for _, _, acc, _ in buffer]) for k in keys}
-            changed = [work[seq].row for seq, _, _, _ in buffer if work[seq].reason == "changed"]
-            local = {k: [p.get(k) if p is not None else None for _, _, _, p in buffer]
-                     for k in local_keys + ([vkey] if vkey else [])}
-            committer.put([u for _, u, _, _ in buffer], vectors, changed, local, len(buffer))
-            buffer.clear()
-            last_commit = time.monotonic()
-        if progress and committed[0] != reported:
-            reported = committed[0]
-            progress(reported, len(work))
-
+    # beside them.
+    forwards = _Forwards(_Forward(extractor, policy, scales, options), forward_threads,
+                         reorder.apply)
+    commits = _Commits(writer, extractor, extractor_name, work, vkey, options, summary, progress)
     load = None
     if options.decode == "gpu" and not sift:
         from ..features.gpu_decode import load_deferred
@@ -407,45 +485,29 @@ def _pipeline(work: list[WorkItem], table, writer: StoreWriter, extractor, extra
     finished = False
     try:
         for seq, path, item in decoded:
-            w = work[seq]
-            if isinstance(item, ImageError):
-                results[seq] = (failure_update(w, item, _known_row(table, w.row)), None, 0)
-            else:
-                assert isinstance(item, DecodedImage)
-                results[seq] = (RowUpdate(w.row, ImageRow(str(path), item.file_size, item.mtime,
-                                                          item.sha, item.width, item.height,
-                                                          STATUS_OK)), None, 0)
-                if vkey is not None:
-                    found_keypoints[seq] = item.extras.get("verify")
+            if reorder.decoded(seq, path, item):
                 for batch in _items(batcher, extractor, seq, path, item, n_scales):
-                    submit(batch)
-            flush(force=False)
+                    forwards.submit(batch)
+            commits.add(reorder.release(), force=False)
         for batch in batcher.drain():
-            submit(batch)
-        while inflight:
-            apply(inflight.popleft().result())
-        flush(force=True)
-        committer.close()
+            forwards.submit(batch)
+        forwards.drain()
+        commits.add(reorder.release(), force=True)
+        commits.close()
         finished = True
         if progress:
-            progress(committed[0], len(work))
+            progress(commits.committed, len(work))
     finally:
         decoded.close()
         if not finished:
             # interrupted or failed: commit what is complete (nothing finished is lost), then
             # let the original exception go on
             with contextlib.suppress(BaseException):
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                while inflight:
-                    fut = inflight.popleft()
-                    if not fut.cancelled() and fut.exception() is None:
-                        apply(fut.result())
-                flush(force=True)
+                forwards.salvage()
+                commits.add(reorder.release(), force=True)
             with contextlib.suppress(BaseException):
-                committer.close()
-        if pool is not None:
-            pool.shutdown(wait=True)
+                commits.close()
+        forwards.close()
 
 
 def _items(batcher: PixelBatcher, extractor, seq: int, path: Path, image: DecodedImage,

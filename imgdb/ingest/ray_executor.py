@@ -447,8 +447,15 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
             with writer.read() as view:
                 shape = extractor_shapes(view)[setup.name]
                 settings = view.settings(setup.name)
-            _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor,
-                     layers, local_specs, dims, local_channels, options, summary, progress)
+            merge = _ShardMerge(writer, shape, work, local_channels, options.commit_seconds,
+                                progress)
+            todo = merge.reuse(summary)
+            if todo:
+                spec = _worker_spec(setup, layers, extractor, local_channels, settings, options,
+                                    merge.folder)
+                _compute(ray, ropts, merge, todo, table, spec,
+                         any(s.mask == "sift" for s in local_specs), options, summary)
+            merge.finish()
             if outputs.verify is not None:  # rows computed before the extractor kept them
                 summary.keypoints_added = backfill_verify(writer, setup.name, outputs.verify,
                                                           setup.policy, setup.scales, options)
@@ -462,97 +469,118 @@ def run_ray_ingest(paths: Sequence[str | Path], db: str | Path, options: IngestO
     return summary
 
 
-def _execute(ray, ropts, work, table, writer, shape, settings, setup, extractor, layers,
-             local_specs, dims, local_channels, options, summary, progress) -> None:
-    """Reuse what earlier shards hold, compute the rest on the cluster, merge in order."""
-    folder = shard_dir(writer.path)
-    folder.mkdir(exist_ok=True)
-    by_path = {str(w.path): w for w in work}
-    reuse = _reusable(folder, shape, by_path)
-    summary.engine["reused"] = len(reuse)
-    copier = RowCopier(writer, [], {shape.name: shape})
-    source_of: dict[str, int] = {}
+class _ShardMerge:
+    """Rows the workers left in shard files, copied into the store in work-list order, a chunk
+    per commit, as soon as a prefix of the work list is ready (so a kill keeps a prefix)."""
 
-    def source(name: str) -> int:
-        if name not in source_of:
-            source_of[name] = len(copier.sources)
-            copier.sources.append(folder / name)
-        return source_of[name]
+    def __init__(self, writer, shape, work: list[WorkItem], local_channels: dict,
+                 commit_seconds: float, progress: Callable[[int, int], None] | None) -> None:
+        self.work, self.commit_seconds, self.progress = work, commit_seconds, progress
+        self.folder = shard_dir(writer.path)
+        self.folder.mkdir(exist_ok=True)
+        self.shape = shape
+        self.copier = RowCopier(writer, [], {shape.name: shape})
+        self.chunk = self.copier.chunk_rows(_local_bytes(local_channels))
+        self.source_of: dict[str, int] = {}
+        self.done: dict[int, tuple[int, int]] = {}  # seq -> (source, shard row)
+        self.next = self.merged = 0
+        self.last = time.monotonic()
 
-    done: dict[int, tuple[int, int]] = {}  # seq -> (source, shard row)
-    for seq, w in enumerate(work):
-        hit = reuse.get(str(w.path))
-        if hit is not None:
-            done[seq] = (source(hit[0]), hit[1])
-            _count(summary, str(w.path), hit[2], hit[3])
-    todo = [seq for seq in range(len(work)) if seq not in done]
-    chunk = copier.chunk_rows(_local_bytes(local_channels))
-    state = {"next": 0, "merged": 0, "last": time.monotonic()}
+    def add(self, seq: int, shard: str, row: int) -> None:
+        """Work item `seq` is row `row` of shard file `shard`."""
+        if shard not in self.source_of:
+            self.source_of[shard] = len(self.copier.sources)
+            self.copier.sources.append(self.folder / shard)
+        self.done[seq] = (self.source_of[shard], row)
 
-    def merge_ready(force: bool) -> None:
+    def reuse(self, summary: IngestSummary) -> list[int]:
+        """Take the rows earlier runs' shards hold; returns the work items still to compute."""
+        by_path = {str(w.path): w for w in self.work}
+        reuse = _reusable(self.folder, self.shape, by_path)
+        summary.engine["reused"] = len(reuse)
+        for seq, w in enumerate(self.work):
+            hit = reuse.get(str(w.path))
+            if hit is not None:
+                self.add(seq, hit[0], hit[1])
+                _count(summary, str(w.path), hit[2], hit[3])
+        self.merge_ready(force=False)
+        return [seq for seq in range(len(self.work)) if seq not in self.done]
+
+    def merge_ready(self, force: bool) -> None:
+        """Copy the ready prefix: whole chunks, or everything ready when forced or when
+        `commit_seconds` passed since the last copy."""
+        n = len(self.work)
         while True:
-            stop = state["next"]
-            while stop < len(work) and stop in done and stop - state["next"] < chunk:
+            stop = self.next
+            while stop < n and stop in self.done and stop - self.next < self.chunk:
                 stop += 1
-            size = stop - state["next"]
-            if not size or (size < chunk and not force and
-                            time.monotonic() - state["last"] < options.commit_seconds
-                            and stop < len(work)):
+            size = stop - self.next
+            if not size or (size < self.chunk and not force and stop < n
+                            and time.monotonic() - self.last < self.commit_seconds):
                 return
-            picks = [Pick(done[s][0], done[s][1], work[s].row)
-                     for s in range(state["next"], stop)]
-            copier.copy(picks)
-            for s in range(state["next"], stop):
-                del done[s]
-            state["next"] = stop
-            state["merged"] += size
-            state["last"] = time.monotonic()
-            if progress:
-                progress(state["merged"], len(work))
+            self.copier.copy([Pick(self.done[s][0], self.done[s][1], self.work[s].row)
+                              for s in range(self.next, stop)])
+            for s in range(self.next, stop):
+                del self.done[s]
+            self.next = stop
+            self.merged += size
+            self.last = time.monotonic()
+            if self.progress:
+                self.progress(self.merged, n)
 
-    merge_ready(force=False)
-    if todo:
-        started_here = _cluster(ray, ropts)
-        actors, gpus, cpus = _pool(ray, ropts)
-        summary.engine.update(actors=actors, gpus_per_worker=gpus, cpus_per_worker=cpus)
-        spec = {
-            "backbone": setup.backbone.name, "weights": setup.weights.spec,
-            "layers": list(layers), "poolings": list(extractor.poolings),
-            "keep_local": [s.key for s in local_specs], "precision": options.precision,
-            "extractor": setup.name, "scales": list(setup.scales),
-            "dims": [[list(k), int(d)] for k, d in dims.items()],
-            "local_channels": sorted(local_channels.items()), "settings": settings,
-            "verify_key": verify_key(settings["verify"]["kind"]) if settings.get("verify")
-            else None,
-            "shard_dir": str(folder), "run": time.strftime("%Y%m%d-%H%M%S"),
-            "gpus": gpus, "cpus": cpus, "forward_batch": options.batch_size,
-        }
-        batch = ropts.batch_size or options.batch_size
-        ds = _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch,
-                      actors, gpus, cpus, restarts=not started_here)
-        decode_pids, actor_pids = set(), set()
-        try:
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for seq, shard, row, ok, error in zip(out["seq"], out["shard"], out["row"],
-                                                      out["ok"], out["error"]):
-                    done[int(seq)] = (source(str(shard)), int(row))
-                    _count(summary, str(work[int(seq)].path), bool(ok), str(error))
-                decode_pids.update(int(p) for p in out["decode_pid"])
-                actor_pids.update(int(p) for p in out["actor_pid"])
-                merge_ready(force=False)
-        except Exception as exc:
-            if isinstance(exc, UserError):
-                raise
-            raise UserError(f"a Ray worker failed ({_root_cause(exc)}); what was merged is kept "
-                            f"and finished shards are reused: rerun the command to finish") \
-                from None
-        summary.engine.update(decode_processes=len(decode_pids), actor_processes=len(actor_pids),
-                              separate_processes=not (decode_pids & actor_pids))
-    merge_ready(force=True)
-    if state["next"] != len(work):
-        raise UserError(f"{len(work) - state['next']} planned images came back from no Ray "
-                        f"worker; rerun the command to finish")
-    shutil.rmtree(folder, ignore_errors=True)  # everything is in the store now
+    def finish(self) -> None:
+        """Copy the rest; every planned image must have come back. The shards go."""
+        self.merge_ready(force=True)
+        if self.next != len(self.work):
+            raise UserError(f"{len(self.work) - self.next} planned images came back from no "
+                            f"Ray worker; rerun the command to finish")
+        shutil.rmtree(self.folder, ignore_errors=True)  # everything is in the store now
+
+
+def _worker_spec(setup, layers: Sequence[str], extractor, local_channels: dict, settings: dict,
+                 options: IngestOptions, folder: Path) -> dict:
+    """What each network actor rebuilds its extractor and shard writer from (plain data)."""
+    return {
+        "backbone": setup.backbone.name, "weights": setup.weights.spec,
+        "layers": list(layers), "poolings": list(extractor.poolings),
+        "keep_local": [s.key for s in extractor.local], "precision": options.precision,
+        "extractor": setup.name, "scales": list(setup.scales),
+        "dims": [[list(k), int(d)] for k, d in extractor.output_dims().items()],
+        "local_channels": sorted(local_channels.items()), "settings": settings,
+        "verify_key": verify_key(settings["verify"]["kind"]) if settings.get("verify")
+        else None,
+        "shard_dir": str(folder), "run": time.strftime("%Y%m%d-%H%M%S"),
+        "forward_batch": options.batch_size,
+    }
+
+
+def _compute(ray, ropts: RayOptions, merge: _ShardMerge, todo: list[int], table, spec: dict,
+             sift: bool, options: IngestOptions, summary: IngestSummary) -> None:
+    """Run the work items `todo` on the cluster, handing each finished row to `merge`."""
+    started_here = _cluster(ray, ropts)
+    actors, gpus, cpus = _pool(ray, ropts)
+    summary.engine.update(actors=actors, gpus_per_worker=gpus, cpus_per_worker=cpus)
+    spec = {**spec, "gpus": gpus, "cpus": cpus}
+    batch = ropts.batch_size or options.batch_size
+    ds = _dataset(ray, merge.work, todo, table, spec, sift, batch, actors,
+                  restarts=not started_here)
+    decode_pids, actor_pids = set(), set()
+    try:
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for seq, shard, row, ok, error in zip(out["seq"], out["shard"], out["row"],
+                                                  out["ok"], out["error"]):
+                merge.add(int(seq), str(shard), int(row))
+                _count(summary, str(merge.work[int(seq)].path), bool(ok), str(error))
+            decode_pids.update(int(p) for p in out["decode_pid"])
+            actor_pids.update(int(p) for p in out["actor_pid"])
+            merge.merge_ready(force=False)
+    except Exception as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"a Ray worker failed ({_root_cause(exc)}); what was merged is kept "
+                        f"and finished shards are reused: rerun the command to finish") from None
+    summary.engine.update(decode_processes=len(decode_pids), actor_processes=len(actor_pids),
+                          separate_processes=not (decode_pids & actor_pids))
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -597,8 +625,8 @@ def _decode_memory(settings: dict, batch: int) -> int:
     return int(min(2 << 30, max(64 << 20, 2 * batch * per_image)))
 
 
-def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch, actors, gpus,
-             cpus, restarts: bool = True):
+def _dataset(ray, work: list[WorkItem], todo: list[int], table, spec: dict, sift: bool,
+             batch: int, actors: int, restarts: bool = True):
     """The Ray Data pipeline: work items -> decode tasks -> the network actors' shard writes.
 
     `restarts`: Ray Data's default of restarting a lost actor. Ray 2.60 then logs an error line
@@ -626,7 +654,7 @@ def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch
             "known": pa.array([_known(table, work[s].row) for s in part], pa.string()),
         }))
     ds = ray.data.from_arrow(blocks)
-    sift = any(s.mask == "sift" for s in local_specs)
+    settings = spec["settings"]
     # Decoding tasks reserve the memory their decoded pixels take. That is also what keeps
     # Ray Data from fusing them into the actors (their resources differ): decoding stays in
     # CPU tasks of its own, beside the actors.
@@ -636,7 +664,7 @@ def _dataset(ray, work, todo, table, settings, local_specs, options, spec, batch
                                    "max_pixels": int(settings["max_pixels"]), "sift": sift,
                                    "verify": settings.get("verify")})
     embed = dict(batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-                 num_gpus=gpus, num_cpus=cpus)
+                 num_gpus=spec["gpus"], num_cpus=spec["cpus"])
     if not restarts:
         # max_restarts has no named parameter yet; the **ray_remote_args that carry it warn of
         # their removal in Ray 2.64, after which the default (restarts) applies
