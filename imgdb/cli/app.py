@@ -11,6 +11,7 @@ the commands that need them, so `imgdb --help`, `imgdb info` and friends start f
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Sequence
 
@@ -130,4 +131,22 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
-    sys.exit(run())
+    code = run()
+    if sys.argv[1:2] == ["query"]:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """End a finished read-only command without tearing the interpreter down: freeing the
+    modules and arrays of numpy, h5py and ONNX Runtime one by one takes a cold query 0.06-0.1 s
+    after its answer is printed. Exit handlers still run; nothing is left to write."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that stopped early (| head)
+            pass
+    os._exit(code)

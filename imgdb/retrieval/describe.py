@@ -10,6 +10,8 @@ of the time `import torch` takes.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +35,7 @@ class QueryDescriber:
         self.wanted = tuple(wanted) if wanted else None
         self._net = None
         self._light = False  # not looked for yet (None: torch runs this store's queries)
+        self._light_lock = threading.Lock()
         self._encoder = None
         if self.encoding is not None:  # the base extractor's settings decide decoding
             from ..codebooks.encode import load_encoder
@@ -81,12 +84,25 @@ class QueryDescriber:
 
     def light(self):
         """The torch-free extractor for this store's queries, or None (looked for once)."""
-        if self._light is False:
-            from ..features.light import light_extractor
+        with self._light_lock:
+            if self._light is False:
+                from ..features.light import light_extractor
 
-            self._light = None if self.encoding is not None else \
-                light_extractor(self.base, self.wanted, self.device)
+                self._light = None if self.encoding is not None else \
+                    light_extractor(self.base, self.wanted, self.device)
         return self._light
+
+    def start_light(self) -> None:
+        """Look for the torch-free extractor on a thread of its own while the caller decodes
+        the query images: its ONNX Runtime session is built with the GIL released (a cold
+        query's 0.05-0.1 s, overlapped)."""
+        if self._light is False and self.encoding is None:
+            threading.Thread(target=self._light_quietly, name="imgdb-onnx-session",
+                             daemon=True).start()
+
+    def _light_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # light() on the caller's thread tries again
+            self.light()
 
     def prepare(self) -> None:
         """Load what describing needs now (the ONNX session, or the torch network), not in

@@ -308,6 +308,7 @@ class QueryService:
         decoded and described at a time (files are decoded as ingest decoded the store's;
         `bbox` or each input's `crop` crops them; a `region` keeps the cells in it)."""
         out: list[dict] = []
+        describer.start_light()  # the ONNX session is built while the first images decode
         for start in range(0, len(inputs), batch):
             chunk = inputs[start:start + batch]
             images = [_image_for(q, describer, q.crop if q.crop is not None else bbox)
