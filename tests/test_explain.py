@@ -123,6 +123,34 @@ def test_occlusion_map_is_highest_over_the_shared_content(store) -> None:
     assert shared > other and shared > 0, (shared, other)
 
 
+def test_occlusion_work_is_bounded_and_stops_when_abandoned(store) -> None:
+    from imgdb.errors import UserError
+    from imgdb.retrieval.explain import Cancelled
+
+    db, queries = store
+    ex = explainer(db, "head/gem-p3", "v1")
+    _, raw = stored(db, "head/gem-p3", "coffee.png")
+    target = ex.transform.transform(raw[None])[0]
+    image = ex.describer.load(queries / "pasted.png")
+    h, w = image.pixels[0].shape[:2]
+    grid = len(range(0, h - 63, 32)) * len(range(0, w - 63, 32))  # positions, by hand
+    with pytest.raises(UserError, match=f"takes {grid} forwards; the limit is {grid - 1}"):
+        ex.occlusion_map(image, target, patch=64, stride=32, max_positions=grid - 1)
+    forwards = []
+    describe_many = ex.describer.describe_many
+
+    def counted(images, *args):
+        forwards.append(len(images))
+        return describe_many(images, *args)
+
+    ex.describer.describe_many = counted
+    asked = []
+    with pytest.raises(Cancelled):  # gone after the first batch of 4: no further forward
+        ex.occlusion_map(image, target, patch=64, stride=32, batch=4,
+                         cancelled=lambda: asked.append(1) or len(asked) > 1)
+    assert forwards == [1, 4] and grid > 4  # the unoccluded image, then one batch
+
+
 def test_similarity_cells_sum_to_the_dot_product(store) -> None:
     """Sum pooling, no model: exact, with the query vector from the query path and the result's
     vector from the store."""

@@ -246,3 +246,15 @@ def test_cold_query_runs_without_torch_and_answers_as_torch(photo_store, cli, tm
     np.testing.assert_allclose([h["score"] for h in hits(got)], [h["score"] for h in hits(want)],
                                rtol=1e-4)
     assert "chelsea" in Path(hits(got)[0]["path"]).name  # an edited copy finds its group
+    # the script itself (which ends a finished query without tearing the interpreter down):
+    # the whole answer on stdout, the exit codes of `run`
+    script = subprocess.run([sys.executable, "-m", "imgdb", *args], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0 and json.loads(script.stdout) == got, script.stderr
+    for wrong in (["query", str(tmp_path / "none.jpg"), "--db", str(db)],
+                  ["query", str(query), "--db", str(db), "-k", "0"]):
+        bad = subprocess.run([sys.executable, "-m", "imgdb", *wrong], env=env,
+                             capture_output=True, text=True, timeout=300)
+        same = cli(*wrong)
+        assert bad.returncode == same.code != 0 and bad.stderr == same.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1

@@ -307,6 +307,41 @@ def test_host_header_must_be_local(engine) -> None:
     assert r.status_code == 400 and "not served here" in r.json()["error"]
 
 
+def test_other_sites_pages_are_refused(engine, store) -> None:
+    """A page the user visits elsewhere cannot make this server compute: its browser names it
+    (Sec-Fetch-Site on every request, Origin on POSTs); the page itself and tools are served."""
+    local = TestClient(create_app(engine), base_url="http://127.0.0.1:8000")
+    q = store["queries"] / "astronaut small.jpg"
+    files = {"image": (q.name, q.read_bytes(), "image/jpeg")}
+    for headers in ({"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"},
+                    {"origin": "http://evil.example"}, {"origin": "http://127.0.0.1:3000"},
+                    {"origin": "null"}):
+        r = local.post("/query", files=files, data={"k": "3"}, headers=headers)
+        assert r.status_code == 403 and "other sites" in r.json()["error"], headers
+        r = local.get("/explain?map=occlusion&query_id=0&result=1", headers=headers)
+        assert r.status_code == 403, headers
+    for headers in ({}, {"sec-fetch-site": "same-origin", "origin": "http://127.0.0.1:8000"},
+                    {"sec-fetch-site": "none"}):
+        assert local.post("/query", files=files, data={"k": "3"},
+                          headers=headers).status_code == 200, headers
+    assert local.get("/info", headers={"sec-fetch-site": "same-origin"}).status_code == 200
+
+
+def test_explanation_work_is_bounded(client, store) -> None:
+    """patch=1&stride=1 would be one forward per pixel: refused at once with the stride that
+    fits; the limit is in /info."""
+    limit = client.get("/info").json()["max_occlusion_positions"]
+    started = time.perf_counter()
+    r = client.get("/explain?map=occlusion&query_id=0&result=1&patch=1&stride=1")
+    assert r.status_code == 400 and f"the limit is {limit}" in r.json()["error"]
+    assert time.perf_counter() - started < 5
+    fit = int(r.json()["error"].rsplit("a stride of ", 1)[1].split()[0])
+    r = client.get(f"/explain?map=occlusion&query_id=0&result=1&patch=1&stride={fit - 1}")
+    assert r.status_code == 400
+    r = client.get(f"/explain?map=occlusion&query_id=0&result=1&patch=48&stride=48")
+    assert r.status_code == 200, r.text
+
+
 # ---------------------------------------------------------------------------------------------
 # concurrency and a changing store
 
@@ -386,6 +421,37 @@ def test_store_changes_while_serving(store, tmp_path: Path) -> None:
         (extra / "astronaut part.png").write_bytes((store["photos"] / "coffee.png").read_bytes())
         r = client.get("/images/12?size=full")
         assert r.status_code == 409 and "changed since it was ingested" in r.json()["error"]
+    finally:
+        eng.close()
+
+
+def test_a_store_written_again_under_the_same_name_is_served_afresh(store, tmp_path: Path
+                                                                     ) -> None:
+    """Another store copied over the served file (its bytes into the same inode, the extractor
+    at the same revision): answers come from the new store's vectors, never the old's."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("coins", "moon", "brick"):
+        _rgb(name).save(other / f"{name}.png")
+    second = tmp_path / "second.h5"
+    run_cli("ingest", str(other), "--db", str(second), "--backbone", "efficientnet_lite0",
+            "--size", "max:192", "--layers", "head", "--pooling", "gem-p3,sum", "--quiet")
+    db = tmp_path / "served.h5"
+    shutil.copyfile(store["db"], db)
+    eng = Engine(db, device="cpu")
+    try:
+        client = TestClient(create_app(eng))
+        ask = {"id": "1", "k": "3", "descriptor": DESC}
+        first = client.post("/query", data=ask).json()
+        assert first["results"][0]["id"] == 1 and first["results"][0]["score"] > 0.999
+        inode = db.stat().st_ino
+        shutil.copyfile(second, db)
+        assert db.stat().st_ino == inode
+        again = client.post("/query", data=ask).json()
+        want = cli_query(second, "--id", "1", "-k", "3", "--exact", "--descriptor", DESC)
+        assert len(want) == 3
+        same_ranking(ranking_of(again), want)
+        assert again["results"][0]["name"] == "coins.png"  # row 1 of brick, coins, moon
     finally:
         eng.close()
 

@@ -261,7 +261,8 @@ def test_copied_store_with_missing_or_other_index_files(tmp_path: Path) -> None:
     assert ok(imgdb("query", "--db", near, "--id", "2", "--index", name, "--json")).out == \
         want.replace(str(db), str(near))
     # another file under the registered name: refused as damaged, never loaded
-    ann = tmp_path / f"orig.h5.{name}.ann"
+    ann = registered_ann(db, name)
+    assert ann.name.startswith(f"orig.h5.{name}.")
     data = ann.read_bytes()
     ann.write_bytes(data[::-1])
     assert "DAMAGED" in ok(imgdb("index", "ls", "--db", near)).out
@@ -366,6 +367,12 @@ def full_store(tmp_path_factory) -> Path:
              "3"))
     assert check_store(db).ok
     return db
+
+
+def registered_ann(db: Path, name: str) -> Path:
+    """The file the registry of `db` names for index `name`."""
+    with open_read(db) as view:
+        return db.with_name(str(view.index(name).attrs["file"]))
 
 
 def copy_store(src: Path, dst_dir: Path, name: str = "s.h5") -> Path:
@@ -483,10 +490,73 @@ def test_random_flips_anywhere_give_the_same_answer_or_one_line(tmp_path: Path,
 # reproduction 4: damaged index files are refused before Annoy maps them
 
 
+def test_a_copy_never_removes_or_replaces_the_originals_index_files(tmp_path: Path,
+                                                                    full_store: Path) -> None:
+    db = copy_store(full_store, tmp_path / "a", "full.h5")  # the original, with its own files
+    ann = registered_ann(db, INDEX)
+    data = ann.read_bytes()
+    want = ok(imgdb("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out
+    copy = db.with_name("copy.h5")
+    shutil.copy(db, copy)  # its registry names full.h5's file
+    ok(imgdb("index", "rm", INDEX, "--db", copy))
+    assert ann.read_bytes() == data
+    shutil.copy(db, copy)
+    ok(imgdb("index", "build", "--db", copy, "--descriptor", HEAD_SUM, "--pca", "v1",
+             "--trees", "3"))  # a rebuild on the copy: files of its own
+    assert ann.read_bytes() == data and registered_ann(copy, INDEX).name.startswith("copy.h5.")
+    backup = db.with_name("full.h5.bak-20261207T000000")  # as repair leaves one
+    shutil.copy(db, backup)
+    ok(imgdb("index", "rm", INDEX, "--db", backup))
+    assert ann.read_bytes() == data
+    assert ok(imgdb("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out == want
+    assert "current" in ok(imgdb("index", "ls", "--db", db)).out
+
+
+def _rebuild(db: Path) -> tuple[str, ...]:
+    return ("index", "build", "--db", str(db), "--descriptor", HEAD_SUM, "--pca", "v1",
+            "--name", INDEX, "--trees", "4", "--seed", "7")
+
+
+_DIE_AT_REGISTRATION = """
+import os, sys
+from imgdb.store.writer import StoreWriter
+def die(self, *args, **kwargs):
+    os._exit(137)  # as a kill -9 just after the new file was written, before its commit
+StoreWriter.register_index = die
+from imgdb.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_a_rebuild_keeps_the_old_index_until_the_commit_that_registers_the_new(
+        tmp_path: Path, full_store: Path) -> None:
+    db = copy_store(full_store, tmp_path)
+    old = registered_ann(db, INDEX)
+    want = ok(imgdb("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = subprocess.run([sys.executable, "-c", _DIE_AT_REGISTRATION, *_rebuild(db)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stderr
+    left = [p for p in tmp_path.glob(f"s.h5.{INDEX}.*.ann") if p != old]
+    assert len(left) == 1  # the new file, never registered
+    ls = ok(imgdb("index", "ls", "--db", db)).out
+    assert "current" in ls and "DAMAGED" not in ls and check_store(db).ok
+    assert ok(imgdb("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out == want
+    # a file-size limit during the rebuild: a one-line error, the old index whole and in use
+    res = imgdb_proc(*_rebuild(db), preexec=_limit(1000))
+    assert "file-size limit" in res.one_line_error() or "cannot write" in res.err
+    assert "current" in ok(imgdb("index", "ls", "--db", db)).out and check_store(db).ok
+    assert ok(imgdb("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out == want
+    ok(imgdb(*_rebuild(db)))  # the next build sweeps the leftovers and replaces the old file
+    files = sorted(tmp_path.glob("s.h5.*.ann"))
+    assert files == [registered_ann(db, INDEX)] and old not in files
+    assert "current" in ok(imgdb("index", "ls", "--db", db)).out and check_store(db).ok
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_flipped_bytes_in_an_index_file(tmp_path: Path, full_store: Path, seed: int) -> None:
     db = copy_store(full_store, tmp_path)
-    ann = tmp_path / f"s.h5.{INDEX}.ann"
+    ann = registered_ann(db, INDEX)
     good = ok(imgdb_proc("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out
     st = ann.stat()
     rng = random.Random(seed)

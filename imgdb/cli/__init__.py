@@ -11,6 +11,6 @@ A new command: a module with its function(s) and `register(app)`, added to
 `app.COMMAND_MODULES`. A new option: an alias in options.py (reuse a parser there).
 """
 
-from .app import app, main, run
+from .app import app, main, run, script
 
-__all__ = ["app", "main", "run"]
+__all__ = ["app", "main", "run", "script"]

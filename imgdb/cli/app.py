@@ -125,16 +125,27 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Entry point of the `imgdb` script."""
-    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character: \\uXXXX
+    """Entry point of the `imgdb` script (as a function of a program: it ends with SystemExit)."""
+    _tolerant_streams()
+    sys.exit(run())
+
+
+def script() -> None:
+    """The `imgdb` script and `python -m imgdb`: `main`, except that a finished query ends the
+    process at once (`_exit_now`); a caller of `main` in its own program keeps its process."""
+    if sys.argv[1:2] != ["query"]:
+        main()
+    _tolerant_streams()
+    _exit_now(run())
+
+
+def _tolerant_streams() -> None:
+    """A terminal that cannot show a character gets \\uXXXX, not an error."""
+    for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
-    code = run()
-    if sys.argv[1:2] == ["query"]:
-        _exit_now(code)
-    sys.exit(code)
 
 
 def _exit_now(code: int) -> None:

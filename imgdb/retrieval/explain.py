@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable
+
 import numpy as np
 
 from ..errors import UserError
@@ -112,10 +114,14 @@ class Explainer:
 
     # -- occlusion -------------------------------------------------------------------------------
     def occlusion_map(self, image, target: np.ndarray, patch: int | None = None,
-                      stride: int | None = None, batch: int = 16) -> ExplanationMap:
+                      stride: int | None = None, batch: int = 16,
+                      max_positions: int | None = None,
+                      cancelled: Callable[[], bool] | None = None) -> ExplanationMap:
         """Similarity drop to `target` (a post-processed unit vector) when a grey square of
         `patch` px (default a quarter of the short side) hides each part of the image, moved by
-        `stride` px (default patch / 2); averaged over the patches covering each pixel."""
+        `stride` px (default patch / 2); averaged over the patches covering each pixel. One
+        forward per position: `max_positions` refuses more (before any work), `cancelled` is
+        asked between batches (then the map is abandoned: `Cancelled`)."""
         scales = image.pixels
         h, w = scales[0].shape[:2]
         patch = int(patch or max(8, round(min(h, w) / 4)))
@@ -125,12 +131,19 @@ class Explainer:
         patch = min(patch, h, w)
         ys = _positions(h, patch, stride)
         xs = _positions(w, patch, stride)
+        if max_positions is not None and len(ys) * len(xs) > max_positions:
+            fit = _stride_for(h, w, patch, max_positions)
+            raise UserError(f"an occlusion map of patch {patch} and stride {stride} on this "
+                            f"{w}x{h} image takes {len(ys) * len(xs)} forwards; the limit is "
+                            f"{max_positions} (a stride of {fit} or more fits)")
         fill = self._grey()
         target = np.asarray(target, np.float32)
         base = float(self.vector(image) @ target)
         boxes = [(y, x) for y in ys for x in xs]
         sims = np.zeros(len(boxes), np.float32)
         for start in range(0, len(boxes), max(1, int(batch))):
+            if cancelled is not None and cancelled():
+                raise Cancelled("the occlusion map was abandoned")
             chunk = boxes[start:start + batch]
             copies = []
             for y, x in chunk:
@@ -214,6 +227,18 @@ class Explainer:
                               {"similarity": similarity, "bias": bias, "cells_sum": total,
                                "layer": self.layer, "pooling": self.pooling,
                                "cells": list(grid.shape), "scales": len(grids)})
+
+
+class Cancelled(Exception):
+    """A map whose caller stopped waiting for it (a client that went away)."""
+
+
+def _stride_for(h: int, w: int, patch: int, positions: int) -> int:
+    """The smallest stride whose occlusion grid on an h x w image has at most `positions`."""
+    stride = 1
+    while len(_positions(h, patch, stride)) * len(_positions(w, patch, stride)) > positions:
+        stride += 1
+    return stride
 
 
 def _positions(size: int, patch: int, stride: int) -> list[int]:
@@ -556,5 +581,5 @@ def write_explanations(db, image, out, result: int | None = None, index: str | N
             "notes": notes}
 
 
-__all__ = ["Explainer", "ExplanationMap", "upsample", "heat_rgba", "overlay", "png_bytes", "geometry_json",
+__all__ = ["Explainer", "ExplanationMap", "Cancelled", "upsample", "heat_rgba", "overlay", "png_bytes", "geometry_json",
            "describe_map", "write_explanations", "verify_pair", "matches_picture"]

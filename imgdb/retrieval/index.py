@@ -1,16 +1,22 @@
 """Annoy indexes registered in the store, and exact (brute-force) search.
 
-An index file lives beside the store (`STORE.h5.<name>.ann`); the registry entry says what it
-was built from (descriptor, model version, the extractor's revision, dims, trees, seed, items,
-file size and digest) and maps Annoy item ids to image ids. Files are written under a temporary
-name and renamed, then registered in one commit, so an interrupted build registers nothing.
+An index file lives beside the store (`STORE.h5.<name>.<build>.ann`, `<build>` new for every
+build); the registry entry says what it was built from (descriptor, model version, the
+extractor's revision, dims, trees, seed, items, file size and digest) and maps Annoy item ids to
+image ids. A rebuild writes its files under new names and the one commit that registers them
+makes them current: until then the old index is whole and in use; after it the old files go. An
+interrupted build registers nothing; its files are swept by the next build of that name.
+
+A store deletes only the index files it owns: those its registry names that carry its own file
+name (`STORE.h5.`). A copy of a store (`cp full.h5 copy.h5`, a repair's backup) shares the
+original's files while they match their digests, and never removes or replaces them.
 
 A file is verified against its recorded digest before Annoy maps it (Annoy trusts its input: a
 damaged file can crash the process). The full digest is computed once per file state and
 remembered in a stamp beside it (`.ann.ok`: inode, size, mtime and ctime); while those are
 unchanged, later loads only compare them.
 
-A sharded index (`shards=N`) is one logical index of N Annoy files (`STORE.h5.<name>.<i>of<N>.ann`),
+A sharded index (`shards=N`) is one logical index of N Annoy files (`...<build>.<i>of<N>.ann`),
 each holding a contiguous part of the valid rows, built in parallel processes; the registry entry
 lists every shard file with its size, digest and item count (`shard_files`, `shard_bytes`,
 `shard_hashes`, `shard_items`; `file`/`file_bytes`/`file_hash` name shard 0), and a query searches
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +84,29 @@ def registered_file(db: Path, entry: IndexEntry) -> Path:
     return Path(db).with_name(entry.file)
 
 
-def shard_file(db: Path, name: str, i: int, n: int) -> Path:
-    return db.with_name(f"{db.name}.{name}.{i}of{n}.ann")
+def new_index_files(db: Path, name: str, shards: int = 1) -> list[Path]:
+    """Fresh names for one build's files (shard order): never a file in use."""
+    build = secrets.token_hex(4)
+    if shards == 1:
+        return [db.with_name(f"{db.name}.{name}.{build}.ann")]
+    return [db.with_name(f"{db.name}.{name}.{build}.{i}of{shards}.ann") for i in range(shards)]
+
+
+def owned(db: Path, paths) -> set[Path]:
+    """The files of `paths` this store may delete: beside it, under its own file name (a
+    copy's registry names the original's files, which stay the original's)."""
+    return {p for p in paths if p.parent == db.parent and p.name.startswith(f"{db.name}.")}
+
+
+def _sweep(writer: StoreWriter, db: Path, name: str) -> None:
+    """Remove what killed builds of index `name` left: its files that no entry registers."""
+    pattern = re.compile(rf"^{re.escape(db.name)}\.{re.escape(name)}(\.[0-9a-f]{{8}})?"
+                         rf"(\.\d+of\d+)?\.ann(\.tmp\d+)?$")
+    with writer.read() as view:
+        registered = {db.with_name(f.file) for e in view.indexes()
+                      for f in index_files(e.attrs)}
+    _remove_files(p for p in db.parent.iterdir()
+                  if pattern.match(p.name) and p not in registered)
 
 
 def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
@@ -158,9 +186,6 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             transform, model_info = post_processor(view, info.name, model)
             model_id = model_info.id if model_info else "none"
             name = name or default_index_name(info.name, model_id)
-            path = index_file(db, name)
-            for leftover in path.parent.glob(path.name + ".tmp*"):
-                leftover.unlink(missing_ok=True)  # of a killed build
             started = time.perf_counter()
             index = None
             parts = []
@@ -179,15 +204,15 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             dims = index.f
             revision = info.revision(view)
         index.build(trees, n_jobs=1)  # one thread: the same trees for the same seed
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        _sweep(writer, db, name)
+        path, = new_index_files(db, name)
         try:
-            index.save(str(tmp))
+            index.save(str(path))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise DiskFull(f"cannot write index file {tmp.name}: {exc}; nothing was changed")
+            _remove_files([path])
+            raise DiskFull(f"cannot write index file {path.name}: {exc}; nothing was changed")
         finally:
             index.unload()
-        os.replace(tmp, path)
         st = path.stat()
         attrs = {
             "file": path.name, "descriptor": info.name, "model": model_id, "dims": int(dims),
@@ -196,11 +221,23 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             "file_hash": file_digest(path), "build_seconds": round(time.perf_counter() - started, 3),
             "created": now_iso(),
         }
-        old = _registered_files(writer, db, name)
-        writer.register_index(name, attrs, np.concatenate(parts))
-        verify_file(path, attrs["file_bytes"], attrs["file_hash"])  # leaves the stamp
-        _remove_files(old - {path})
+        _register(writer, db, name, attrs, np.concatenate(parts), [path])
         return IndexStatus(name, attrs, None)
+
+
+def _register(writer: StoreWriter, db: Path, name: str, attrs: dict, rows: np.ndarray,
+              paths: list[Path]) -> None:
+    """The commit that makes a build's files the index `name`; then the files it replaced
+    (those this store owns) go. A failed commit leaves the old index and removes the new."""
+    old = _registered_files(writer, db, name)
+    try:
+        writer.register_index(name, attrs, rows)
+    except BaseException:
+        _remove_files(paths)
+        raise
+    for f in index_files(attrs):
+        verify_file(db.with_name(f.file), f.bytes, f.hash)  # leaves the stamps
+    _remove_files(owned(db, old) - set(paths))
 
 
 def _registered_files(writer: StoreWriter, db: Path, name: str) -> set[Path]:
@@ -272,11 +309,8 @@ def _build_sharded(db: Path, descriptor: str, model: str | None, name: str | Non
         # contiguous row ranges holding equal numbers of valid rows
         cuts = [int(valid[len(valid) * i // shards]) for i in range(shards)] + \
             [int(valid[-1]) + 1]
-        paths = [shard_file(db, name, i, shards) for i in range(shards)]
-        for path in paths:
-            for leftover in path.parent.glob(path.name + ".tmp*"):
-                leftover.unlink(missing_ok=True)  # of a killed build
-        tmps = [p.with_name(f"{p.name}.tmp{os.getpid()}") for p in paths]
+        _sweep(writer, db, name)
+        paths = new_index_files(db, name, shards)
         started = time.perf_counter()
         workers = max(1, min(shards, jobs or os.cpu_count() or 1))
         try:
@@ -285,14 +319,12 @@ def _build_sharded(db: Path, descriptor: str, model: str | None, name: str | Non
                     as pool:
                 futures = [pool.submit(_build_shard, str(db), info.name,
                                        None if model_id == "none" else model_version(model_id),
-                                       cuts[i], cuts[i + 1], trees, seed, str(tmps[i]))
+                                       cuts[i], cuts[i + 1], trees, seed, str(paths[i]))
                            for i in range(shards)]
                 results = [f.result() for f in futures]
-            for tmp, path in zip(tmps, paths):
-                os.replace(tmp, path)
-        finally:
-            for tmp in tmps:
-                tmp.unlink(missing_ok=True)
+        except BaseException:
+            _remove_files(paths)
+            raise
         stats = [p.stat() for p in paths]
         hashes = [file_digest(p) for p in paths]
         items = [len(r) for r, _ in results]
@@ -306,11 +338,7 @@ def _build_sharded(db: Path, descriptor: str, model: str | None, name: str | Non
             "shard_items": items, "build_jobs": workers,
             "build_seconds": round(time.perf_counter() - started, 3), "created": now_iso(),
         }
-        old = _registered_files(writer, db, name)
-        writer.register_index(name, attrs, np.concatenate([r for r, _ in results]))
-        for p, st, h in zip(paths, stats, hashes):
-            verify_file(p, int(st.st_size), h)  # leaves the stamps
-        _remove_files(old - set(paths))
+        _register(writer, db, name, attrs, np.concatenate([r for r, _ in results]), paths)
         return IndexStatus(name, attrs, None)
 
 
@@ -328,7 +356,9 @@ def remove_index(db: Path, name: str) -> None:
                 paths = [index_file(db, name)]
                 if not paths[0].exists():
                     view.index(name)  # raises: no such index
-        _remove_files(paths)  # the files first: a registry entry never outlives its file's removal
+        # the files first (a kill in between leaves a stale entry, which a rerun removes);
+        # only those this store owns: a copy's entry names the original's files
+        _remove_files(owned(db, paths))
         if known:
             writer.remove_index(name)
 
@@ -407,6 +437,7 @@ def topk_exact(queries: np.ndarray, view: StoreView, source: VectorSource | Desc
     return out
 
 
-__all__ = ["IndexStatus", "IndexFile", "index_files", "shard_file", "build_index", "check_index", "list_indexes", "remove_index",
+__all__ = ["IndexStatus", "IndexFile", "index_files", "build_index", "check_index", "list_indexes", "remove_index",
            "rebuild_command", "usable_index", "AnnoySearcher", "topk_exact", "index_file",
+           "new_index_files", "owned",
            "default_index_name", "check_index_name", "verify_file", "open_read"]

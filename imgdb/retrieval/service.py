@@ -338,7 +338,8 @@ class QueryService:
         with open_read(self.db) as view:
             source = resolve(view, plan.descriptor)
             transform, model = post_processor(view, source.name, plan.model)
-            key = (_identity(self.db), plan, source.revision(view), model.id if model else None,
+            key = (_identity(self.db), view.store_id, plan, source.revision(view),
+                   model.id if model else None,
                    request.search_k, graph_need and (request.graph or "latest"), graph_need,
                    self._index_key(view, plan))
             with self._lock:
@@ -353,7 +354,7 @@ class QueryService:
                 space = StreamedSpace(self.db, source.name, transform,
                                       np.flatnonzero(source.valid(view)))
         with self._lock:
-            for old in [k for k in self._spaces if k[1] == plan]:
+            for old in [k for k in self._spaces if k[2] == plan]:
                 del self._spaces[old]  # one state of each plan kept
             self._spaces[key] = (space, transform)
         return space, transform

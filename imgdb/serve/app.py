@@ -18,6 +18,7 @@ import json
 import math
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ class Limits:
 
 class _Guard:
     """ASGI middleware: request bodies over the limit are refused (413) by their declared length
-    or, when streamed, once they pass it; Host must be an allowed name; security headers."""
+    or, when streamed, once they pass it; Host must be an allowed name; a request from another
+    site's page is refused (403); security headers."""
 
     def __init__(self, app, limit: int, hosts: list[str] | None) -> None:
         self.app, self.limit, self.hosts = app, limit, hosts
@@ -72,6 +74,9 @@ class _Guard:
             if name not in self.hosts:
                 return await _send_error(send, 400, f"host {host!r} is not served here "
                                                     f"(allowed: {', '.join(self.hosts)})")
+        refused = _foreign_origin(headers, scope.get("scheme", "http"))
+        if refused:
+            return await _send_error(send, 403, refused)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _send_error(send, 413, f"request body over the limit of "
@@ -94,6 +99,20 @@ class _Guard:
             await send(message)
 
         await self.app(scope, limited, with_headers)
+
+
+def _foreign_origin(headers: dict[str, str], scheme: str) -> str | None:
+    """Why a request was sent by another site's page, or None. A browser names the page
+    behind every request (Sec-Fetch-Site; Origin on POST and scripted ones): only the served
+    page itself, or an address typed by the user, may make this machine compute. Other
+    clients (curl, scripts) send neither and are served."""
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return f"requests from other sites' pages are refused (Sec-Fetch-Site: {site})"
+    origin = headers.get("origin")
+    if origin is not None and origin != f"{scheme}://{headers.get('host', '')}":
+        return f"requests from other sites' pages are refused (Origin: {origin})"
+    return None
 
 
 async def _send_error(send, status: int, message: str) -> None:
@@ -372,7 +391,7 @@ def create_app(engine: Engine, limits: Limits | None = None,
         return _query_response(engine, choice, plan, ask, q, bbox, hits, timing, verified)
 
     @app.get("/explain")
-    async def explain_map(result: str, map: str = "similarity", on: str = "query",
+    async def explain_map(request: Request, result: str, map: str = "similarity", on: str = "query",
                           query: str | None = None, query_id: str | None = None,
                           index: str | None = None, patch: str | None = None,
                           stride: str | None = None, style: str = "layer"):
@@ -385,9 +404,10 @@ def create_app(engine: Engine, limits: Limits | None = None,
         row = _row(query_id) if query_id not in (None, "") else None
         patch_px = _int(patch, "patch", 0, 0, 4096) or None
         stride_px = _int(stride, "stride", 0, 0, 4096) or None
+        gone = threading.Event()
         future = engine.explain_pool.submit(explain, engine, map, on, choice, _row(result), q,
-                                            row, patch_px, stride_px)
-        m, base = await asyncio.wrap_future(future)
+                                            row, patch_px, stride_px, gone.is_set)
+        m, base = await _unless_gone(request, future, gone)
         picture = overlay(base, m.pixels, m.signed) if style == "overlay" else \
             heat_rgba(m.pixels, m.signed)
         numbers = {k: v for k, v in m.info.items() if isinstance(v, (int, float, str))}
@@ -396,6 +416,26 @@ def create_app(engine: Engine, limits: Limits | None = None,
                         headers={"X-Imgdb-Map": header, "Cache-Control": "no-store"})
 
     return _Guard(app, limits.max_upload_bytes, allowed_hosts)
+
+
+async def _unless_gone(request: Request, future, gone: threading.Event):
+    """The result of `future` (work on a thread), or, when the client disconnects first, set
+    `gone` so that the work stops at its next check (a map of a closed tab takes no more
+    forwards, nor the explain worker from the next request)."""
+    from ..retrieval.explain import Cancelled
+
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.25)
+        if done:
+            try:
+                return waiting.result()
+            except Cancelled:
+                raise RequestError("the client went away", 499) from None
+        if await request.is_disconnected():
+            gone.set()
+            future.cancel()  # not started yet: never starts
+            raise RequestError("the client went away", 499)
 
 
 def _is_loopback(host: str) -> bool:

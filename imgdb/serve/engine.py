@@ -24,7 +24,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,6 +38,8 @@ THUMB_SIDE = 320
 FULL_SIDE = 2048
 MAX_K = 100
 MAX_QE = 50
+#: Forwards one occlusion map may take (the default patch and stride take 25-60).
+MAX_OCCLUSION_POSITIONS = 400
 
 
 class RequestError(UserError):
@@ -467,6 +469,7 @@ class Engine:
                                 "valid": int(state.valid[e].sum())}
                                for e, s in state.settings.items()],
                 "max_k": MAX_K, "max_qe": MAX_QE, "max_pixels": self.max_pixels,
+                "max_occlusion_positions": MAX_OCCLUSION_POSITIONS,
                 "batches": list(self.batcher.batches)[-20:]}
 
     def close(self) -> None:
@@ -530,8 +533,10 @@ EXPLAIN_KINDS = ("crow", "similarity", "occlusion")
 
 def explain(engine: Engine, kind: str, on: str, choice: Choice, result: int,
             query: QueryImage | None, query_row: int | None, patch: int | None = None,
-            stride: int | None = None) -> tuple[Any, np.ndarray]:
-    """One explanation map of a query/result pair -> (ExplanationMap, the image it lies on)."""
+            stride: int | None = None, cancelled: Callable[[], bool] | None = None
+            ) -> tuple[Any, np.ndarray]:
+    """One explanation map of a query/result pair -> (ExplanationMap, the image it lies on).
+    `cancelled`: asked between forwards (a client that went away stops the work)."""
     from ..retrieval.explain import Explainer
 
     if kind not in EXPLAIN_KINDS:
@@ -567,7 +572,8 @@ def explain(engine: Engine, kind: str, on: str, choice: Choice, result: int,
         elif kind == "similarity":
             m = ex.similarity_map(image, other)
         else:
-            m = ex.occlusion_map(image, other, patch, stride)
+            m = ex.occlusion_map(image, other, patch, stride,
+                                 max_positions=MAX_OCCLUSION_POSITIONS, cancelled=cancelled)
     except UserError as exc:
         raise RequestError(str(exc), 400) from None
     return m, image.pixels[0]

@@ -110,6 +110,15 @@ class StoreView:
     def attrs(self) -> dict:
         return {k: plain(v) for k, v in self.fh.attrs.items()}
 
+    @property
+    def store_id(self) -> str:
+        """Which store this is: a random id given at creation (a store made by a copy of the
+        file shares it; one made again under the same name, even on a reused inode, does
+        not). Stores of earlier releases: their creation time."""
+        with guarded("the root attributes", self.path):
+            value = self.fh.attrs.get("store_id", self.fh.attrs.get("created", ""))
+        return str(plain(value))
+
     def _read(self, what: str, ds: h5py.Dataset, sel=slice(None)) -> np.ndarray:
         with guarded(what, self.path):
             return ds[sel]

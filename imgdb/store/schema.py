@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -265,6 +266,7 @@ def create_layout(fh: h5py.File) -> None:
     fh.attrs["format_version"] = FORMAT_VERSION
     set_attr(fh, "created", created)
     set_attr(fh, "modified", created)
+    set_attr(fh, "store_id", secrets.token_hex(16))
     fh.attrs["rows"] = 0
     g = fh.create_group("images")
     for name, (dtype, fill) in IMAGE_COLUMNS.items():
