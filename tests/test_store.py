@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import random
 import signal
 import subprocess
@@ -746,6 +747,26 @@ def test_check_names_a_damaged_vector_and_repair_recomputes_only_it(tmp_path: Pa
     assert got["paths"] == want["paths"] and got["ext/head/mac"] == want["ext/head/mac"]
     assert got["state"] == [0] * 12  # to be computed again by the next ingest
     assert not check_store(Path(rep.backup)).ok  # the damaged original is kept as it was
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_repair_through_a_symlink_mends_the_store_it_names_and_keeps_its_mode(
+        tmp_path: Path, mode: int) -> None:
+    real = tmp_path / "data" / "v.h5"
+    real.parent.mkdir()
+    fill(real, 3)
+    real.chmod(mode)
+    flip_in_dataset(real, "descriptors/ext/head/sum", row=5)
+    link = tmp_path / "link.h5"
+    link.symlink_to(real)
+    rep = repair_store(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)  # still the same link
+    assert check_store(real).ok and check_store(link).ok  # the store it names is mended
+    backup = Path(rep.backup)
+    assert backup.parent == real.parent and not backup.is_symlink()
+    assert not check_store(backup).ok  # the damaged file, kept as it was
+    for path in (real, backup):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, oct(path.stat().st_mode)
 
 
 def test_repair_keeps_rows_whose_facts_are_damaged_as_changed(tmp_path: Path) -> None:

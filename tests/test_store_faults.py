@@ -20,6 +20,7 @@ import random
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -510,6 +511,59 @@ def test_a_copy_never_removes_or_replaces_the_originals_index_files(tmp_path: Pa
     assert ann.read_bytes() == data
     assert ok(imgdb("query", "--db", db, "--id", "3", "--index", INDEX, "--json")).out == want
     assert "current" in ok(imgdb("index", "ls", "--db", db)).out
+
+
+def test_index_files_of_a_private_store_are_private(tmp_path: Path, full_store: Path) -> None:
+    db = copy_store(full_store, tmp_path)
+    db.chmod(0o600)
+    old = os.umask(0o022)  # the usual umask would leave new files readable by all
+    try:
+        ok(imgdb("index", "build", "--db", db, "--descriptor", HEAD_SUM, "--pca", "v1",
+                 "--name", "sharded", "--trees", "3", "--shards", "2"))
+        ok(imgdb(*_rebuild(db)))
+        ok(imgdb("repair", "--db", db))
+    finally:
+        os.umask(old)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("s.h5")]
+    assert len([p for p in made if p.name.endswith(".ann")]) == 3, made
+    for path in made:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, (path.name, oct(path.stat().st_mode))
+    assert not list(tmp_path.glob(".s.h5.*"))  # no build room or repair file left behind
+
+
+def test_repair_under_a_file_size_limit_refuses_before_writing(tmp_path: Path,
+                                                              full_store: Path) -> None:
+    db = copy_store(full_store, tmp_path)
+    before = db.read_bytes()
+    res = imgdb_proc("repair", "--db", db, preexec=_limit(len(before) // 2))
+    text = res.one_line_error()  # never exit 139 after a page of HDF5 tracebacks
+    assert "file-size limit" in text and "nothing was changed" in text
+    assert db.read_bytes() == before and not list(tmp_path.glob(".s.h5.repair-*"))
+    assert not list(tmp_path.glob("s.h5.bak-*"))
+    ok(imgdb_proc("repair", "--db", db, preexec=_limit(4 * len(before))))
+    assert check_store(db).ok
+
+
+@pytest.mark.parametrize("keep", [-1, 0.5])
+def test_a_store_cut_short_is_repaired_and_the_next_ingest_restores_it(
+        tmp_path: Path, keep: float) -> None:
+    photos = tmp_path / "p"
+    make_photos(photos, 6)
+    db = tmp_path / "cut.h5"
+    ok(ingest(photos, db))
+    size = db.stat().st_size
+    with open(db, "r+b") as f:  # a copy that stopped early, a disk that filled up
+        f.truncate(size - 1 if keep == -1 else int(size * keep))
+    assert not check_store(db).ok
+    res = ok(imgdb("repair", "--db", db))
+    assert "rebuilt 6 rows" in res.out and check_store(db).ok
+    again = json.loads(ok(ingest(photos, db, "--json")).out)
+    assert again["failed"] == 0
+    with open_read(db) as view:  # every photo is an ingested image again
+        names = {Path(p).name for p, s in zip(view.paths(), view.column("status")) if s == 0
+                 and p}
+        assert names == {p.name for p in photos.iterdir()}
+    assert check_store(db).ok
 
 
 def _rebuild(db: Path) -> tuple[str, ...]:

@@ -28,7 +28,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from ..digest import file_digest
 from ..errors import DiskFull, InvalidRequest, StoreDamaged, UserError
 from ..numeric import rank_order
 from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
+from ..store.diskio import same_access
 from ..store.indexfiles import IndexFile, index_files, stamp_path, verify_file
 from .pca import model_version, post_processor
 from .source import VectorSource, resolve
@@ -98,8 +102,29 @@ def owned(db: Path, paths) -> set[Path]:
     return {p for p in paths if p.parent == db.parent and p.name.startswith(f"{db.name}.")}
 
 
+@contextmanager
+def _private_room(db: Path):
+    """A folder beside the store that only this user can enter, where a build writes its
+    files (Annoy creates them with the umask's mode), removed afterwards."""
+    room = Path(tempfile.mkdtemp(prefix=f".{db.name}.build-", dir=db.parent))
+    try:
+        yield room
+    finally:
+        shutil.rmtree(room, ignore_errors=True)
+
+
+def _move_in(room: Path, paths: list[Path], db: Path) -> None:
+    """A build's files, given the store's access, renamed to their places beside it."""
+    for path in paths:
+        same_access(room / path.name, db)
+        os.replace(room / path.name, path)
+
+
 def _sweep(writer: StoreWriter, db: Path, name: str) -> None:
-    """Remove what killed builds of index `name` left: its files that no entry registers."""
+    """Remove what killed builds of index `name` left: its files that no entry registers
+    (and the rooms builds write in: one build at a time holds the store's writer lock)."""
+    for room in db.parent.glob(f".{db.name}.build-*"):
+        shutil.rmtree(room, ignore_errors=True)
     pattern = re.compile(rf"^{re.escape(db.name)}\.{re.escape(name)}(\.[0-9a-f]{{8}})?"
                          rf"(\.\d+of\d+)?\.ann(\.tmp\d+)?$")
     with writer.read() as view:
@@ -206,13 +231,15 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
         index.build(trees, n_jobs=1)  # one thread: the same trees for the same seed
         _sweep(writer, db, name)
         path, = new_index_files(db, name)
-        try:
-            index.save(str(path))
-        except OSError as exc:
-            _remove_files([path])
-            raise DiskFull(f"cannot write index file {path.name}: {exc}; nothing was changed")
-        finally:
-            index.unload()
+        with _private_room(db) as room:
+            try:
+                index.save(str(room / path.name))
+            except OSError as exc:
+                raise DiskFull(f"cannot write index file {path.name}: {exc}; nothing was "
+                               f"changed") from None
+            finally:
+                index.unload()
+            _move_in(room, [path], db)
         st = path.stat()
         attrs = {
             "file": path.name, "descriptor": info.name, "model": model_id, "dims": int(dims),
@@ -313,18 +340,17 @@ def _build_sharded(db: Path, descriptor: str, model: str | None, name: str | Non
         paths = new_index_files(db, name, shards)
         started = time.perf_counter()
         workers = max(1, min(shards, jobs or os.cpu_count() or 1))
-        try:
+        with _private_room(db) as room:
             # spawned processes: a forked copy of this process's HDF5 state is not safe
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
                     as pool:
                 futures = [pool.submit(_build_shard, str(db), info.name,
                                        None if model_id == "none" else model_version(model_id),
-                                       cuts[i], cuts[i + 1], trees, seed, str(paths[i]))
+                                       cuts[i], cuts[i + 1], trees, seed,
+                                       str(room / paths[i].name))
                            for i in range(shards)]
                 results = [f.result() for f in futures]
-        except BaseException:
-            _remove_files(paths)
-            raise
+            _move_in(room, paths, db)
         stats = [p.stat() for p in paths]
         hashes = [file_digest(p) for p in paths]
         items = [len(r) for r, _ in results]

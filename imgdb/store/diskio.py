@@ -1,17 +1,42 @@
 """The raw disk operations of the store's commits: positioned vector writes that loop over short
-writes, fsync (off with `IMGDB_SYNC=off`), and the id of this boot (a commit applied in an
-earlier boot may not be on the disk yet)."""
+writes, fsync (off with `IMGDB_SYNC=off`), the id of this boot (a commit applied in an
+earlier boot may not be on the disk yet), and the store's permissions for files made for it."""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import replace
-
-
-
+from pathlib import Path
 
 IOV_MAX = 512
+
+
+def same_access(path: str | Path, like: str | Path) -> None:
+    """Give `path` the permission bits (execute bits aside) and, where allowed, the owner and
+    group of the store `like`: a file written for a private store (a repaired copy, an index)
+    is as private as the store, whatever the umask."""
+    try:
+        st = os.stat(like)
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o666)
+    except OSError:
+        return
+    try:
+        current = os.stat(path)
+        if (current.st_uid, current.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(path, st.st_uid, st.st_gid)
+    except OSError:
+        pass  # not ours to give away: the mode is what matters
+
+
+def create_like(path: str | Path, like: str | Path) -> None:
+    """Create (or empty) `path` with the store `like`'s access before anything is written to
+    it: open to no one else first, then as open as the store (writers that truncate it, such
+    as HDF5's and Annoy's, keep that mode)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    os.close(fd)
+    same_access(path, like)
 
 
 def sync_enabled() -> bool:

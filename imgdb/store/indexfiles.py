@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..digest import file_digest
+from .diskio import same_access
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def verify_file(path: Path, size: int, digest: str, full: bool = False) -> str |
     try:
         tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}")
         tmp.write_text(json.dumps(state))
+        same_access(tmp, path)  # no more readable than the index file
         os.replace(tmp, stamp)
     except OSError:
         pass  # a read-only folder: verify in full every time

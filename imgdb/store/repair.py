@@ -18,8 +18,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import StoreError, UserError
+from ..errors import DiskFull, StoreError, UserError
 from . import journal, lock
+from .diskio import create_like
+from .overlay import Overlay
 from .check import first_line, scan, scan_ragged
 from .indexfiles import index_files, verify_file
 from .reader import check_exists, plain
@@ -286,7 +288,14 @@ def _open_source(db: Path, fd: int) -> tuple[h5py.File, int]:
         return h5py.File(name, "r", locking=False), 1
     view = None
     try:
-        view = journal.view_of(fd, journal.plan(db, fd))
+        plan = journal.plan(db, fd)
+        view = journal.view_of(fd, plan)
+        length = os.fstat(fd).st_size
+        if view is None and length < plan.size:
+            # cut short (a copy that stopped, a full disk): the missing bytes read as zeros, so
+            # HDF5 opens the file and the checksums tell which rows the cut took
+            view = Overlay(fd, plan.size)
+            view.valid = length
     except UserError:
         pass  # a damaged or foreign header or journal: salvage the file as it is
     fh = h5py.File(view, "r") if view is not None else h5py.File(name, "r", locking=False)
@@ -303,12 +312,39 @@ def _backup_name(db: Path) -> Path:
     return backup
 
 
+def _check_room(db: Path, tmp: Path) -> None:
+    """Refuse before writing when the repaired copy may not fit (free space, the file-size
+    limit): HDF5 cannot survive a failed write mid-build (its file closes with errors, the
+    process may crash), so the copy must have room for about the store's size."""
+    need = int(db.stat().st_size * 1.25) + (1 << 20)
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = -1
+    if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and soft < need:
+        raise DiskFull(f"the file-size limit ({soft} bytes, ulimit -f) is below what the "
+                       f"repaired copy of {db} may take (about {need} bytes); nothing was "
+                       f"changed: raise the limit and rerun")
+    try:
+        st = os.statvfs(db.parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return
+    if free < need:
+        raise DiskFull(f"{free >> 20} MB free beside {db}, the repaired copy may take about "
+                       f"{need >> 20} MB; nothing was changed: free space and rerun")
+
+
 def repair_store(db: str | Path) -> RepairReport:
     """Rebuild the store from every intact piece; swap it in; keep the old file as a backup."""
     from .writer import LIBVER
 
     db = Path(db)
     check_exists(db)
+    if db.is_symlink():  # repair the store the link names, beside it; the link stays a link
+        db = Path(os.path.realpath(db))
     started = time.perf_counter()
     tmp = db.with_name(f".{db.name}.repair-{os.getpid()}")
     held = lock.WriterLock.acquire(db, journal.read_pid)
@@ -325,6 +361,7 @@ def repair_store(db: str | Path) -> RepairReport:
                              f"nothing to salvage") from None
         report.upgraded = version == 1
         try:
+            _check_room(db, tmp)
             src = _Source(fh, version)
             try:
                 _build(src, tmp, db, report, LIBVER)
@@ -368,6 +405,7 @@ def _build(src: _Source, tmp: Path, db: Path, report: RepairReport, libver: str)
     n = src.rows
     report.rows = n
     cols, paths, errors, lost, stale = _read_images(src)
+    create_like(tmp, db)  # the repaired store keeps the store's mode and owner
     with h5py.File(tmp, "w", libver=libver, userblock_size=USERBLOCK, locking=False) as out:
         create_layout(out)
         try:
