@@ -52,6 +52,10 @@ class StoreError(UserError):
     """The store is missing, foreign, locked or unusable."""
 
 
+class NotAStore(StoreError):
+    """The file is not an imgdb store at all (nothing to check or repair)."""
+
+
 class StoreDamaged(StoreError):
     """Stored bytes fail their checksum or structure; `imgdb check` names it, `repair` mends it."""
 

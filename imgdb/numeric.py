@@ -24,7 +24,8 @@ def l2_normalize(x, eps: float = EPS):
     x = np.asarray(x)
     if x.dtype != np.float64:
         x = x.astype(np.float32, copy=False)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite row stays non-finite
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def power_normalize(x, alpha: float | None):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -566,6 +568,89 @@ def test_a_store_cut_short_is_repaired_and_the_next_ingest_restores_it(
     assert check_store(db).ok
 
 
+# ---------------------------------------------------------------------------------------------
+# crafted stores: every checksum right, the content not what imgdb writes
+
+_VEC = "descriptors/efficientnet_lite0-none-orig/head/sum"
+
+
+def _replace(fh, path: str, data) -> None:
+    parent, _, name = path.rpartition("/")
+    del fh[parent][name]
+    fh[parent].create_dataset(name, data=data)
+
+
+def _set_rows(fh, path: str, fn) -> None:
+    v = fh[path][()]
+    fn(v)
+    fh[path][...] = v
+
+
+CRAFTED = {  # name -> (edit of the HDF5 file, what check says)
+    "1-D vectors": (lambda fh: _replace(fh, _VEC, fh[_VEC][:, 0].copy()),
+                    "holds an array of shape"),
+    "int8 vectors": (lambda fh: _replace(fh, _VEC, fh[_VEC][()].astype(np.int8)),
+                     "holds int8 values"),
+    "NaN and inf vectors": (lambda fh: _set_rows(fh, _VEC, lambda v: (
+        v.__setitem__(2, np.nan), v.__setitem__(3, np.inf))), "not finite (NaN or infinite) "
+                                                              "(rows 2-3)"),
+    "unknown status": (lambda fh: _set_rows(fh, "images/status",
+                                            lambda v: v.__setitem__(1, 7)),
+                       "/images/status: holds unknown values (rows 1)"),
+    "rows 10^9": (lambda fh: fh.attrs.__setitem__("rows", 10**9), "its attribute rows says"),
+    "rows -5": (lambda fh: fh.attrs.__setitem__("rows", -5), "its attribute rows says -5"),
+    "index file /etc/passwd": (lambda fh: fh[f"indexes/{INDEX}"].attrs.__setitem__(
+        "file", np.bytes_(b"/etc/passwd")), "names '/etc/passwd', not a file beside the store"),
+    "index rows repeated": (lambda fh: _set_rows(fh, f"indexes/{INDEX}/rows",
+                                                 lambda v: v.__setitem__(slice(None), v[0])),
+                            "its rows name an image more than once"),
+    "index rows out of range": (lambda fh: _set_rows(fh, f"indexes/{INDEX}/rows",
+                                                     lambda v: v.__setitem__(1, 99)),
+                                "its rows name image ids outside"),
+    "PCA of the wrong shape": (lambda fh: _replace(
+        fh, f"models/{PCA_ID}/components", fh[f"models/{PCA_ID}/components"][:, :-1].copy()),
+        "do not fit each other"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_stores_are_named_by_check_refused_by_readers_and_repaired(
+        tmp_path: Path, full_store: Path, case: str) -> None:
+    db = copy_store(full_store, tmp_path)
+    edit, said = CRAFTED[case]
+    with h5py.File(db, "r+", locking=False) as fh:  # behind imgdb's back: checksums stay right
+        edit(fh)
+    res = imgdb("check", "--db", db)
+    assert res.code == 1 and said in res.out, res.out
+    for args in (("info",), ("index", "ls"), ("models",),
+                 ("query", "--id", "1", "--exact", "-d", HEAD_SUM, "-k", "12", "--json"),
+                 ("query", "--id", "1", "--index", INDEX, "-k", "12", "--json"),
+                 ("query", "--id", "1", "--exact", "-d", HEAD_SUM, "--pca", "v1", "--json")):
+        got = imgdb(*args, "--db", db)
+        assert "Traceback" not in got.err and "unexpected" not in got.err, (args, got.err)
+        if got.code:
+            got.one_line_error(got.code)
+        elif args[0] == "query":  # an answer: real images, each once, finite scores
+            hits = json.loads(got.out)["queries"][0]["results"]
+            ids = [h["id"] for h in hits]
+            assert len(ids) == len(set(ids)) and all(0 <= i < 12 for i in ids), (args, ids)
+            assert all(math.isfinite(h["score"]) for h in hits), (args, hits)
+    rep = ok(imgdb("repair", "--db", db))
+    assert check_store(db).ok, rep.out
+    ok(ingest(full_store.parent / "photos", db, "--keep-local", "block5"))  # back to whole
+    assert check_store(db).ok
+    ok(imgdb("query", "--id", "1", "--exact", "-d", HEAD_SUM, "-k", "3", "--db", db))
+
+
+def test_an_hdf5_file_that_is_not_a_store_is_called_so(tmp_path: Path) -> None:
+    plain = tmp_path / "data.h5"
+    with h5py.File(plain, "w") as fh:
+        fh["x"] = np.arange(3)
+    for args in (("info",), ("check",), ("repair",), ("query", "--id", "0")):
+        text = imgdb(*args, "--db", plain).one_line_error()
+        assert "an HDF5 file but not an imgdb store" in text and "format 1" not in text, text
+
+
 def _rebuild(db: Path) -> tuple[str, ...]:
     return ("index", "build", "--db", str(db), "--descriptor", HEAD_SUM, "--pca", "v1",
             "--name", INDEX, "--trees", "4", "--seed", "7")
@@ -906,8 +991,13 @@ def _indexes(db: Path) -> dict:
 
     with open_read(db) as view:
         found = {s.name: (s.problem, s.attrs["items"]) for s in list_indexes(view, db, True)}
+        registered = {str(f) for e in view.indexes()
+                      for f in e.attrs.get("shard_files", [e.attrs["file"]])}
     files = sorted(p.name for p in db.parent.glob(f"{db.name}.*.ann"))
-    return {"registry": found, "files": files}
+    # each build names its files anew: what must match is which indexes have files, and that
+    # no file is left that the registry does not name (a killed build's is swept by the rerun)
+    return {"registry": found, "unregistered": sorted(set(files) - registered),
+            "files": sorted(re.sub(r"\.[0-9a-f]{8}(?=(\.\d+of\d+)?\.ann$)", "", f) for f in files)}
 
 
 def _query_raw(db: Path) -> str:

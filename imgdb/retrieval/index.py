@@ -43,6 +43,7 @@ from ..numeric import rank_order
 from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
 from ..store.diskio import same_access
 from ..store.indexfiles import IndexFile, index_files, stamp_path, verify_file
+from ..store.validate import index_rows_problem
 from .pca import model_version, post_processor
 from .source import VectorSource, resolve
 
@@ -129,7 +130,7 @@ def _sweep(writer: StoreWriter, db: Path, name: str) -> None:
                          rf"(\.\d+of\d+)?\.ann(\.tmp\d+)?$")
     with writer.read() as view:
         registered = {db.with_name(f.file) for e in view.indexes()
-                      for f in index_files(e.attrs)}
+                      for f in _files_or_none(e.attrs)}
     _remove_files(p for p in db.parent.iterdir()
                   if pattern.match(p.name) and p not in registered)
 
@@ -140,7 +141,15 @@ def check_index(view: StoreView, db: Path, name: str, verify: bool = False,
     `verify`, its integrity (size and digest)."""
     entry = view.index(name)
     attrs = entry.attrs
-    files = index_files(attrs)
+    try:
+        files = index_files(attrs)
+    except StoreDamaged as exc:  # a crafted entry: never a path outside the store's folder
+        return IndexStatus(name, attrs, None, str(exc))
+    if verify:
+        problem = index_rows_problem(view.read_dataset(view.fh["indexes"][name]["rows"]),
+                                     view.rows)
+        if problem:  # ids out of range or repeated: answers would name them
+            return IndexStatus(name, attrs, None, problem)
     try:
         revision = resolve(view, str(attrs["descriptor"])).revision(view)
     except UserError:
@@ -217,6 +226,8 @@ def build_index(db: Path, descriptor: str, model: str | None, name: str | None =
             count = 0
             for rows, raw in info.iter_valid(view):
                 vecs = transform.transform(raw)
+                finite = np.isfinite(vecs).all(axis=1)  # damaged rows are not indexed
+                rows, vecs = rows[finite], vecs[finite]
                 if index is None:
                     index = AnnoyIndex(vecs.shape[1], METRIC)
                     index.set_seed(seed)
@@ -272,7 +283,15 @@ def _registered_files(writer: StoreWriter, db: Path, name: str) -> set[Path]:
     with writer.read() as view:
         if name not in {e.name for e in view.indexes()}:
             return set()
-        return {db.with_name(f.file) for f in index_files(view.index(name).attrs)}
+        return {db.with_name(f.file) for f in _files_or_none(view.index(name).attrs)}
+
+
+def _files_or_none(attrs: dict) -> list[IndexFile]:
+    """The files an entry names, none when the entry is damaged (nothing of it is deleted)."""
+    try:
+        return index_files(attrs)
+    except (StoreDamaged, KeyError, ValueError, TypeError):
+        return []
 
 
 def _remove_files(paths) -> None:
@@ -298,6 +317,10 @@ def _build_shard(db: str, descriptor: str, model: str | None, lo: int, hi: int, 
             if not len(take):
                 continue
             vecs = transform.transform(view.vectors(info, np.arange(start, stop))[take - start])
+            finite = np.isfinite(vecs).all(axis=1)  # damaged rows are not indexed
+            take, vecs = take[finite], vecs[finite]
+            if not len(take):
+                continue
             if index is None:
                 index = AnnoyIndex(vecs.shape[1], METRIC)
                 index.set_seed(seed)
@@ -377,7 +400,7 @@ def remove_index(db: Path, name: str) -> None:
         with writer.read() as view:
             known = name in [e.name for e in view.indexes()]
             if known:
-                paths = [db.with_name(f.file) for f in index_files(view.index(name).attrs)]
+                paths = [db.with_name(f.file) for f in _files_or_none(view.index(name).attrs)]
             else:  # a file left by an older build, not registered: remove it too
                 paths = [index_file(db, name)]
                 if not paths[0].exists():
@@ -451,7 +474,11 @@ def topk_exact(queries: np.ndarray, view: StoreView, source: VectorSource | Desc
             rows, raw = rows[keep_rows], raw[keep_rows]
             if not len(rows):
                 continue
-        sims = np.concatenate([best_sims, queries @ transform.transform(raw).T], axis=1)
+        vecs = transform.transform(raw)
+        finite = np.isfinite(vecs).all(axis=1)  # a damaged row (check names it) never ranks
+        if not finite.all():
+            rows, vecs = rows[finite], vecs[finite]
+        sims = np.concatenate([best_sims, queries @ vecs.T], axis=1)
         cand = np.concatenate([best_rows, np.broadcast_to(rows, (nq, len(rows)))], axis=1)
         keep = [rank_order(sims[q], ids=cand[q], top=k) for q in range(nq)]
         best_sims = np.stack([sims[q, i] for q, i in enumerate(keep)])

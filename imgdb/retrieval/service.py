@@ -289,6 +289,11 @@ class QueryService:
             rows = [q.row if q.row is not None else f for q, f in zip(inputs, found)]
             lookup = sorted({r for r in rows if r is not None})
             stored = dict(zip(lookup, source.vectors(view, lookup))) if lookup else {}
+            broken = [r for r in lookup if not np.isfinite(stored[r]).all()]
+            if broken:
+                raise StoreDamaged(f"the stored vector of image {broken[0]} is not finite: the "
+                                   f"store is damaged; repair it with: imgdb repair --db "
+                                   f"{self.db}")
             describers = {ext: self.describer(view, ext) for ext in source.extractors} \
                 if any(r is None for r in rows) else {}
         todo = [i for i, r in enumerate(rows) if r is None]

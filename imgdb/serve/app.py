@@ -323,6 +323,11 @@ def create_app(engine: Engine, limits: Limits | None = None,
         return _error(exc.status_code, str(exc.detail) if exc.status_code != 404 else
                       f"not found: {request.url.path[:80]}")
 
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):  # still one JSON line, never a plain-text page
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return _error(500, f"unexpected {type(exc).__name__}: {first} (a bug in imgdb)")
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}

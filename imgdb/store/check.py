@@ -18,11 +18,13 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from ..errors import UserError
+from ..errors import NotAStore, StoreDamaged, UserError
 from . import journal, lock
 from .indexfiles import index_files, verify_file
 from .reader import check_exists, plain
-from .schema import FORMAT, IMAGE_TEXT, STATE_FAILED_TRANSIENT
+from .schema import FORMAT, IMAGE_TEXT, STATE_COMPUTED, STATE_FAILED_TRANSIENT, vector_datasets
+from .validate import (index_rows_problem, model_problem, rows_problem, unknown_status,
+                       vectors_problem)
 
 BLOCK_BYTES = 64 << 20  # read this much per HDF5 call while scanning
 
@@ -167,6 +169,8 @@ def check_store(db: str | Path, verify_indexes: bool = True) -> CheckReport:
     with lock.shared(db) as fd:
         try:
             header = journal.read_header(fd, db)
+        except NotAStore:
+            raise  # not damage: nothing of imgdb's to check
         except UserError as exc:
             report.problems.append(Problem("header", str(exc)))
             report.seconds = time.perf_counter() - started
@@ -209,6 +213,15 @@ def _check_file(fh: h5py.File, db: Path, report: CheckReport, verify_indexes: bo
     except Exception as exc:
         report.problems.append(Problem("/", f"root attributes unreadable: {first_line(exc)}"))
         return
+    try:  # the image table decides how many rows there are; a crafted count is damage
+        table = int(fh["images"]["status"].shape[0])
+        problem = rows_problem(n, table)
+        if problem:
+            report.problems.append(Problem("/", problem))
+            n = report.rows = table
+    except Exception as exc:
+        report.problems.append(Problem("/images", f"unreadable: {first_line(exc)}"))
+    computed = _computed_rows(fh, n)
     objects: list[tuple[str, object]] = []
     try:
         fh.visititems(lambda name, obj: objects.append((name, obj)))
@@ -235,10 +248,12 @@ def _check_file(fh: h5py.File, db: Path, report: CheckReport, verify_indexes: bo
         if ds.name in aligned and ds.shape[0] != n:
             report.problems.append(Problem(ds.name, f"has {ds.shape[0]} rows, the store {n}"))
         try:
-            _, bad = scan(ds)
+            data, bad = scan(ds)
         except Exception as exc:
             report.problems.append(Problem(ds.name, f"unreadable: {first_line(exc)}"))
             continue
+        if ds.name in computed:
+            _check_vectors(ds, data, bad, computed[ds.name], n, report)
         report.bytes_read += int(ds.size * ds.dtype.itemsize)
         if bad.any():
             what = "fails its checksum" if ds.fletcher32 else "cannot be read"
@@ -249,11 +264,65 @@ def _check_file(fh: h5py.File, db: Path, report: CheckReport, verify_indexes: bo
             report.problems.append(Problem(ds.name, what, rows))
     _check_structure(fh, n, report)
     if verify_indexes:
-        _check_indexes(fh, db, report)
+        _check_indexes(fh, db, n, report)
+
+
+def _computed_rows(fh: h5py.File, n: int) -> dict[str, np.ndarray]:
+    """Each descriptor dataset's name -> the rows its extractor says are computed."""
+    out = {}
+    try:
+        for ext in sorted(fh["descriptors"].keys()):
+            g = fh["descriptors"][ext]
+            state, _ = scan(g["state"], n)
+            done = state == STATE_COMPUTED if state is not None else np.zeros(n, bool)
+            for _, _, ds in vector_datasets(g):
+                out[ds.name] = done
+    except Exception:  # noqa: BLE001 - the layout check names it
+        pass
+    return out
+
+
+def _check_vectors(ds: h5py.Dataset, data, bad: np.ndarray, computed: np.ndarray, n: int,
+                   report: CheckReport) -> None:
+    """A descriptor's dataset: (images, dims) floats, finite wherever a row is computed."""
+    problem = vectors_problem(ds.shape, ds.dtype, n)
+    if problem:
+        report.problems.append(Problem(ds.name, problem))
+        return
+    if data is None:
+        return
+    rows = min(len(data), len(computed))
+    broken = np.zeros(n, bool)
+    broken[:rows] = computed[:rows] & ~bad[:rows] & ~np.isfinite(data[:rows]).all(axis=1)
+    if broken.any():
+        report.problems.append(Problem(ds.name, "holds vectors that are not finite (NaN or "
+                                                "infinite)", _ranges(broken)))
+
+
+def _check_models(fh: h5py.File, report: CheckReport) -> None:
+    """Every stored model's arrays against its attributes (a PCA of the wrong shape)."""
+    groups: list[h5py.Group] = []
+    if "models" in fh:
+        fh["models"].visititems(lambda _, obj: groups.append(obj)
+                                if isinstance(obj, h5py.Group) and "components" in obj
+                                and "mean" in obj else None)
+    for g in groups:
+        try:
+            problem = model_problem({k: g[k].shape for k in ("components", "mean")},
+                                    {k: plain(v) for k, v in g.attrs.items()})
+        except Exception as exc:  # noqa: BLE001
+            problem = f"unreadable: {first_line(exc)}"
+        if problem:
+            report.problems.append(Problem(g.name, problem))
 
 
 def _check_structure(fh: h5py.File, n: int, report: CheckReport) -> None:
     try:
+        status, _ = scan(fh["images"]["status"], n)
+        if status is not None and unknown_status(status).any():
+            report.problems.append(Problem("/images/status", "holds unknown values",
+                                           _ranges(unknown_status(status))))
+        _check_models(fh, report)
         for name in IMAGE_TEXT:
             scan_ragged(fh["images"], name, n, report)
         for ext in sorted(fh["descriptors"].keys()):
@@ -283,8 +352,7 @@ def _check_structure(fh: h5py.File, n: int, report: CheckReport) -> None:
         report.problems.append(Problem("/", f"the layout is damaged: {first_line(exc)}"))
 
 
-def _check_indexes(fh: h5py.File, db: Path, report: CheckReport) -> None:
-
+def _check_indexes(fh: h5py.File, db: Path, n: int, report: CheckReport) -> None:
     if "indexes" not in fh:
         return
     for name in sorted(fh["indexes"].keys()):
@@ -300,8 +368,15 @@ def _check_indexes(fh: h5py.File, db: Path, report: CheckReport) -> None:
         if len(rows) != int(attrs.get("items", -1)):
             report.problems.append(Problem(f"index {name}", "registry rows do not match its "
                                                             "item count"))
+        problem = index_rows_problem(rows, n)
+        if problem:
+            report.problems.append(Problem(f"index {name}", problem + "; rebuild it (imgdb "
+                                                                      "index ls shows how)"))
         try:
             files = index_files(attrs)  # every shard of a sharded index
+        except StoreDamaged as exc:
+            report.problems.append(Problem(f"index {name}", str(exc)))
+            continue
         except (KeyError, ValueError, TypeError) as exc:
             report.problems.append(Problem(f"index {name}", f"registry entry incomplete: "
                                                             f"{first_line(exc)}"))

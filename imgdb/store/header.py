@@ -9,7 +9,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import StoreDamaged, StoreError
+from ..errors import NotAStore, StoreDamaged, StoreError
 from . import diskio
 from .diskio import sync_fd
 
@@ -105,6 +105,8 @@ def read_header(fd: int, path) -> Header:
     if valid:
         return max(valid, key=lambda h: h.key)
     if raw.startswith(HDF5_SIGNATURE):
+        if not _imgdb_hdf5(fd, path):
+            raise NotAStore(f"{path} is an HDF5 file but not an imgdb store")
         raise StoreError(f"{path} is a store of an older imgdb (format 1); upgrade it once "
                          f"with: imgdb repair --db {path}")
     if raw.startswith(_DEV_MAGIC):
@@ -113,7 +115,22 @@ def read_header(fd: int, path) -> Header:
     if os.pread(fd, 8, HEADER_SIZE) == HDF5_SIGNATURE:
         raise StoreDamaged(f"the commit header of store {path} is damaged; run: imgdb repair "
                            f"--db {path}")
-    raise StoreError(f"{path} is not an imgdb store (no imgdb header)")
+    raise NotAStore(f"{path} is not an imgdb store (no imgdb header)")
+
+
+def _imgdb_hdf5(fd: int, path) -> bool:
+    """Whether an HDF5 file without imgdb's header says it is an imgdb store (format 1)."""
+    import h5py
+
+    from .lock import fd_path
+
+    try:
+        with h5py.File(fd_path(fd, path), "r", locking=False) as fh:
+            value = fh.attrs.get("format", b"")
+    except Exception:  # noqa: BLE001 - unreadable: not recognisably a store
+        return False
+    value = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return value == "imgdb-store"
 
 
 def write_header(fd: int, header: Header) -> None:

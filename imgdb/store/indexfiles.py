@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..digest import file_digest
+from ..errors import StoreDamaged
 from .diskio import same_access
+from .validate import file_name_problem
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,20 @@ class IndexFile:
 
 
 def index_files(attrs: dict) -> list[IndexFile]:
-    """The files of a registered index, in shard order (one for an unsharded index)."""
+    """The files of a registered index, in shard order (one for an unsharded index). A name
+    that is not a plain file name beside the store is damage (StoreDamaged), never a path."""
     if int(attrs.get("shards", 1)) > 1:
-        return [IndexFile(str(f), int(b), str(h), int(n)) for f, b, h, n in
-                zip(attrs["shard_files"], attrs["shard_bytes"], attrs["shard_hashes"],
-                    attrs["shard_items"])]
-    return [IndexFile(str(attrs["file"]), int(attrs["file_bytes"]), str(attrs["file_hash"]),
-                      int(attrs["items"]))]
+        files = [IndexFile(str(f), int(b), str(h), int(n)) for f, b, h, n in
+                 zip(attrs["shard_files"], attrs["shard_bytes"], attrs["shard_hashes"],
+                     attrs["shard_items"])]
+    else:
+        files = [IndexFile(str(attrs["file"]), int(attrs["file_bytes"]), str(attrs["file_hash"]),
+                           int(attrs["items"]))]
+    for f in files:
+        problem = file_name_problem(f.file)
+        if problem:
+            raise StoreDamaged(f"its registry entry {problem}")
+    return files
 
 
 def stamp_path(path: Path) -> Path:

@@ -23,6 +23,7 @@ from .schema import (EXTRACTOR_FIELDS, FORMAT, FORMAT_VERSION, IMAGE_COLUMNS, ST
                      STATUS_OK, DescriptorInfo, ImageTable, IndexEntry, LocalInfo, ModelInfo,
                      decode_path, extractor_names, local_groups, model_group_path,
                      vector_datasets)
+from .validate import index_rows_problem, model_problem, rows_problem, vectors_problem
 
 
 def plain(value):
@@ -104,6 +105,10 @@ class StoreView:
                 raise StoreError(f"{path} has store format {version}; this imgdb reads format "
                                  f"{FORMAT_VERSION} (upgrade with: imgdb repair --db {path})")
             self.rows = int(fh.attrs["rows"])
+            problem = rows_problem(self.rows, int(fh["images"]["status"].shape[0]))
+        if problem:
+            raise StoreDamaged(f"store {path} is damaged: {problem}; repair it with: "
+                               f"imgdb repair --db {path}")
 
     # -- attributes --------------------------------------------------------------------------
     @property
@@ -216,6 +221,11 @@ class StoreView:
         out = []
         for ext in self.extractors():
             for layer, pooling, ds in vector_datasets(self.fh["descriptors"][ext]):
+                problem = vectors_problem(ds.shape, ds.dtype, self.rows)
+                if problem:
+                    raise StoreDamaged(f"descriptor {ext}/{layer}/{pooling} of {self.path} "
+                                       f"{problem}; repair the store with: imgdb repair --db "
+                                       f"{self.path}")
                 out.append(DescriptorInfo(f"{ext}/{layer}/{pooling}", ext, layer, pooling,
                                           (self.rows, int(ds.shape[1])), str(ds.dtype)))
         return out
@@ -414,7 +424,12 @@ class StoreView:
     def model_arrays(self, model: ModelInfo) -> dict[str, np.ndarray]:
         g = self.fh[model_group_path(model.kind, model.descriptor)][model.version]
         with guarded(f"model {model.id}", self.path):
-            return {name: g[name][()] for name in g.keys()}
+            arrays = {name: g[name][()] for name in g.keys()}
+        problem = model_problem({k: np.shape(v) for k, v in arrays.items()}, model.attrs)
+        if problem:
+            raise StoreDamaged(f"model {model.id} of {self.path} is damaged ({problem}); repair "
+                               f"the store with: imgdb repair --db {self.path}")
+        return arrays
 
     # -- indexes ---------------------------------------------------------------------------------
     def indexes(self) -> list[IndexEntry]:
@@ -436,7 +451,13 @@ class StoreView:
     def index_rows(self, name: str) -> np.ndarray:
         """Index item j -> image id."""
         reg = self.fh["indexes"][name]
-        return self._read(f"the rows of index {name}", reg["rows"])
+        rows = self._read(f"the rows of index {name}", reg["rows"])
+        problem = index_rows_problem(rows, self.rows)
+        if problem:
+            raise StoreDamaged(f"index {name} is damaged ({problem}); rebuild it with: imgdb "
+                               f"index build --db {self.path} --name {name} --descriptor "
+                               f"{plain(reg.attrs.get('descriptor', 'DESCRIPTOR'))}")
+        return rows
 
     def file_bytes(self) -> int:
         return os.path.getsize(self.path)

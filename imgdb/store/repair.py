@@ -20,15 +20,16 @@ import numpy as np
 
 from ..errors import DiskFull, StoreError, UserError
 from . import journal, lock
-from .diskio import create_like
-from .overlay import Overlay
 from .check import first_line, scan, scan_ragged
+from .diskio import create_like
 from .indexfiles import index_files, verify_file
+from .overlay import Overlay
 from .reader import check_exists, plain
-from .schema import (EXTRACTOR_FIELDS, FORMAT_VERSION, IMAGE_COLUMNS, STATE_COMPUTED,
+from .schema import (EXTRACTOR_FIELDS, FORMAT, FORMAT_VERSION, IMAGE_COLUMNS, STATE_COMPUTED,
                      STATE_PENDING, STATUS_LOST, STATUS_OK, USERBLOCK, attr_text, create_array,
                      create_extractor, create_layout, create_local, create_vectors, now_iso,
                      set_attr)
+from .validate import index_rows_problem, model_problem, unknown_status, vectors_problem
 
 
 @dataclass
@@ -59,11 +60,10 @@ class _Source:
         if version == 1:
             self.rows = int(fh["images/path"].shape[0])
             return
-        try:
-            self.rows = int(fh.attrs["rows"])
-        except Exception:  # the root attributes are damaged: the image table's length
-            self.rows = min(int(fh["images"][name].shape[0]) for name in IMAGE_COLUMNS
-                            if name in fh["images"])
+        # the image table's length (the root attribute may be damaged or crafted: a count of
+        # 10^9 or -5 must not become the size of anything)
+        self.rows = min(int(fh["images"][name].shape[0]) for name in IMAGE_COLUMNS
+                        if name in fh["images"])
 
 
 def _legacy_text(ds: h5py.Dataset, n: int) -> tuple[list[bytes | None], np.ndarray]:
@@ -94,6 +94,8 @@ def _read_images(src: _Source) -> tuple[dict[str, np.ndarray], list[bytes | None
             cols[name] = np.full(n, fill, dtype=dtype)
             continue
         values, bad = scan(g[name], n)
+        if name == "status" and values is not None:
+            bad |= unknown_status(values)  # no status imgdb writes: the file is looked at again
         stale |= bad
         cols[name] = values.astype(dtype) if values is not None else np.full(n, fill, dtype)
     if src.version == 1:
@@ -156,12 +158,16 @@ def _copy_extractor(src: _Source, ext: str, out: h5py.File, lost: np.ndarray,
             continue
         for pooling in sorted(g[layer].keys()):
             ds = g[layer][pooling]
+            problem = vectors_problem(ds.shape, ds.dtype, ds.shape[0] if ds.ndim else -1)
+            if problem:  # not vectors imgdb wrote: the descriptor goes (ingest adds it again)
+                report.dropped.append(f"descriptor {ext}/{layer}/{pooling} ({problem})")
+                redo[:] = True
+                continue
             data, bad_v = scan(ds, n)
             if data is None:
                 data = np.full((n,) + ds.shape[1:], np.nan, np.float32)
-            redo |= bad_v
-            target = create_vectors(og.require_group(layer), pooling, n, ds.shape[1],
-                                    str(ds.dtype))
+            redo |= bad_v | ~np.isfinite(data[:n]).all(axis=1)
+            target = create_vectors(og.require_group(layer), pooling, n, ds.shape[1], "float32")
             if n:
                 target[:] = data[:n]
     if src.fh.get("local") is not None and ext in src.fh["local"]:
@@ -245,6 +251,11 @@ def _copy_models(src: _Source, out: h5py.File, report: RepairReport) -> None:
         except Exception as exc:
             report.dropped.append(f"model {name} (arrays damaged: {first_line(exc)})")
             continue
+        problem = model_problem({k: np.shape(v) for k, v in arrays.items()},
+                                {k: plain(v) for k, v in attrs.items()})
+        if problem:
+            report.dropped.append(f"model {name} ({problem}; fit it again)")
+            continue
         mg = out.require_group(f"models/{name}")
         for k, v in arrays.items():
             create_array(mg, k, v)
@@ -269,6 +280,10 @@ def _copy_indexes(src: _Source, out: h5py.File, db: Path, report: RepairReport) 
                      for f in files)
         except Exception as exc:
             report.dropped.append(f"index {name} (registry damaged: {first_line(exc)})")
+            continue
+        problem = index_rows_problem(rows, src.rows)
+        if problem:
+            report.dropped.append(f"index {name} ({problem}; rebuild it)")
             continue
         if not ok:
             report.dropped.append(f"index {name} (its file is missing or damaged; rebuild it)")
@@ -360,6 +375,10 @@ def repair_store(db: str | Path) -> RepairReport:
             raise StoreError(f"{db} cannot be read at all ({first_line(exc)}); there is "
                              f"nothing to salvage") from None
         report.upgraded = version == 1
+        if plain(fh.attrs.get("format", b"")) != FORMAT:
+            fh.close()
+            raise StoreError(f"{db} is an HDF5 file but not an imgdb store; there is nothing "
+                             f"to repair")
         try:
             _check_room(db, tmp)
             src = _Source(fh, version)
