@@ -108,12 +108,16 @@ def test_crow_map_peaks_on_the_object(store) -> None:
     assert float((m.grid.astype(np.float64) ** 4).sum()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_occlusion_map_is_highest_over_the_shared_content(store) -> None:
+def _pasted_against_coffee(store):
+    """(explainer, coffee's stored unit vector, the pasted query image) of head/gem-p3 + v1."""
     db, queries = store
     ex = explainer(db, "head/gem-p3", "v1")
     _, raw = stored(db, "head/gem-p3", "coffee.png")
-    target = ex.transform.transform(raw[None])[0]
-    image = ex.describer.load(queries / "pasted.png")
+    return ex, ex.transform.transform(raw[None])[0], ex.describer.load(queries / "pasted.png")
+
+
+def test_occlusion_map_is_highest_over_the_shared_content(store) -> None:
+    ex, target, image = _pasted_against_coffee(store)
     m = ex.occlusion_map(image, target, patch=64, stride=32, batch=8)
     h, w = image.pixels[0].shape[:2]
     assert m.pixels.shape == (h, w) and m.grid.shape == (len(range(0, h - 63, 32)),
@@ -127,11 +131,7 @@ def test_occlusion_work_is_bounded_and_stops_when_abandoned(store) -> None:
     from imgdb.errors import UserError
     from imgdb.retrieval.explain import Cancelled
 
-    db, queries = store
-    ex = explainer(db, "head/gem-p3", "v1")
-    _, raw = stored(db, "head/gem-p3", "coffee.png")
-    target = ex.transform.transform(raw[None])[0]
-    image = ex.describer.load(queries / "pasted.png")
+    ex, target, image = _pasted_against_coffee(store)
     h, w = image.pixels[0].shape[:2]
     grid = len(range(0, h - 63, 32)) * len(range(0, w - 63, 32))  # positions, by hand
     with pytest.raises(UserError, match=f"takes {grid} forwards; the limit is {grid - 1}"):

@@ -207,6 +207,8 @@ def test_bad_pickles_are_user_errors(tmp_path: Path) -> None:
         pickle.dumps({"imlist": ["a"], "qimlist": ["a"], "gnd": [{"ok": [-1]}]}): "outside imlist",
         pickle.dumps({"imlist": ["a"], "qimlist": ["a"], "gnd": [{"ok": [0.5]}]}): "integer",
         pickle.dumps({"imlist": ["a"], "qimlist": ["a"], "gnd": [{"bbx": [1, 2], "ok": []}]}): "bbx",
+        pickle.dumps({"imlist": ["a"], "qimlist": ["a"],
+                      "gnd": [{"bbx": [float("nan"), 2, 3, 4], "ok": []}]}): "not a box",
         pickle.dumps({"imlist": ["a"], "qimlist": ["a"], "gnd": [{"bbx": [1, 2, 3, 4]}]}): "ok",
         pickle.dumps({"imlist": ["a"], "qimlist": ["a"], "gnd": ["x"]}): "dict",
         pickle.dumps({"imlist": "abc", "qimlist": ["a"], "gnd": [{}]}): "imlist should be a list",
@@ -320,6 +322,11 @@ def test_csv(tmp_path: Path) -> None:
     bad.write_text("query,relevant\n")
     with pytest.raises(UserError, match="no query rows"):
         load_csv(bad)
+    bad.write_text("query,relevant,junk\nq,a,j,extra\n")  # a name with an unquoted ','?
+    with pytest.raises(UserError, match="line 2: 4 fields"):
+        load_csv(bad)
+    bad.write_text("query,relevant,junk\nq,a,j,,\n")  # empty trailing fields are harmless
+    assert load_csv(bad).queries[0].labels == {"positive": {"a"}, "junk": {"j"}}
 
 
 def test_groups_folder(tmp_path: Path) -> None:
@@ -414,6 +421,15 @@ def test_dispatch_errors(tmp_path: Path) -> None:
         load_ground_truth(gtdir)
     (gtdir / "a_1_query.txt").write_text("oxc1_a 1 2 3 4\n")
     (gtdir / "a_1_good.txt").write_text("b\nc\n")
+    with pytest.raises(UserError, match="a_1_ok.txt is missing"):  # not quietly empty
+        load_ground_truth(gtdir, protocol="oxford")
+    (gtdir / "a_1_ok.txt").write_text("")
+    (gtdir / "a_1_junk.txt").write_text("")
+    for box in ("nan 2 3 4", "1 2 inf 4", "3 2 1 4", "1 4 3 4"):
+        (gtdir / "a_1_query.txt").write_text(f"oxc1_a {box}\n")
+        with pytest.raises(UserError, match="is not a box"):
+            load_ground_truth(gtdir, protocol="oxford")
+    (gtdir / "a_1_query.txt").write_text("oxc1_a 1 2 3 4\n")
     gt = load_ground_truth(gtdir, protocol="oxford")
     assert gt.queries == [Query("a_1", "a", (1.0, 2.0, 3.0, 4.0),
                                 {"good": frozenset("bc"), "ok": frozenset(), "junk": frozenset()})]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import math
 import operator
 import pickle
 import re
@@ -117,9 +118,25 @@ class GroundTruth:
 # Oxford / Paris folders
 
 
+def _box(values, where: str, found) -> tuple[float, float, float, float]:
+    """A query box x1 y1 x2 y2: four finite numbers with x1 < x2 and y1 < y2."""
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 4:
+        raise UserError(f"{where} should hold a box [x1, y1, x2, y2], found {found!r}")
+    if not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        raise UserError(f"{where}: the query box {found!r} is not a box (four finite numbers, "
+                        f"x1 < x2 and y1 < y2)")
+    return box  # type: ignore[return-value]
+
+
 def _read_list(path: Path) -> frozenset[str]:
     if not path.exists():
-        return frozenset()
+        raise UserError(f"{path.name} is missing from {path.parent}: an Oxford/Paris gt folder "
+                        f"holds <query>_good.txt, _ok.txt and _junk.txt for every "
+                        f"<query>_query.txt (an empty file for an empty list)")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -130,7 +147,9 @@ def _read_list(path: Path) -> frozenset[str]:
 def load_oxford_folder(folder: str | Path) -> GroundTruth:
     """The official Oxford5k / Paris6k gt folder: `<q>_query.txt`, `_good`, `_ok`, `_junk`.
 
-    Queries are sorted by name; a missing `_good/_ok/_junk.txt` counts as an empty list."""
+    Queries are sorted by name; every query needs its `_good`, `_ok` and `_junk` lists (the
+    official folders have all three, empty files included): a missing one is an error, not an
+    empty list that would quietly change the scores."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: expected an Oxford/Paris gt folder")
@@ -144,12 +163,9 @@ def load_oxford_folder(folder: str | Path) -> GroundTruth:
             parts = f.read_text(encoding="utf-8", errors="replace").split()
         except OSError as exc:
             raise UserError(f"cannot read {f}: {exc.strerror or exc}") from None
-        try:
-            bbox = tuple(float(v) for v in parts[1:])
-        except ValueError:
-            bbox = ()
-        if len(parts) != 5 or len(bbox) != 4:
+        if len(parts) != 5:
             raise UserError(f"{f} should hold 'image x1 y1 x2 y2', found {' '.join(parts)[:80]!r}")
+        bbox = _box(parts[1:], str(f), " ".join(parts[1:])[:80])
         image = parts[0][len("oxc1_"):] if parts[0].startswith("oxc1_") else parts[0]
         labels = {lab: _read_list(folder / f"{name}_{lab}.txt") for lab in ("good", "ok", "junk")}
         queries.append(Query(name, _name_key(image), bbox, labels))  # type: ignore[arg-type]
@@ -265,12 +281,8 @@ def load_pickle(path: str | Path) -> GroundTruth:
         bbx = g.get("bbx")
         if bbx is not None:
             values = bbx.tolist() if hasattr(bbx, "tolist") else bbx
-            try:
-                bbox = tuple(float(v) for v in values)
-            except (TypeError, ValueError):
-                bbox = ()
-            if len(bbox) != 4:
-                raise UserError(f"{where}: bbx should be [x1, y1, x2, y2], found {bbx!r}")
+            bbox = _box(values if isinstance(values, (list, tuple)) else [values],
+                        f"{where}: bbx", bbx)
         labels = {lab: frozenset(imlist[j] for j in _indices(g.get(lab), len(imlist), where))
                   for lab in label_names}
         seen[qkey] += 1
@@ -383,10 +395,14 @@ def load_csv(path: str | Path) -> GroundTruth:
                 if len(row) < 2 or not row[0].strip():
                     raise UserError(f"{path} line {lineno}: expected query,relevant[,junk], "
                                     f"found {','.join(row)[:80]!r}")
+                if len(row) > 3 and any(v.strip() for v in row[3:]):
+                    raise UserError(f"{path} line {lineno}: {len(row)} fields, expected "
+                                    f"query,relevant[,junk] (several names in one field are "
+                                    f"separated by ';'; quote a name that holds ',')")
                 q = _name_key(row[0])
                 relevant.setdefault(q, set()).update(_names(row[1]))
                 if len(row) > 2:
-                    junk[q].update(_names(";".join(row[2:])))
+                    junk[q].update(_names(row[2]))
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     except csv.Error as exc:
