@@ -172,6 +172,9 @@ def test_the_optimised_graph_is_kept_and_gives_the_same_maps(tmp_path, monkeypat
     first = OnnxStages(cached.model, cached.taps).run(x, ["block5"], 1)[0]
     kept = list(cached.model.parent.glob(f"{cached.model.stem}.opt-*.onnx"))
     assert len(kept) == 1 and kept[0].stat().st_size > 0
+    # nothing else: the export's check of its temporary file keeps no optimised graph
+    assert {p.name for p in cached.model.parent.iterdir()} == {
+        cached.model.name, cached.model.with_suffix(".json").name, kept[0].name}
     # a second process's session loads the kept graph without optimising: the same numbers
     # as a session that optimises the exported model itself, bit for bit
     import onnxruntime as ort

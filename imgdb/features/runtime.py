@@ -155,9 +155,10 @@ class OnnxStages:
     """An ONNX Runtime session of exported stages: normalised (B, 3, H, W) float32 in,
     the requested taps' feature maps out. One session per thread count."""
 
-    def __init__(self, model: Path, taps: Sequence[str]) -> None:
+    def __init__(self, model: Path, taps: Sequence[str], keep_optimised: bool = True) -> None:
         self.model = Path(model)
         self.taps = tuple(taps)
+        self.keep_optimised = keep_optimised  # off for a model file that is not kept itself
         self._sessions: dict[int, object] = {}
 
     def session(self, threads: int):
@@ -168,9 +169,9 @@ class OnnxStages:
         threads = max(1, int(threads))
         if threads not in self._sessions:
             ort = import_onnxruntime()
-            optimised = _optimised_path(self.model, ort)
+            optimised = _optimised_path(self.model, ort) if self.keep_optimised else None
             session = None
-            if optimised.is_file():
+            if optimised is not None and optimised.is_file():
                 try:
                     session = self._open(ort, optimised, threads, optimise=False)
                 except Exception:  # noqa: BLE001 - a stale or damaged file: optimise again
