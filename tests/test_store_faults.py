@@ -642,6 +642,31 @@ def test_crafted_stores_are_named_by_check_refused_by_readers_and_repaired(
     ok(imgdb("query", "--id", "1", "--exact", "-d", HEAD_SUM, "-k", "3", "--db", db))
 
 
+def test_merging_a_crafted_store_never_copies_its_damage(tmp_path: Path) -> None:
+    photos, more = tmp_path / "p", tmp_path / "q"
+    make_photos(photos, 6)
+    make_photos(more, 6, seed=5)
+    good, bad = tmp_path / "good.h5", tmp_path / "bad.h5"
+    ok(ingest(photos, good))
+    ok(ingest(more, bad))
+    with h5py.File(bad, "r+", locking=False) as fh:  # checksums right, two rows not finite
+        CRAFTED["NaN and inf vectors"][0](fh)
+    out = tmp_path / "out.h5"
+    ok(imgdb("merge", good, bad, "--db", out))
+    assert check_store(out).ok  # the damaged rows came in as to be computed, not as vectors
+    with open_read(out) as view:
+        assert int(view.valid("efficientnet_lite0-none-orig").sum()) == 10
+    again = json.loads(ok(ingest(more, out, "--json")).out)
+    assert again["computed"] == 2 and check_store(out).ok
+    for edit in ("1-D vectors", "rows 10^9"):  # refused in one line, nothing made
+        crafted = tmp_path / f"{edit}.h5"
+        shutil.copy(bad, crafted)
+        with h5py.File(crafted, "r+", locking=False) as fh:
+            CRAFTED[edit][0](fh)
+        target = tmp_path / f"out {edit}.h5"
+        assert "repair" in imgdb("merge", good, crafted, "--db", target).one_line_error()
+
+
 def test_an_hdf5_file_that_is_not_a_store_is_called_so(tmp_path: Path) -> None:
     plain = tmp_path / "data.h5"
     with h5py.File(plain, "w") as fh:

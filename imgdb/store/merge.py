@@ -30,8 +30,8 @@ import numpy as np
 from ..errors import InvalidRequest, UserError
 from .reader import StoreView, open_read
 from .rows import RowPutter, append_text, bump_revision
-from .schema import (IMAGE_COLUMNS, STATE_PENDING, STATUS_LOST, aligned_datasets, encode_path,
-                     extractor_names, extractor_path)
+from .schema import (IMAGE_COLUMNS, STATE_COMPUTED, STATE_PENDING, STATUS_LOST,
+                     aligned_datasets, encode_path, extractor_names, extractor_path)
 from .writer import StoreWriter
 
 #: Settings that record provenance (which software wrote the rows), not how vectors are made.
@@ -312,6 +312,11 @@ class RowCopier:
                     for j, i in enumerate(where):
                         if segs[j] is not None:
                             local[(ext, key)][i] = (*segs[j], grid[j])
+        for ext, shape in self.extractors.items():  # a damaged source row is computed again
+            broken = np.zeros(n, bool)
+            for key in shape.datasets:
+                broken |= ~np.isfinite(vectors[ext][key]).all(axis=1)
+            states[ext][broken & (states[ext] == STATE_COMPUTED)] = STATE_PENDING
         return _Block(cols, paths, errors, states, ext_errors, vectors, local)
 
     # -- writing -------------------------------------------------------------------------------
