@@ -456,6 +456,57 @@ def test_a_store_written_again_under_the_same_name_is_served_afresh(store, tmp_p
         eng.close()
 
 
+def test_crafted_stores_are_served_safely_or_refused(store, tmp_path: Path) -> None:
+    """Every checksum right, the content not what imgdb writes: the server refuses to start in
+    one line, or answers in JSON with real, finite results (never a plain-text 500)."""
+    import h5py
+
+    from imgdb.errors import UserError
+
+    ext = "efficientnet_lite0-imagenet-max192"
+    vec = f"descriptors/{ext}/head/gem-p3"
+
+    def nan_rows(fh):
+        v = fh[vec][()]
+        v[2], v[3] = np.nan, np.inf
+        fh[vec][...] = v
+
+    def index_rows(fh):
+        name = next(iter(fh["indexes"]))
+        rows = fh[f"indexes/{name}/rows"][()]
+        rows[:] = rows[0]
+        fh[f"indexes/{name}/rows"][...] = rows
+
+    def one_d(fh):
+        d = fh[vec][:, 0].copy()
+        del fh[f"descriptors/{ext}/head"]["gem-p3"]
+        fh[f"descriptors/{ext}/head"].create_dataset("gem-p3", data=d)
+
+    for edit in (nan_rows, index_rows, one_d):
+        db = tmp_path / edit.__name__ / "s.h5"
+        shutil.copytree(store["db"].parent, db.parent)
+        with h5py.File(db, "r+", locking=False) as fh:
+            edit(fh)
+        try:
+            eng = Engine(db, device="cpu", warm=False)
+        except UserError as exc:
+            assert "repair" in str(exc) and "\n" not in str(exc)
+            continue
+        try:
+            client = TestClient(create_app(eng), raise_server_exceptions=False)
+            for row in range(6):
+                r = client.post("/query", data={"id": str(row), "k": "5"})
+                body = r.json()  # JSON always
+                if r.status_code == 200:
+                    ids = [h["id"] for h in body["results"]]
+                    assert len(ids) == len(set(ids)) and all(np.isfinite(h["score"])
+                                                             for h in body["results"])
+                else:
+                    assert "error" in body and "repair" in body["error"], body
+        finally:
+            eng.close()
+
+
 def ranking_of(body: dict) -> list[tuple[int, float]]:
     return [(r["id"], r["score"]) for r in body["results"]]
 

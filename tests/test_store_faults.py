@@ -515,6 +515,24 @@ def test_a_copy_never_removes_or_replaces_the_originals_index_files(tmp_path: Pa
     assert "current" in ok(imgdb("index", "ls", "--db", db)).out
 
 
+def test_a_first_build_that_fails_at_registration_leaves_no_file(tmp_path: Path,
+                                                                full_store: Path,
+                                                                monkeypatch) -> None:
+    from imgdb.store.writer import StoreWriter
+
+    db = copy_store(full_store, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StoreWriter, "register_index", refuse)
+    res = imgdb("index", "build", "--db", db, "--descriptor", HEAD_SUM, "--name", "first",
+                "--trees", "3")
+    assert res.code != 0 and "Traceback" not in res.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no unregistered .ann left
+
+
 def test_index_files_of_a_private_store_are_private(tmp_path: Path, full_store: Path) -> None:
     db = copy_store(full_store, tmp_path)
     db.chmod(0o600)
