@@ -396,8 +396,8 @@ def create_app(engine: Engine, limits: Limits | None = None,
         return _query_response(engine, choice, plan, ask, q, bbox, hits, timing, verified)
 
     @app.get("/explain")
-    async def explain_map(request: Request, result: str, map: str = "similarity", on: str = "query",
-                          query: str | None = None, query_id: str | None = None,
+    async def explain_map(request: Request, result: str, map: str = "similarity",
+                          on: str = "query", query: str | None = None, query_id: str | None = None,
                           index: str | None = None, patch: str | None = None,
                           stride: str | None = None, style: str = "layer"):
         from ..retrieval.explain import describe_map, heat_rgba, overlay, png_bytes

@@ -336,9 +336,11 @@ def _check_room(db: Path, tmp: Path) -> None:
         import resource
 
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    except (ImportError, OSError, ValueError):
+        if soft == resource.RLIM_INFINITY:
+            soft = -1
+    except (ImportError, OSError, ValueError):  # no such limit here (Windows)
         soft = -1
-    if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and soft < need:
+    if soft != -1 and soft < need:
         raise DiskFull(f"the file-size limit ({soft} bytes, ulimit -f) is below what the "
                        f"repaired copy of {db} may take (about {need} bytes); nothing was "
                        f"changed: raise the limit and rerun")

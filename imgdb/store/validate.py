@@ -12,7 +12,7 @@ import numpy as np
 
 from .schema import STATUS_NAMES
 
-#: Vector dtypes imgdb writes (float32; float16 for stores that asked for half storage).
+#: Vector dtype kinds a descriptor may hold: imgdb writes float32; any float is read as it.
 VECTOR_KINDS = ("f",)
 
 
