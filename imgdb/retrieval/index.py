@@ -42,7 +42,7 @@ from ..errors import DiskFull, InvalidRequest, StoreDamaged, UserError
 from ..numeric import rank_order
 from ..store import DescriptorInfo, IndexEntry, StoreView, StoreWriter, now_iso, open_read
 from ..store.diskio import same_access
-from ..store.indexfiles import IndexFile, index_files, stamp_path, verify_file
+from ..store.indexfiles import IndexFile, index_files, stamp_built, stamp_path, verify_file
 from ..store.validate import index_rows_problem
 from .pca import model_version, post_processor
 from .source import VectorSource, resolve
@@ -274,7 +274,7 @@ def _register(writer: StoreWriter, db: Path, name: str, attrs: dict, rows: np.nd
         _remove_files(paths)
         raise
     for f in index_files(attrs):
-        verify_file(db.with_name(f.file), f.bytes, f.hash)  # leaves the stamps
+        stamp_built(db.with_name(f.file), f.hash)  # its digest was taken after the move in
     _remove_files(owned(db, old) - set(paths))
 
 

@@ -319,9 +319,10 @@ def _check_models(fh: h5py.File, report: CheckReport) -> None:
 def _check_structure(fh: h5py.File, n: int, report: CheckReport) -> None:
     try:
         status, _ = scan(fh["images"]["status"], n)
-        if status is not None and unknown_status(status).any():
+        unknown = unknown_status(status) if status is not None else np.zeros(0, bool)
+        if unknown.any():
             report.problems.append(Problem("/images/status", "holds unknown values",
-                                           _ranges(unknown_status(status))))
+                                           _ranges(unknown)))
         _check_models(fh, report)
         for name in IMAGE_TEXT:
             scan_ragged(fh["images"], name, n, report)

@@ -123,6 +123,7 @@ def _imgdb_hdf5(fd: int, path) -> bool:
     import h5py
 
     from .lock import fd_path
+    from .schema import FORMAT
 
     try:
         with h5py.File(fd_path(fd, path), "r", locking=False) as fh:
@@ -130,7 +131,7 @@ def _imgdb_hdf5(fd: int, path) -> bool:
     except Exception:  # noqa: BLE001 - unreadable: not recognisably a store
         return False
     value = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-    return value == "imgdb-store"
+    return value == FORMAT
 
 
 def write_header(fd: int, header: Header) -> None:

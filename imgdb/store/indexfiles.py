@@ -71,6 +71,21 @@ def verify_file(path: Path, size: int, digest: str, full: bool = False) -> str |
             pass
     if file_digest(path) != digest:
         return f"index file {path.name} does not match the digest recorded when it was built"
+    _write_stamp(path, state)
+    return None
+
+
+def stamp_built(path: Path, digest: str) -> None:
+    """Record that `path` has `digest`, just computed by the build that wrote it (so the first
+    load need not read the whole file again)."""
+    try:
+        _write_stamp(path, dict(_file_state(path.stat()), digest=digest))
+    except OSError:
+        pass
+
+
+def _write_stamp(path: Path, state: dict) -> None:
+    stamp = stamp_path(path)
     try:
         tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}")
         tmp.write_text(json.dumps(state))
@@ -78,4 +93,3 @@ def verify_file(path: Path, size: int, digest: str, full: bool = False) -> str |
         os.replace(tmp, stamp)
     except OSError:
         pass  # a read-only folder: verify in full every time
-    return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import DiskFull, StoreError, UserError
+from ..errors import DiskFull, NotAStore, StoreError, UserError
 from . import journal, lock
 from .check import first_line, scan, scan_ragged
 from .diskio import create_like
@@ -327,7 +327,7 @@ def _backup_name(db: Path) -> Path:
     return backup
 
 
-def _check_room(db: Path, tmp: Path) -> None:
+def _check_room(db: Path) -> None:
     """Refuse before writing when the repaired copy may not fit (free space, the file-size
     limit): HDF5 cannot survive a failed write mid-build (its file closes with errors, the
     process may crash), so the copy must have room for about the store's size."""
@@ -379,10 +379,10 @@ def repair_store(db: str | Path) -> RepairReport:
         report.upgraded = version == 1
         if plain(fh.attrs.get("format", b"")) != FORMAT:
             fh.close()
-            raise StoreError(f"{db} is an HDF5 file but not an imgdb store; there is nothing "
-                             f"to repair")
+            raise NotAStore(f"{db} is an HDF5 file but not an imgdb store; there is nothing "
+                            f"to repair")
         try:
-            _check_room(db, tmp)
+            _check_room(db)
             src = _Source(fh, version)
             try:
                 _build(src, tmp, db, report, LIBVER)
